@@ -1,0 +1,45 @@
+"""gunicorn settings for the MCP gateway: `gunicorn -c conf/gunicorn.conf.py wsgi:app`.
+
+Threaded workers (gthread): each worker process has its own stdio pools, and
+its threads share them. Worker processes are what beat the GIL, so there are
+as many as cores by default. Override with the environment variables below
+or on the command line (a `--bind` given there wins over the registry).
+"""
+
+import multiprocessing
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from gateway import registry as _registry  # noqa: E402
+
+_settings = _registry.load().gateway  # an invalid registry stops gunicorn here, with the reason
+
+bind = [os.environ.get("MCP_GATEWAY_BIND", f"{_settings.host}:{_settings.port}")]
+worker_class = "gthread"
+workers = int(os.environ.get("MCP_GATEWAY_WORKERS", min(4, max(2, multiprocessing.cpu_count()))))
+threads = int(os.environ.get("MCP_GATEWAY_THREADS", 8))
+# gthread workers heartbeat from their main loop, so a long tool call does not trip this.
+timeout = 60
+# On TERM a worker stops accepting and finishes in-flight calls for this long.
+graceful_timeout = 30
+keepalive = 75  # above nginx's default upstream keepalive_timeout of 60 s
+preload_app = False  # pools, threads and children are per worker, made after fork
+accesslog = os.environ.get("MCP_GATEWAY_ACCESS_LOG", "-")
+errorlog = "-"
+loglevel = os.environ.get("MCP_GATEWAY_LOG_LEVEL", "info")
+
+
+def post_worker_init(worker):  # type: ignore[no-untyped-def]
+    """Start this worker's pools now rather than on its first request."""
+    gateway = worker.wsgi.extensions.get("mcp_gateway")
+    if gateway is not None:
+        gateway.start()
+
+
+def worker_exit(server, worker):  # type: ignore[no-untyped-def]
+    """Stop every child of the exiting worker: close stdin, TERM, KILL the group."""
+    gateway = getattr(worker, "wsgi", None) and worker.wsgi.extensions.get("mcp_gateway")
+    if gateway is not None:
+        gateway.close()

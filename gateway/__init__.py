@@ -1,0 +1,35 @@
+"""MCP gateway: one HTTP endpoint in front of many MCP servers.
+
+`create_app()` is the application factory (gunicorn loads `wsgi:app`). It
+reads and validates the registry and wires the blueprint; it starts no
+process, thread or socket, so it is safe before gunicorn forks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask
+
+from . import registry as registry_module
+from .extension import Gateway
+from .registry import Registry
+
+
+def create_app(test_config: Mapping[str, Any] | None = None, registry: Registry | None = None) -> Flask:
+    """Build the app from `registry` (default: the file named by MCP_GATEWAY_REGISTRY)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
+    app = Flask(__name__)
+    if test_config:
+        app.config.update(test_config)
+    if registry is None:
+        registry = registry_module.load(app.config.get("REGISTRY_PATH"))
+    app.config["MAX_CONTENT_LENGTH"] = registry.gateway.max_body_bytes
+    Gateway(registry).init_app(app)
+    from .views import bp
+
+    app.register_blueprint(bp)
+    return app

@@ -1,0 +1,154 @@
+"""The gateway's exceptions: one root, and every failure a client can see.
+
+Each class carries the HTTP status and JSON-RPC error code it maps to, and says
+whether the request that failed may be sent to another process or instance
+(`retry_safe`): True only when the request never reached an upstream. The one
+error handler in views.py turns any of them into a JSON-RPC error response.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# JSON-RPC 2.0 and MCP error codes used by the gateway.
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+HEADER_MISMATCH = -32020  # MCP 2026-07-28: headers disagree with the body
+UNSUPPORTED_PROTOCOL_VERSION = -32022  # MCP 2026-07-28
+# Implementation-defined server errors (-32000..-32099) for gateway faults.
+UPSTREAM_ERROR = -32001
+OVERLOADED = -32002
+SESSION_NOT_FOUND = -32003
+UNAUTHORIZED = -32004
+
+
+class GatewayError(Exception):
+    """Root of everything the gateway raises on purpose."""
+
+    http_status = 500
+    code = INTERNAL_ERROR
+    retry_safe = False
+
+    def __init__(self, message: str, *, data: Any = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.message = message
+        self.data = data
+        self.retry_after = retry_after
+
+
+# --- the client sent something we cannot use ---------------------------------
+
+
+class ClientError(GatewayError):
+    """The request itself is wrong; retrying it unchanged fails the same way."""
+
+    http_status = 400
+    code = INVALID_REQUEST
+
+
+class ParseError(ClientError):
+    """The body is not JSON."""
+
+    code = PARSE_ERROR
+
+
+class InvalidRequest(ClientError):
+    """The body is JSON but not a JSON-RPC 2.0 message."""
+
+
+class BodyTooLarge(ClientError):
+    """The body is over the configured limit."""
+
+    http_status = 413
+
+
+class UnknownServer(ClientError):
+    """No server with that id is in the registry."""
+
+    http_status = 404
+    code = METHOD_NOT_FOUND
+
+
+class MethodNotAllowed(ClientError):
+    """The HTTP method is not served on this route (e.g. GET without a stream)."""
+
+    http_status = 405
+
+
+class HeaderMismatch(ClientError):
+    """MCP 2026-07-28 request headers are missing or disagree with the body."""
+
+    code = HEADER_MISMATCH
+
+
+class UnsupportedProtocolVersion(ClientError):
+    """The client asked for a protocol version the gateway does not speak."""
+
+    code = UNSUPPORTED_PROTOCOL_VERSION
+
+
+class SessionNotFound(ClientError):
+    """The Mcp-Session-Id was not minted by this gateway (or has expired).
+
+    The MCP spec requires 404 so that the client starts a new session.
+    """
+
+    http_status = 404
+    code = SESSION_NOT_FOUND
+
+
+class NotSupported(ClientError):
+    """A valid MCP request the gateway cannot serve on this route."""
+
+    code = METHOD_NOT_FOUND
+
+
+# --- the upstream or the gateway's own capacity failed ------------------------
+
+
+class UpstreamError(GatewayError):
+    """Something went wrong between the gateway and an MCP server."""
+
+    http_status = 502
+    code = UPSTREAM_ERROR
+
+
+class Overloaded(UpstreamError):
+    """Every process is busy and the wait was too long or the queue full.
+
+    Nothing was sent upstream, so a retry (after Retry-After) is safe.
+    """
+
+    http_status = 503
+    code = OVERLOADED
+    retry_safe = True
+
+
+class SpawnFailed(UpstreamError):
+    """No process could be started; nothing was sent, so a retry is safe."""
+
+    http_status = 503
+    retry_safe = True
+
+
+class ProcessFailed(UpstreamError):
+    """A process died, hung or wrote garbage while holding the request.
+
+    The request reached the process, so it is not safe to replay blindly.
+    """
+
+
+class UpstreamTimeout(ProcessFailed):
+    """The process did not answer within the request timeout."""
+
+    http_status = 504
+
+
+class ServerNotServed(GatewayError):
+    """The registry names the server but its type cannot be served yet."""
+
+    http_status = 501
+    code = INTERNAL_ERROR

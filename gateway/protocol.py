@@ -1,0 +1,172 @@
+"""MCP protocol eras: which one a client speaks, and translating between them.
+
+Two eras are alive: the legacy handshake era (initialize, sessions; versions
+2024-11-05 to 2025-11-25) and the stateless 2026-07-28 era (request metadata
+in headers and in `params._meta`). This module decides the era of an incoming
+HTTP request, enforces the 2026-07-28 header rules, and rewrites a request
+or result so that a server of the other era understands it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from . import errors
+
+MODERN_VERSIONS: tuple[str, ...] = ("2026-07-28",)
+LEGACY_VERSIONS: tuple[str, ...] = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
+SUPPORTED_VERSIONS: tuple[str, ...] = MODERN_VERSIONS + LEGACY_VERSIONS
+LATEST_MODERN = MODERN_VERSIONS[0]
+LATEST_LEGACY = LEGACY_VERSIONS[0]
+# A legacy request without MCP-Protocol-Version is 2025-03-26 (spec, 2025-06-18 on).
+DEFAULT_LEGACY = "2025-03-26"
+
+META_PROTOCOL_VERSION = "io.modelcontextprotocol/protocolVersion"
+META_CLIENT_CAPABILITIES = "io.modelcontextprotocol/clientCapabilities"
+META_CLIENT_INFO = "io.modelcontextprotocol/clientInfo"
+META_SERVER_INFO = "io.modelcontextprotocol/serverInfo"
+_META_PREFIX = "io.modelcontextprotocol/"
+
+# Methods whose Mcp-Name header mirrors a body field (2026-07-28).
+NAMED_PARAM = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+
+MODERN = "2026-07-28"
+LEGACY = "legacy"
+
+GATEWAY_INFO = {"name": "mcp-gateway", "version": "0.1.0"}
+
+
+@dataclass(frozen=True)
+class ClientContext:
+    """What the gateway knows about the caller of one HTTP request."""
+
+    era: str  # MODERN or LEGACY
+    version: str
+
+
+@dataclass(frozen=True)
+class ServerHello:
+    """What a server told us about itself at its handshake, era-neutral."""
+
+    era: str
+    protocol_version: str
+    capabilities: Mapping[str, Any]
+    server_info: Mapping[str, Any]
+    instructions: str | None = None
+
+
+def decode_header_value(value: str) -> str:
+    """Undo the `=?base64?...?=` sentinel encoding of Mcp-Name / Mcp-Param-*."""
+    if value.startswith("=?base64?") and value.endswith("?=") and len(value) >= 11:
+        try:
+            return base64.b64decode(value[9:-2], validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            raise errors.HeaderMismatch(f"header value {value!r} is not valid base64-encoded UTF-8") from None
+    return value
+
+
+def client_context(headers: Mapping[str, str], message: Mapping[str, Any], session_version: str | None) -> ClientContext:
+    """Decide the era of a request and enforce the 2026-07-28 header rules."""
+    header_version = headers.get("MCP-Protocol-Version")
+    params = message.get("params")
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    body_version = meta.get(META_PROTOCOL_VERSION) if isinstance(meta, dict) else None
+    if header_version is None:
+        if body_version is not None:
+            raise errors.HeaderMismatch(
+                f"the MCP-Protocol-Version header is missing but the body's _meta says {body_version!r}"
+            )
+        return ClientContext(LEGACY, session_version or DEFAULT_LEGACY)
+    if header_version in MODERN_VERSIONS:
+        _check_modern_headers(headers, message, header_version, body_version)
+        return ClientContext(MODERN, header_version)
+    if header_version in LEGACY_VERSIONS:
+        return ClientContext(LEGACY, header_version)
+    raise errors.UnsupportedProtocolVersion(
+        f"protocol version {header_version!r} is not supported",
+        data={"supported": list(SUPPORTED_VERSIONS), "requested": header_version},
+    )
+
+
+def _check_modern_headers(
+    headers: Mapping[str, str], message: Mapping[str, Any], version: str, body_version: Any
+) -> None:
+    method = message.get("method")
+    if method is None:
+        return  # responses carry no request metadata
+    if body_version != version:
+        raise errors.HeaderMismatch(
+            f"Header mismatch: MCP-Protocol-Version header {version!r} does not match "
+            f"params._meta[{META_PROTOCOL_VERSION!r}] {body_version!r}"
+        )
+    header_method = headers.get("Mcp-Method")
+    if header_method is None:
+        raise errors.HeaderMismatch("Header mismatch: the Mcp-Method header is required")
+    if header_method != method:
+        raise errors.HeaderMismatch(
+            f"Header mismatch: Mcp-Method header value {header_method!r} does not match body value {method!r}"
+        )
+    field = NAMED_PARAM.get(method)
+    if field is None:
+        return
+    params = message.get("params")
+    body_name = params.get(field) if isinstance(params, dict) else None
+    header_name = headers.get("Mcp-Name")
+    if header_name is None:
+        raise errors.HeaderMismatch(f"Header mismatch: the Mcp-Name header is required for {method}")
+    decoded = decode_header_value(header_name)
+    if decoded != body_name:
+        raise errors.HeaderMismatch(
+            f"Header mismatch: Mcp-Name header value {decoded!r} does not match body value {body_name!r}"
+        )
+
+
+def to_modern_request(message: dict[str, Any]) -> dict[str, Any]:
+    """Give a legacy client's request the `_meta` envelope a 2026-07-28 server needs."""
+    params = dict(message.get("params") or {})
+    meta = dict(params.get("_meta") or {})
+    meta[META_PROTOCOL_VERSION] = LATEST_MODERN
+    meta.setdefault(META_CLIENT_CAPABILITIES, {})
+    meta.setdefault(META_CLIENT_INFO, GATEWAY_INFO)
+    params["_meta"] = meta
+    return {**message, "params": params}
+
+
+def to_legacy_request(message: dict[str, Any]) -> dict[str, Any]:
+    """Strip the 2026-07-28 envelope keys that a handshake-era server does not know."""
+    params = message.get("params")
+    if not isinstance(params, dict) or not isinstance(params.get("_meta"), dict):
+        return message
+    meta = {k: v for k, v in params["_meta"].items() if not k.startswith(_META_PREFIX)}
+    params = {k: v for k, v in params.items() if k != "_meta"}
+    if meta:
+        params["_meta"] = meta
+    return {**message, "params": params}
+
+
+def initialize_result(hello: ServerHello, requested: Any) -> dict[str, Any]:
+    """The gateway's own answer to a legacy client's `initialize`."""
+    version = requested if requested in LEGACY_VERSIONS else LATEST_LEGACY
+    result: dict[str, Any] = {
+        "protocolVersion": version,
+        "capabilities": dict(hello.capabilities),
+        "serverInfo": dict(hello.server_info or GATEWAY_INFO),
+    }
+    if hello.instructions:
+        result["instructions"] = hello.instructions
+    return result
+
+
+def discover_result(hello: ServerHello) -> dict[str, Any]:
+    """The gateway's own answer to `server/discover` (2026-07-28)."""
+    return {
+        "resultType": "complete",
+        "supportedVersions": list(MODERN_VERSIONS),
+        "capabilities": dict(hello.capabilities),
+        **({"instructions": hello.instructions} if hello.instructions else {}),
+        "_meta": {META_SERVER_INFO: dict(hello.server_info or GATEWAY_INFO)},
+    }

@@ -1,0 +1,184 @@
+"""The registry: which MCP servers the gateway fronts, loaded and validated.
+
+Owns reading the file (JSON or YAML by extension), expanding `${VAR}` from the
+environment, validating against the JSON Schema shipped in gateway/schema/,
+and turning the result into immutable settings objects with defaults filled
+in. Every problem is reported as `file: path.inside.it: problem`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+DEFAULT_PATH = "conf/registry.yaml"
+REGISTRY_ENV = "MCP_GATEWAY_REGISTRY"
+
+# Route prefixes the gateway itself answers; a server may not take these ids.
+RESERVED_IDS = frozenset({"healthz", "livez", "readyz", "status", "metrics", "static", "-"})
+
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class RegistryError(Exception):
+    """The registry file cannot be used; `problems` lists each one."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+
+
+@dataclass(frozen=True)
+class StdioSettings:
+    """How one stdio server's processes are started and pooled (per worker)."""
+
+    command: tuple[str, ...]
+    working_dir: str | None = None
+    env_vars: Mapping[str, str] = field(default_factory=dict)
+    inherit_env: tuple[str, ...] = ()
+    pool_size: int = 4
+    pool_min: int = 1
+    idle_timeout: float = 300.0
+    max_waiting: int = 64
+    wait_timeout: float = 10.0
+    request_timeout: float = 60.0
+    startup_timeout: float = 20.0
+    max_line_bytes: int = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerEntry:
+    """One registry entry: its id, its type and its type's raw settings."""
+
+    id: str
+    type: str
+    description: str
+    raw: Mapping[str, Any]
+    stdio: StdioSettings | None = None
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    reload_registry: bool = False
+    health_check_interval: float = 30.0
+    max_body_bytes: int = 4 * 1024 * 1024
+    session_secret: str | None = None
+    session_ttl: float = 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class Registry:
+    source: str
+    servers: Mapping[str, ServerEntry]
+    gateway: GatewaySettings
+
+
+@cache
+def schema() -> dict[str, Any]:
+    text = resources.files("gateway").joinpath("schema/registry.schema.json").read_text("utf-8")
+    loaded: dict[str, Any] = json.loads(text)
+    return loaded
+
+
+def registry_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    return Path(explicit or os.environ.get(REGISTRY_ENV) or DEFAULT_PATH)
+
+
+def load(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Registry:
+    """Read, expand, validate and build the registry at `path`."""
+    file = registry_path(path)
+    source = str(file)
+    try:
+        text = file.read_text("utf-8")
+    except OSError as exc:
+        raise RegistryError(source, [f"cannot read: {exc.strerror or exc}"]) from None
+    return parse(text, source, environ)
+
+
+def parse(text: str, source: str, environ: Mapping[str, str] | None = None) -> Registry:
+    try:
+        if source.endswith((".yaml", ".yml")):
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except (yaml.YAMLError, ValueError) as exc:
+        raise RegistryError(source, [f"not valid {'YAML' if source.endswith(('.yaml', '.yml')) else 'JSON'}: {exc}"]) from None
+    problems: list[str] = []
+    data = _expand(data, environ if environ is not None else os.environ, (), problems)
+    problems.extend(validate(data))
+    if problems:
+        raise RegistryError(source, problems)
+    return _build(data, source)
+
+
+def validate(data: Any) -> list[str]:
+    """Schema and cross-field problems of already-expanded registry data."""
+    validator = jsonschema.Draft202012Validator(schema())
+    problems = []
+    for error in sorted(validator.iter_errors(data), key=lambda e: [str(p) for p in e.absolute_path]):
+        problems.append(f"{_dotted(error.absolute_path)}: {error.message}")
+    if not isinstance(data, dict) or not isinstance(data.get("servers"), dict):
+        return problems
+    for server_id, entry in data["servers"].items():
+        if server_id.lower() in RESERVED_IDS:
+            problems.append(f"servers.{server_id}: the id '{server_id}' is reserved for the gateway's own routes")
+        if isinstance(entry, dict) and entry.get("type") == "stdio":
+            size, low = entry.get("pool_size", StdioSettings.pool_size), entry.get("pool_min", StdioSettings.pool_min)
+            if isinstance(size, int) and isinstance(low, int) and low > size:
+                problems.append(f"servers.{server_id}.pool_min: {low} is more than pool_size {size}")
+    return problems
+
+
+def _dotted(path: Any) -> str:
+    return ".".join(str(p) for p in path) or "(top level)"
+
+
+def _expand(value: Any, environ: Mapping[str, str], path: tuple[Any, ...], problems: list[str]) -> Any:
+    """Replace ${VAR} (and ${VAR:-default}) in every string; `$$` is a literal `$`."""
+    if isinstance(value, str):
+        def substitute(match: re.Match[str]) -> str:
+            if match.group(0) == "$$":
+                return "$"
+            name, default = match.group(1), match.group(2)
+            if name in environ:
+                return environ[name]
+            if default is not None:
+                return default
+            problems.append(f"{_dotted(path)}: environment variable {name} is not set")
+            return ""
+        return _VAR.sub(substitute, value) if "$" in value else value
+    if isinstance(value, dict):
+        return {k: _expand(v, environ, (*path, k), problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, environ, (*path, i), problems) for i, v in enumerate(value)]
+    return value
+
+
+def _build(data: dict[str, Any], source: str) -> Registry:
+    servers = {}
+    for server_id, entry in data["servers"].items():
+        stdio = None
+        if entry["type"] == "stdio":
+            known = {k: v for k, v in entry.items() if k in StdioSettings.__dataclass_fields__}
+            known["command"] = tuple(entry["command"])
+            known["inherit_env"] = tuple(entry.get("inherit_env", ()))
+            if "pool_min" not in entry:
+                known["pool_min"] = min(StdioSettings.pool_min, known.get("pool_size", StdioSettings.pool_size))
+            stdio = StdioSettings(**known)
+        servers[server_id] = ServerEntry(
+            id=server_id, type=entry["type"], description=entry.get("description", ""), raw=entry, stdio=stdio
+        )
+    return Registry(source=source, servers=servers, gateway=GatewaySettings(**data.get("gateway", {})))

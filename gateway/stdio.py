@@ -1,0 +1,315 @@
+"""One stdio MCP server process: spawn, handshake, exchange lines, stop.
+
+A process is started from an argv list (never a shell) in its own process
+group, with a minimal environment. At spawn it is asked `server/discover`;
+a modern answer means it speaks 2026-07-28, anything else means the legacy
+era and one `initialize` handshake. Reads and writes run in the calling
+thread on non-blocking pipes with a deadline, so a hung child costs a
+timeout, never a hung worker. stderr is drained by a thread into the log.
+Every subprocess/OS failure becomes a gateway error here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from typing import IO, Any
+
+from . import errors, jsonrpc, protocol
+from .registry import StdioSettings
+
+log = logging.getLogger(__name__)
+
+# Variables a child gets from the gateway's environment unless the registry adds more.
+ENV_ALLOWLIST = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "USER", "LOGNAME", "SHELL", "TERM")
+
+# Era detection: a server that stays silent this long after server/discover is legacy.
+DISCOVER_TIMEOUT = 3.0
+_DISCOVER_ID = "mcp-gateway-discover"
+_INITIALIZE_ID = "mcp-gateway-initialize"
+_PR_SET_PDEATHSIG = 1
+_libc: Any = None
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    # If the gunicorn worker is SIGKILLed it cannot stop its children; the kernel
+    # then sends SIGKILL to the child for it. (Only the direct child: the process
+    # group is what the graceful path kills.)
+    if _libc is not None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def child_environment(settings: StdioSettings, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    names = ENV_ALLOWLIST + settings.inherit_env
+    env = {name: environ[name] for name in names if name in environ}
+    env.update(settings.env_vars)
+    return env
+
+
+class StdioProcess:
+    """A running child and the protocol era it speaks."""
+
+    def __init__(self, server_id: str, settings: StdioSettings):
+        global _libc
+        self.server_id = server_id
+        self.settings = settings
+        if _libc is None:
+            try:
+                _libc = ctypes.CDLL(None, use_errno=True)
+            except OSError:  # pragma: no cover - not glibc/Linux
+                _libc = False
+        try:
+            self._popen = subprocess.Popen(
+                list(settings.command),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=settings.working_dir,
+                env=child_environment(settings),
+                start_new_session=True,  # its own process group, killed as one
+                preexec_fn=_die_with_parent if _libc else None,
+                close_fds=True,
+            )
+        except OSError as exc:
+            raise errors.SpawnFailed(
+                f"server '{server_id}': cannot start {settings.command[0]!r}: {exc.strerror or exc}"
+            ) from None
+        self.pid = self._popen.pid
+        assert self._popen.stdin and self._popen.stdout and self._popen.stderr
+        self._stdin = self._popen.stdin.fileno()
+        self._stdout = self._popen.stdout.fileno()
+        os.set_blocking(self._stdin, False)
+        os.set_blocking(self._stdout, False)
+        self._buffer = bytearray()
+        self._scanned = 0
+        self._closed = False
+        self.hello: protocol.ServerHello | None = None
+        self._stderr_thread = threading.Thread(
+            target=_drain_stderr, args=(self._popen.stderr, server_id, self.pid), daemon=True,
+            name=f"stderr-{server_id}-{self.pid}",
+        )
+        self._stderr_thread.start()
+
+    @property
+    def era(self) -> str:
+        return self.hello.era if self.hello else protocol.LEGACY
+
+    def alive(self) -> bool:
+        return not self._closed and self._popen.poll() is None
+
+    # --- handshake -----------------------------------------------------------
+
+    def handshake(self, deadline: float) -> protocol.ServerHello:
+        """Learn the era with server/discover, else initialize once."""
+        discover = protocol.to_modern_request({"jsonrpc": "2.0", "id": _DISCOVER_ID, "method": "server/discover"})
+        self.send(jsonrpc.encode(discover), deadline)
+        reply = self._await(_DISCOVER_ID, min(deadline, time.monotonic() + DISCOVER_TIMEOUT), silence_ok=True)
+        result = reply.get("result") if reply else None
+        if isinstance(result, dict) and protocol.LATEST_MODERN in (result.get("supportedVersions") or ()):
+            meta = result.get("_meta") or {}
+            self.hello = protocol.ServerHello(
+                era=protocol.MODERN,
+                protocol_version=protocol.LATEST_MODERN,
+                capabilities=result.get("capabilities") or {},
+                server_info=meta.get(protocol.META_SERVER_INFO) or {},
+                instructions=result.get("instructions"),
+            )
+            return self.hello
+        initialize = {
+            "jsonrpc": "2.0", "id": _INITIALIZE_ID, "method": "initialize",
+            "params": {"protocolVersion": protocol.LATEST_LEGACY, "capabilities": {}, "clientInfo": protocol.GATEWAY_INFO},
+        }
+        self.send(jsonrpc.encode(initialize), deadline)
+        reply = self._await(_INITIALIZE_ID, deadline, silence_ok=False)
+        result = reply.get("result") if reply else None
+        if not isinstance(result, dict):
+            raise errors.SpawnFailed(
+                f"server '{self.server_id}': process {self.pid} refused initialize: {json.dumps(reply.get('error') if reply else None)}"
+            )
+        self.send(b'{"jsonrpc":"2.0","method":"notifications/initialized"}', deadline)
+        self.hello = protocol.ServerHello(
+            era=protocol.LEGACY,
+            protocol_version=str(result.get("protocolVersion", protocol.LATEST_LEGACY)),
+            capabilities=result.get("capabilities") or {},
+            server_info=result.get("serverInfo") or {},
+            instructions=result.get("instructions"),
+        )
+        return self.hello
+
+    def _await(self, request_id: str, deadline: float, silence_ok: bool) -> dict[str, Any] | None:
+        try:
+            for message, _raw in self.messages(request_id, deadline):
+                if "method" not in message:
+                    return message
+        except errors.UpstreamTimeout:
+            if silence_ok and self.alive():
+                return None
+            raise
+        return None
+
+    # --- exchanging messages -------------------------------------------------
+
+    def send(self, data: bytes, deadline: float) -> None:
+        """Write one message line; a child that stops reading costs a timeout."""
+        view = memoryview(data + b"\n")
+        while view:
+            try:
+                written = os.write(self._stdin, view)
+            except BlockingIOError:
+                self._wait(self._stdin, select.POLLOUT, deadline, "accept the request")
+                continue
+            except (BrokenPipeError, OSError):
+                raise self._exited("while the request was being written") from None
+            view = view[written:]
+
+    def messages(self, request_id: Any, deadline: float) -> Iterator[tuple[dict[str, Any], bytes]]:
+        """Yield what the child writes until the response to `request_id`.
+
+        Notifications are yielded as they come; server->client requests are
+        answered with an error at once (a pooled process has no client to ask);
+        the response is yielded last.
+        """
+        while True:
+            raw = self._read_line(deadline)
+            try:
+                message = json.loads(raw)
+            except ValueError:
+                raise errors.ProcessFailed(
+                    f"server '{self.server_id}': process {self.pid} wrote non-JSON to stdout: {raw[:200]!r}"
+                ) from None
+            if not isinstance(message, dict):
+                raise errors.ProcessFailed(
+                    f"server '{self.server_id}': process {self.pid} wrote a non-object JSON-RPC message: {raw[:200]!r}"
+                )
+            if "method" in message:
+                if "id" in message:
+                    self._refuse(message, deadline)
+                    continue
+                yield message, raw
+            elif message.get("id") == request_id:
+                yield message, raw
+                return
+            else:
+                log.warning("server %s pid %s: dropped a response to unknown id %r", self.server_id, self.pid, message.get("id"))
+
+    def _refuse(self, message: dict[str, Any], deadline: float) -> None:
+        log.info("server %s pid %s: refused server->client request %s", self.server_id, self.pid, message["method"])
+        reply = jsonrpc.error(
+            message["id"], errors.METHOD_NOT_FOUND,
+            f"{message['method']} is not available: the MCP gateway pools this process and has no client to ask",
+        )
+        self.send(jsonrpc.encode(reply), deadline)
+
+    def _read_line(self, deadline: float) -> bytes:
+        limit = self.settings.max_line_bytes
+        while True:
+            newline = self._buffer.find(b"\n", self._scanned)
+            if newline >= 0:
+                line = bytes(self._buffer[:newline])
+                del self._buffer[: newline + 1]
+                self._scanned = 0
+                if len(line) > limit:
+                    raise self._too_long()
+                if line.strip():
+                    return line
+                continue
+            self._scanned = len(self._buffer)
+            if self._scanned > limit:
+                raise self._too_long()
+            self._wait(self._stdout, select.POLLIN, deadline, "answer")
+            try:
+                chunk = os.read(self._stdout, 1 << 16)
+            except BlockingIOError:
+                continue
+            except OSError:
+                chunk = b""
+            if not chunk:
+                raise self._exited("before it answered")
+            self._buffer += chunk
+
+    def _wait(self, fd: int, event: int, deadline: float, doing: str) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining > 0:
+            poller = select.poll()
+            poller.register(fd, event | select.POLLERR | select.POLLHUP)
+            if poller.poll(remaining * 1000):
+                return
+        raise errors.UpstreamTimeout(f"server '{self.server_id}': process {self.pid} did not {doing} in time")
+
+    def _too_long(self) -> errors.ProcessFailed:
+        return errors.ProcessFailed(
+            f"server '{self.server_id}': process {self.pid} wrote a line over {self.settings.max_line_bytes} bytes"
+        )
+
+    def _exited(self, when: str) -> errors.ProcessFailed:
+        try:
+            code = self._popen.wait(timeout=0.5)
+            how = f"exited with code {code}" if code >= 0 else f"was killed by signal {-code}"
+        except subprocess.TimeoutExpired:
+            how = "closed its stdout"
+        return errors.ProcessFailed(f"server '{self.server_id}': process {self.pid} {how} {when}")
+
+    # --- stopping ------------------------------------------------------------
+
+    def close(self, grace: float = 2.0) -> None:
+        """Close stdin, wait; SIGTERM the group, wait; SIGKILL the group; reap.
+
+        `grace` 0 is for a process that already misbehaved: kill at once.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            os.close(self._stdin)
+        except OSError:
+            pass
+        self._popen.stdin = None  # already closed above; keep Popen from closing it twice
+        if grace > 0 and self._reaped_within(grace / 2):
+            self._kill_group(signal.SIGKILL)  # stray grandchildren of a clean exit
+        elif grace > 0:
+            self._kill_group(signal.SIGTERM)
+            if not self._reaped_within(grace / 2):
+                self._kill_group(signal.SIGKILL)
+        else:
+            self._kill_group(signal.SIGKILL)
+        self._reaped_within(5.0)
+        if self._popen.stdout is not None:
+            self._popen.stdout.close()
+        self._stderr_thread.join(timeout=1.0)
+
+    def _reaped_within(self, seconds: float) -> bool:
+        try:
+            self._popen.wait(timeout=seconds)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def _kill_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _drain_stderr(stream: IO[bytes], server_id: str, pid: int) -> None:
+    """Copy the child's stderr into the log, tagged; stderr is logging, not an error."""
+    child_log = logging.getLogger(f"gateway.stdio.{server_id}")
+    try:
+        # Bounded reads: a child flooding stderr with one endless line must not
+        # grow the gateway's memory.
+        for line in iter(lambda: stream.readline(4096), b""):
+            text = line.decode("utf-8", "replace").rstrip()
+            if text:
+                child_log.info("[%s pid %s] %s", server_id, pid, text)
+    except (OSError, ValueError):
+        pass
+    finally:
+        stream.close()

@@ -1,0 +1,191 @@
+"""Upstreams: what a registry entry becomes, and the one interface views use.
+
+An upstream turns one client JSON-RPC request into the stream of messages
+that answers it (notifications first, the response last), whatever transport
+and protocol era sits behind it. `StdioUpstream` serves `stdio` entries from
+a process pool; HTTP and template upstreams plug into the same interface.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from . import errors, jsonrpc, protocol
+from .pool import StdioPool
+from .protocol import ClientContext, ServerHello
+from .registry import ServerEntry, StdioSettings
+from .stdio import StdioProcess
+
+# How long an abandoned request (the client hung up) may take to wind down
+# before its process is killed instead of reused.
+ABANDON_DRAIN_SECONDS = 5.0
+
+
+@dataclass(slots=True)
+class Reply:
+    """One message on its way to the client; `raw` is its exact bytes when unchanged."""
+
+    message: dict[str, Any]
+    raw: bytes | None
+    final: bool
+
+    def encoded(self) -> bytes:
+        return self.raw if self.raw is not None else jsonrpc.encode(self.message)
+
+
+class Upstream(Protocol):
+    server_id: str
+    type: str
+
+    def start(self) -> None: ...
+    def maintain(self) -> None: ...
+    def close(self) -> None: ...
+    def hello(self) -> ServerHello: ...
+    def call(self, message: dict[str, Any], body: bytes, client: ClientContext) -> Iterator[Reply]: ...
+    def status(self) -> dict[str, Any]: ...
+
+
+class StdioUpstream:
+    """A stdio server: requests go to pooled processes, translated between eras."""
+
+    type = "stdio"
+
+    def __init__(self, entry: ServerEntry):
+        assert entry.stdio is not None
+        self.server_id = entry.id
+        self.settings: StdioSettings = entry.stdio
+        self.pool = StdioPool(entry.id, entry.stdio, self._spawn)
+
+    def _spawn(self) -> StdioProcess:
+        process = StdioProcess(self.server_id, self.settings)
+        try:
+            process.handshake(time.monotonic() + self.settings.startup_timeout)
+        except errors.GatewayError as exc:
+            process.close(0)
+            raise errors.SpawnFailed(f"{exc.message} (during start-up)") from None
+        return process
+
+    def start(self) -> None:
+        self.pool.maintain()
+
+    def maintain(self) -> None:
+        self.pool.maintain()
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def hello(self) -> ServerHello:
+        if self.pool.hello is None:
+            self.pool.release(self.pool.acquire())  # starts a process if none has yet
+        assert self.pool.hello is not None
+        return self.pool.hello
+
+    def status(self) -> dict[str, Any]:
+        return {"type": self.type, "command": list(self.settings.command), **self.pool.stats()}
+
+    def call(self, message: dict[str, Any], body: bytes, client: ClientContext) -> Iterator[Reply]:
+        process = self.pool.acquire()
+        deadline = time.monotonic() + self.settings.request_timeout
+        request_id = message["id"]
+        failure: str | None = "abandoned"
+        try:
+            outgoing = _request_for(message, client.era, process.era)
+            # Bytes pass through untouched when no translation was needed and the
+            # body is already one line (stdio framing forbids embedded newlines).
+            data = body if outgoing is message and b"\n" not in body and b"\r" not in body else jsonrpc.encode(outgoing)
+            process.send(data, deadline)
+            for reply, raw in process.messages(request_id, deadline):
+                if "method" in reply:
+                    yield Reply(reply, raw, final=False)
+                    continue
+                translated = _reply_for(reply, client.era, process.era, self.server_id)
+                failure = None  # the client may hang up at this yield; the process is fine
+                yield Reply(translated, raw if translated is reply else None, final=True)
+                return
+        except errors.GatewayError as exc:
+            failure = exc.message
+            raise
+        finally:
+            if failure == "abandoned":
+                failure = _abandon(process, request_id, deadline)
+            self.pool.release(process, failure=failure)
+
+
+def _request_for(message: dict[str, Any], client_era: str, server_era: str) -> dict[str, Any]:
+    if client_era == server_era:
+        return message
+    if server_era == protocol.MODERN:
+        return protocol.to_modern_request(message)
+    return protocol.to_legacy_request(message)
+
+
+def _reply_for(reply: dict[str, Any], client_era: str, server_era: str, server_id: str) -> dict[str, Any]:
+    result = reply.get("result")
+    if client_era == server_era or not isinstance(result, dict):
+        return reply
+    if client_era == protocol.MODERN:
+        # Handshake-era results have no resultType; 2026-07-28 clients expect one.
+        return {**reply, "result": {**result, "resultType": result.get("resultType", "complete")}}
+    if result.get("resultType") == "input_required":
+        wanted = sorted({str(r.get("method")) for r in (result.get("inputRequests") or {}).values() if isinstance(r, dict)})
+        return jsonrpc.error(
+            reply.get("id"), errors.INTERNAL_ERROR,
+            f"server '{server_id}' needs input from the client ({', '.join(wanted) or 'input'}), which a "
+            f"handshake-era session cannot provide through the gateway; use protocol version {protocol.LATEST_MODERN}",
+        )
+    return reply
+
+
+def _abandon(process: StdioProcess, request_id: Any, deadline: float) -> str | None:
+    """The client left mid-answer: cancel, drain to the response, keep the process if it behaves."""
+    drain_until = min(deadline, time.monotonic() + ABANDON_DRAIN_SECONDS)
+    cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled",
+              "params": {"requestId": request_id, "reason": "client disconnected"}}
+    if process.era == protocol.MODERN:
+        cancel = protocol.to_modern_request(cancel)
+    try:
+        process.send(jsonrpc.encode(cancel), drain_until)
+        for message, _ in process.messages(request_id, drain_until):
+            if "method" not in message:
+                return None
+    except errors.GatewayError as exc:
+        return f"{exc.message} (after the client disconnected)"
+    return None
+
+
+class UnservedUpstream:
+    """A registry entry whose type this gateway version cannot serve yet."""
+
+    def __init__(self, entry: ServerEntry):
+        self.server_id = entry.id
+        self.type = entry.type
+
+    def _refuse(self) -> errors.ServerNotServed:
+        return errors.ServerNotServed(f"server '{self.server_id}' has type '{self.type}', which this gateway does not serve yet")
+
+    def start(self) -> None:
+        pass
+
+    def maintain(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def hello(self) -> ServerHello:
+        raise self._refuse()
+
+    def call(self, message: dict[str, Any], body: bytes, client: ClientContext) -> Iterator[Reply]:
+        raise self._refuse()
+
+    def status(self) -> dict[str, Any]:
+        return {"type": self.type, "healthy": False, "last_error": {"message": self._refuse().message, "at": None}}
+
+
+def build(entry: ServerEntry) -> Upstream:
+    if entry.type == "stdio":
+        return StdioUpstream(entry)
+    return UnservedUpstream(entry)

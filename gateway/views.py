@@ -1,0 +1,190 @@
+"""The HTTP face of the gateway: the MCP routes and the operator endpoints.
+
+`/<server-id>` and `/<server-id>/<path>` speak Streamable HTTP to clients of
+both MCP eras. The gateway answers the handshake-era lifecycle itself
+(initialize, sessions, ping, DELETE) and `server/discover`, and hands every
+other request to the server's upstream. Every error a client can get leaves
+here as a JSON-RPC error object, mapped from the exception in one handler.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Blueprint, Response, g, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from . import errors, jsonrpc, protocol
+from .extension import current_gateway
+from .protocol import ClientContext
+from .upstreams import Reply, Upstream
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("mcp", __name__)
+
+SESSION_HEADER = "Mcp-Session-Id"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# Answered on a pooled stdio server this way would pin a process for hours.
+LONG_LIVED = {"subscriptions/listen"}
+
+
+# --- operator endpoints ------------------------------------------------------
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    return _json({"status": "ok", "pid": os.getpid()})
+
+
+@bp.get("/status")
+def status() -> Response:
+    gateway = current_gateway()
+    return _json({"worker_pid": os.getpid(), "registry": gateway.registry.source, "servers": gateway.status()})
+
+
+# --- MCP routes --------------------------------------------------------------
+
+
+@bp.post("/<server_id>", defaults={"path": ""})
+@bp.post("/<server_id>/<path:path>")
+def post(server_id: str, path: str) -> Response:
+    gateway = current_gateway()
+    upstream = gateway.upstream(server_id)
+    body = request.get_data(cache=False)
+    message = jsonrpc.parse(body, server_id)
+    g.request_id = message.get("id")
+    session = _session(server_id)
+    client = protocol.client_context(request.headers, message, session.protocol_version if session else None)
+    method = message.get("method")
+    if not jsonrpc.is_request(message):
+        # Notifications (initialized, cancelled) and responses to server->client
+        # requests have nowhere to go: pooled processes never ask the client.
+        return Response(status=202)
+    if client.era == protocol.LEGACY:
+        if method == "initialize":
+            return _initialize(upstream, message)
+        if method == "ping":
+            return _json(jsonrpc.result(message["id"], {}))
+    elif method == "server/discover":
+        return _json(jsonrpc.result(message["id"], protocol.discover_result(upstream.hello())))
+    if method in LONG_LIVED:
+        raise errors.NotSupported(f"server '{server_id}': {method} is not supported through the gateway yet")
+    return _forward(upstream, message, body, client)
+
+
+@bp.get("/<server_id>", defaults={"path": ""})
+@bp.get("/<server_id>/<path:path>")
+def get(server_id: str, path: str) -> Response:
+    current_gateway().upstream(server_id)
+    _session(server_id)
+    raise errors.MethodNotAllowed(
+        f"server '{server_id}': the gateway offers no server-to-client SSE stream; use POST"
+    )
+
+
+@bp.delete("/<server_id>", defaults={"path": ""})
+@bp.delete("/<server_id>/<path:path>")
+def delete(server_id: str, path: str) -> Response:
+    current_gateway().upstream(server_id)
+    if _session(server_id) is None:
+        raise errors.ClientError(f"server '{server_id}': DELETE needs the {SESSION_HEADER} header of the session to end")
+    # The id is self-contained and signed, so there is nothing to forget here:
+    # it simply is not used again by a well-behaved client.
+    return Response(status=204)
+
+
+def _session(server_id: str) -> Any:
+    token = request.headers.get(SESSION_HEADER)
+    if token is None or request.headers.get("MCP-Protocol-Version") in protocol.MODERN_VERSIONS:
+        return None  # 2026-07-28 has no sessions: a stray id is ignored, as the spec says
+    return current_gateway().signer.verify(token, server_id)
+
+
+def _initialize(upstream: Upstream, message: dict[str, Any]) -> Response:
+    params = message.get("params") or {}
+    result = protocol.initialize_result(upstream.hello(), params.get("protocolVersion"))
+    token = current_gateway().signer.mint(upstream.server_id, result["protocolVersion"])
+    response = _json(jsonrpc.result(message["id"], result))
+    response.headers[SESSION_HEADER] = token
+    return response
+
+
+def _forward(upstream: Upstream, message: dict[str, Any], body: bytes, client: ClientContext) -> Response:
+    replies = upstream.call(message, body, client)
+    first = next(replies)  # errors before the first message become plain HTTP errors
+    if first.final:
+        replies.close()
+        return Response(first.encoded(), mimetype="application/json")
+    if _accepts_sse():
+        return Response(_sse(first, replies, message["id"]), mimetype="text/event-stream", headers=SSE_HEADERS)
+    # A JSON-only client gets just the final response; notifications are dropped.
+    for reply in replies:
+        if reply.final:
+            return Response(reply.encoded(), mimetype="application/json")
+    raise errors.UpstreamError(f"server '{upstream.server_id}' ended the exchange without a response")
+
+
+def _sse(first: Reply, replies: Iterator[Reply], request_id: Any) -> Iterator[bytes]:
+    try:
+        yield _event(first.encoded())
+        for reply in replies:
+            yield _event(reply.encoded())
+    except errors.GatewayError as exc:
+        # Headers are gone already; the failure travels as the final event.
+        yield _event(jsonrpc.encode(jsonrpc.error(request_id, exc.code, exc.message, exc.data)))
+    finally:
+        replies.close()
+
+
+def _event(data: bytes) -> bytes:
+    return b"event: message\ndata: " + data + b"\n\n"
+
+
+def _accepts_sse() -> bool:
+    return "text/event-stream" in request.headers.get("Accept", "")
+
+
+def _json(payload: dict[str, Any], status: int = 200) -> Response:
+    return Response(jsonrpc.encode(payload), status=status, mimetype="application/json")
+
+
+# --- errors ------------------------------------------------------------------
+
+
+@bp.app_errorhandler(errors.GatewayError)
+def gateway_error(exc: errors.GatewayError) -> Response:
+    if exc.http_status >= 500:
+        log.warning("%s %s -> %s: %s", request.method, request.path, exc.http_status, exc.message)
+    response = _json(jsonrpc.error(g.get("request_id"), exc.code, exc.message, exc.data), exc.http_status)
+    if exc.retry_after is not None:
+        response.headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    if isinstance(exc, errors.MethodNotAllowed):
+        response.headers["Allow"] = "POST, DELETE"
+    return response
+
+
+@bp.app_errorhandler(HTTPException)
+def http_error(exc: HTTPException) -> Response:
+    server_id = (request.view_args or {}).get("server_id")
+    where = f"server '{server_id}': " if server_id else ""
+    if isinstance(exc, RequestEntityTooLarge):
+        message = f"{where}request body is over the gateway's limit of {current_gateway().registry.gateway.max_body_bytes} bytes"
+    else:
+        message = f"{where}{exc.name}: {request.method} {request.path} is not served here"
+    code = exc.code or 500
+    response = _json(jsonrpc.error(None, errors.INVALID_REQUEST, message), code)
+    if code == 405:
+        response.headers["Allow"] = ", ".join(exc.valid_methods or []) if hasattr(exc, "valid_methods") else "POST"
+    return response
+
+
+@bp.app_errorhandler(Exception)
+def unexpected_error(exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.path)
+    server_id = (request.view_args or {}).get("server_id")
+    message = f"internal gateway error{f' serving server {server_id!r}' if server_id else ''}: {type(exc).__name__}"
+    return _json(jsonrpc.error(g.get("request_id"), errors.INTERNAL_ERROR, message), 500)

@@ -1,0 +1,98 @@
+"""MCP test server built with the official SDK (``mcp.server.MCPServer``).
+
+Serves both protocol eras (legacy ``initialize`` and modern 2026-07-28) from one
+process.  Tools: ``add``, ``whoami``, ``slow``, ``ask``, ``sleep``, ``crash``.
+
+Usage::
+
+    python sdk_server.py stdio          # stdio transport
+    python sdk_server.py http PORT      # streamable HTTP on http://127.0.0.1:PORT/mcp
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from typing import Annotated
+
+import anyio
+from pydantic import BaseModel
+
+from mcp.server import MCPServer
+from mcp.server.mcpserver import Context, Elicit, Resolve
+from mcp.shared.exceptions import MCPDeprecationWarning
+
+mcp = MCPServer("test-server", version="1.0")
+
+
+@mcp.tool()
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+@mcp.tool()
+def whoami() -> int:
+    """Return the PID of the server process that served this call."""
+    return os.getpid()
+
+
+@mcp.tool()
+async def slow(ctx: Context, steps: int = 3) -> str:
+    """Report progress ``steps`` times (0.2 s apart), log once, return "done"."""
+    for i in range(1, steps + 1):
+        await ctx.report_progress(i, steps, f"step {i}")
+        await anyio.sleep(0.2)
+    # The whole logging capability is deprecated as of 2026-07-28 (SEP-2577);
+    # there is no non-deprecated API for it, so silence the warning locally.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MCPDeprecationWarning)
+        await ctx.info("slow finished")
+    return "done"
+
+
+class Name(BaseModel):
+    """Elicited form: a single name."""
+
+    name: str
+
+
+def ask_name() -> Elicit[Name]:
+    """Resolver: elicit the user's name (input_required or elicitation/create)."""
+    return Elicit("What is your name?", Name)
+
+
+@mcp.tool()
+async def ask(who: Annotated[Name, Resolve(ask_name)]) -> str:
+    """Elicit a name (works in both eras) and greet it."""
+    return f"hello {who.name}"
+
+
+@mcp.tool()
+async def sleep(seconds: float) -> str:
+    """Sleep ``seconds`` then return "slept"."""
+    await anyio.sleep(seconds)
+    return "slept"
+
+
+@mcp.tool()
+def crash() -> str:
+    """Kill the server process (exit code 3) in the middle of the call."""
+    os._exit(3)
+
+
+def main(argv: list[str]) -> int:
+    """Run over stdio or streamable HTTP according to ``argv``."""
+    if len(argv) >= 1 and argv[0] == "stdio":
+        mcp.run("stdio")
+        return 0
+    if len(argv) >= 2 and argv[0] == "http":
+        mcp.run("streamable-http", host="127.0.0.1", port=int(argv[1]), streamable_http_path="/mcp")
+        return 0
+    print("usage: sdk_server.py stdio | http PORT", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
