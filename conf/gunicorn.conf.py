@@ -14,7 +14,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gateway import registry as _registry  # noqa: E402
 
-_settings = _registry.load().gateway  # an invalid registry stops gunicorn here, with the reason
+try:
+    _settings = _registry.load().gateway
+except _registry.RegistryError as _error:  # stop before any worker starts, with the reason
+    sys.stderr.write(f"mcp-gateway: invalid registry, not starting:\n{_error}\n")
+    sys.exit(1)
 
 bind = [os.environ.get("MCP_GATEWAY_BIND", f"{_settings.host}:{_settings.port}")]
 worker_class = "gthread"
@@ -43,3 +47,7 @@ def worker_exit(server, worker):  # type: ignore[no-untyped-def]
     gateway = getattr(worker, "wsgi", None) and worker.wsgi.extensions.get("mcp_gateway")
     if gateway is not None:
         gateway.close()
+
+# gunicorn 27's control socket defaults to one path per user; two gateways on
+# one host (or a test suite) would fight over it. Nothing here uses it.
+control_socket_disable = True

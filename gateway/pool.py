@@ -83,7 +83,8 @@ class StdioPool:
 
     def acquire(self) -> Process:
         """An idle (or new) process, or Overloaded / SpawnFailed; never a hang."""
-        deadline = self._clock() + self.settings.wait_timeout
+        # Waiting is real time; the injected clock drives the policies (back-off, idling).
+        deadline = time.monotonic() + self.settings.wait_timeout
         with self._cond:
             while True:
                 if self._closed:
@@ -111,7 +112,7 @@ class StdioPool:
                         f"and {self._waiting} requests are already waiting",
                         retry_after=1,
                     )
-                remaining = deadline - now
+                remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise errors.Overloaded(
                         f"server '{self.server_id}' is overloaded: no process became free within "

@@ -34,6 +34,11 @@ _META_PREFIX = "io.modelcontextprotocol/"
 # Methods whose Mcp-Name header mirrors a body field (2026-07-28).
 NAMED_PARAM = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 
+# Results that carry ttlMs/cacheScope in 2026-07-28.
+CACHEABLE_METHODS = frozenset(
+    {"server/discover", "tools/list", "prompts/list", "resources/list", "resources/templates/list", "resources/read"}
+)
+
 MODERN = "2026-07-28"
 LEGACY = "legacy"
 
@@ -148,6 +153,16 @@ def to_legacy_request(message: dict[str, Any]) -> dict[str, Any]:
     return {**message, "params": params}
 
 
+def to_modern_result(method: str, result: dict[str, Any]) -> dict[str, Any]:
+    """Add what 2026-07-28 requires of a result that a handshake-era server made."""
+    modern = {"resultType": "complete", **result}
+    if method in CACHEABLE_METHODS:
+        # Required on the 2026-07-28 wire; "immediately stale, private" promises nothing.
+        modern.setdefault("ttlMs", 0)
+        modern.setdefault("cacheScope", "private")
+    return modern
+
+
 def initialize_result(hello: ServerHello, requested: Any) -> dict[str, Any]:
     """The gateway's own answer to a legacy client's `initialize`."""
     version = requested if requested in LEGACY_VERSIONS else LATEST_LEGACY
@@ -165,6 +180,8 @@ def discover_result(hello: ServerHello) -> dict[str, Any]:
     """The gateway's own answer to `server/discover` (2026-07-28)."""
     return {
         "resultType": "complete",
+        "ttlMs": 0,
+        "cacheScope": "private",
         "supportedVersions": list(MODERN_VERSIONS),
         "capabilities": dict(hello.capabilities),
         **({"instructions": hello.instructions} if hello.instructions else {}),

@@ -135,9 +135,9 @@ def validate(data: Any) -> list[str]:
     for server_id, entry in data["servers"].items():
         if server_id.lower() in RESERVED_IDS:
             problems.append(f"servers.{server_id}: the id '{server_id}' is reserved for the gateway's own routes")
-        if isinstance(entry, dict) and entry.get("type") == "stdio":
-            size, low = entry.get("pool_size", StdioSettings.pool_size), entry.get("pool_min", StdioSettings.pool_min)
-            if isinstance(size, int) and isinstance(low, int) and low > size:
+        if isinstance(entry, dict) and entry.get("type") == "stdio" and "pool_min" in entry:
+            size, low = entry.get("pool_size", StdioSettings.pool_size), entry["pool_min"]
+            if isinstance(size, int) and isinstance(low, int) and 1 <= size < low:
                 problems.append(f"servers.{server_id}.pool_min: {low} is more than pool_size {size}")
     return problems
 

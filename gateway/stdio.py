@@ -268,10 +268,10 @@ class StdioProcess:
             return
         self._closed = True
         try:
-            os.close(self._stdin)
+            if self._popen.stdin is not None:
+                self._popen.stdin.close()  # EOF: a well-behaved server exits on it
         except OSError:
             pass
-        self._popen.stdin = None  # already closed above; keep Popen from closing it twice
         if grace > 0 and self._reaped_within(grace / 2):
             self._kill_group(signal.SIGKILL)  # stray grandchildren of a clean exit
         elif grace > 0:

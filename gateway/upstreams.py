@@ -101,7 +101,7 @@ class StdioUpstream:
                 if "method" in reply:
                     yield Reply(reply, raw, final=False)
                     continue
-                translated = _reply_for(reply, client.era, process.era, self.server_id)
+                translated = _reply_for(reply, message["method"], client.era, process.era, self.server_id)
                 failure = None  # the client may hang up at this yield; the process is fine
                 yield Reply(translated, raw if translated is reply else None, final=True)
                 return
@@ -122,13 +122,12 @@ def _request_for(message: dict[str, Any], client_era: str, server_era: str) -> d
     return protocol.to_legacy_request(message)
 
 
-def _reply_for(reply: dict[str, Any], client_era: str, server_era: str, server_id: str) -> dict[str, Any]:
+def _reply_for(reply: dict[str, Any], method: str, client_era: str, server_era: str, server_id: str) -> dict[str, Any]:
     result = reply.get("result")
     if client_era == server_era or not isinstance(result, dict):
         return reply
     if client_era == protocol.MODERN:
-        # Handshake-era results have no resultType; 2026-07-28 clients expect one.
-        return {**reply, "result": {**result, "resultType": result.get("resultType", "complete")}}
+        return {**reply, "result": protocol.to_modern_result(method, result)}
     if result.get("resultType") == "input_required":
         wanted = sorted({str(r.get("method")) for r in (result.get("inputRequests") or {}).values() if isinstance(r, dict)})
         return jsonrpc.error(

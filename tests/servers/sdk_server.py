@@ -17,11 +17,10 @@ import warnings
 from typing import Annotated
 
 import anyio
-from pydantic import BaseModel
-
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context, Elicit, Resolve
 from mcp.shared.exceptions import MCPDeprecationWarning
+from pydantic import BaseModel
 
 mcp = MCPServer("test-server", version="1.0")
 
@@ -88,7 +87,12 @@ def main(argv: list[str]) -> int:
         mcp.run("stdio")
         return 0
     if len(argv) >= 2 and argv[0] == "http":
-        mcp.run("streamable-http", host="127.0.0.1", port=int(argv[1]), streamable_http_path="/mcp")
+        mcp.run(
+            "streamable-http",
+            host="127.0.0.1",
+            port=int(argv[1]),
+            streamable_http_path="/mcp",
+        )
         return 0
     print("usage: sdk_server.py stdio | http PORT", file=sys.stderr)
     return 2

@@ -1,0 +1,208 @@
+"""Fixtures: registries written to tmp files, the Flask app, and real gunicorn.
+
+`Gunicorn` starts the project's own conf/gunicorn.conf.py on a free loopback
+port and, when stopped, checks that every process it ever saw below the
+master (workers, pooled servers, their children) is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVERS = Path(__file__).resolve().parent / "servers"
+PYTHON = sys.executable
+BIN = Path(PYTHON).parent
+
+
+def server_command(script: str, *args: str) -> list[str]:
+    return [PYTHON, str(SERVERS / script), *args]
+
+
+TIME_SERVER = [str(BIN / "mcp-server-time")]
+
+
+def write_registry(folder: Path, servers: dict[str, Any], gateway: dict[str, Any] | None = None, name: str = "registry.yaml") -> Path:
+    path = folder / name
+    data: dict[str, Any] = {"servers": servers}
+    if gateway:
+        data["gateway"] = gateway
+    path.write_text(yaml.safe_dump(data) if name.endswith((".yaml", ".yml")) else json.dumps(data))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def descendants(pid: int) -> set[tuple[int, str]]:
+    """(pid, start time) of every live process below `pid`, from /proc."""
+    children: dict[int, list[int]] = {}
+    starts: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] == "Z":
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+        starts[int(entry)] = fields[19]
+    found: set[tuple[int, str]] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add((child, starts[child]))
+            todo.append(child)
+    return found
+
+
+def still_running(processes: set[tuple[int, str]]) -> set[int]:
+    alive = set()
+    for pid, start in processes:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[19] == start and fields[0] != "Z":
+            alive.add(pid)
+    return alive
+
+
+def parent_of(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2 :].split()[1])
+
+
+class Gunicorn:
+    """A real gunicorn master running the gateway on a free loopback port."""
+
+    def __init__(self, registry: Path, workers: int = 2, threads: int = 4, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = registry.parent / f"gunicorn-{self.port}.log"
+        environ = {
+            **os.environ,
+            "MCP_GATEWAY_REGISTRY": str(registry),
+            "MCP_GATEWAY_WORKERS": str(workers),
+            "MCP_GATEWAY_THREADS": str(threads),
+            "MCP_GATEWAY_SESSION_SECRET": "test-secret-shared-by-all-workers",
+            "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+            **(env or {}),
+        }
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            [PYTHON, "-m", "gunicorn", "-c", str(ROOT / "conf/gunicorn.conf.py"), "--bind", f"127.0.0.1:{self.port}", "wsgi:app"],
+            cwd=ROOT, env=environ, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        self.seen: set[tuple[int, str]] = set()
+        self.workers = workers
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"gunicorn exited early:\n{self.log()}"
+            try:
+                if requests.get(f"{self.url}/healthz", timeout=1).ok and len(self.worker_pids()) == self.workers:
+                    self.remember()
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"gunicorn did not become ready:\n{self.log()}")
+
+    def worker_pids(self) -> set[int]:
+        return {pid for pid, _ in descendants(self.process.pid) if parent_of(pid) == self.process.pid}
+
+    def remember(self) -> None:
+        """Note every process now below the master, to check it is gone at stop."""
+        self.seen |= descendants(self.process.pid)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = requests.get(f"{self.url}/status", timeout=5).json()
+        return result
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.remember()
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+    def stop_and_check(self) -> None:
+        code = self.stop()
+        deadline = time.monotonic() + 5
+        while still_running(self.seen) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = still_running(self.seen)
+        for pid in left:  # clean up before failing, by the PIDs we hold
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        assert not left, f"processes left behind after gunicorn stopped: {sorted(left)}"
+        assert code == 0, f"gunicorn exited with {code}:\n{self.log()}"
+
+
+@pytest.fixture
+def gunicorn(tmp_path: Path) -> Iterator[Any]:
+    """Factory: gunicorn(servers, **options) -> a started Gunicorn, checked at teardown."""
+    started: list[Gunicorn] = []
+
+    def start(servers: dict[str, Any], gateway: dict[str, Any] | None = None, **options: Any) -> Gunicorn:
+        registry = write_registry(tmp_path, servers, gateway, name=f"registry-{len(started)}.yaml")
+        instance = Gunicorn(registry, **options)
+        started.append(instance)
+        instance.wait_ready()
+        return instance
+
+    yield start
+    for instance in started:
+        instance.stop_and_check()
+
+
+@pytest.fixture
+def make_app(tmp_path: Path) -> Iterator[Any]:
+    """Factory: make_app(servers, gateway=None) -> a Flask app; its children are stopped after."""
+    from gateway import create_app, extension
+
+    apps = []
+
+    def make(servers: dict[str, Any], gateway: dict[str, Any] | None = None) -> Any:
+        registry = write_registry(tmp_path, servers, {"session_secret": "x" * 32, **(gateway or {})}, name=f"r{len(apps)}.json")
+        app = create_app({"TESTING": True, "REGISTRY_PATH": str(registry)})
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.extensions[extension.EXTENSION_KEY].close()

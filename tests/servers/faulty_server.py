@@ -1,0 +1,238 @@
+"""Deliberately misbehaving modern (2026-07-28) MCP stdio server, stdlib only.
+
+Answers ``server/discover`` (only when the ``_meta`` envelope is present) and
+``tools/list`` (one tool, ``work``) correctly, then misbehaves on ``tools/call``
+according to MODE.
+
+Usage::
+
+    python faulty_server.py MODE [PIDFILE]
+
+MODE is one of: exit-at-start, hang, garbage, die, long-line, stderr-flood, ok,
+discover-silent.  If PIDFILE is given, "PID MODE" is appended to it at start.
+SIGTERM keeps its default action (the process dies); stdin EOF exits with 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, NoReturn
+
+JsonDict = dict[str, Any]
+
+MODERN = "2026-07-28"
+LEGACY_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
+PV_KEY = "io.modelcontextprotocol/protocolVersion"
+CAPS_KEY = "io.modelcontextprotocol/clientCapabilities"
+SERVER_INFO = {"name": "faulty-server", "version": "1.0"}
+MODES = (
+    "exit-at-start",
+    "hang",
+    "garbage",
+    "die",
+    "long-line",
+    "stderr-flood",
+    "ok",
+    "discover-silent",
+)
+
+LONG_LINE_BYTES = 50 * 1024 * 1024
+CHUNK = 1024 * 1024
+FLOOD_LINES = 20_000
+
+TOOL_WORK: JsonDict = {
+    "name": "work",
+    "description": "Do some work (or misbehave, depending on the server's mode).",
+    "inputSchema": {"type": "object", "properties": {}},
+}
+
+
+def send(msg: JsonDict) -> None:
+    line = json.dumps(msg, separators=(",", ":")) + "\n"
+    sys.stdout.buffer.write(line.encode("utf-8"))
+    sys.stdout.buffer.flush()
+
+
+def reply(req_id: Any, result: JsonDict) -> None:
+    send({"jsonrpc": "2.0", "id": req_id, "result": result})
+
+
+def error(req_id: Any, code: int, message: str, data: Any = None) -> None:
+    err: JsonDict = {"code": code, "message": message}
+    if data is not None:
+        err["data"] = data
+    send({"jsonrpc": "2.0", "id": req_id, "error": err})
+
+
+def hard_exit(code: int) -> NoReturn:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def envelope(params: Any) -> JsonDict | None:
+    """Return params._meta if it carries the required 2026 envelope keys."""
+    if not isinstance(params, dict):
+        return None
+    meta = params.get("_meta")
+    if isinstance(meta, dict) and PV_KEY in meta and CAPS_KEY in meta:
+        return meta
+    return None
+
+
+def on_discover(req_id: Any, params: Any) -> None:
+    meta = envelope(params)
+    if meta is None:
+        error(
+            req_id,
+            -32602,
+            "params._meta must be an object carrying the required "
+            f"'{PV_KEY}' and '{CAPS_KEY}' envelope keys",
+        )
+        return
+    if meta[PV_KEY] != MODERN:
+        error(
+            req_id,
+            -32022,
+            "Unsupported protocol version",
+            {"supported": [MODERN], "requested": meta[PV_KEY]},
+        )
+        return
+    reply(
+        req_id,
+        {
+            "resultType": "complete",
+            "cacheScope": "private",
+            "ttlMs": 0,
+            "supportedVersions": [MODERN],
+            "capabilities": {"tools": {"listChanged": False}},
+            "_meta": {"io.modelcontextprotocol/serverInfo": SERVER_INFO},
+        },
+    )
+
+
+def on_initialize(mode: str, req_id: Any, params: Any) -> None:
+    requested = params.get("protocolVersion") if isinstance(params, dict) else None
+    if mode != "discover-silent":
+        error(
+            req_id,
+            -32022,
+            "Unsupported protocol version",
+            {"supported": [MODERN], "requested": requested},
+        )
+        return
+    reply(
+        req_id,
+        {
+            "protocolVersion": requested
+            if requested in LEGACY_VERSIONS
+            else LEGACY_VERSIONS[-1],
+            "capabilities": {"tools": {"listChanged": False}},
+            "serverInfo": SERVER_INFO,
+        },
+    )
+
+
+def on_call(mode: str, req_id: Any, params: Any) -> None:
+    name = params.get("name") if isinstance(params, dict) else None
+    if name != "work":
+        error(req_id, -32602, f"Unknown tool: {name}")
+        return
+    if mode == "hang":
+        return  # never answer
+    if mode == "garbage":
+        sys.stdout.buffer.write(b"this is not json\n")
+        sys.stdout.buffer.flush()
+        return
+    if mode == "die":
+        hard_exit(7)
+    if mode == "long-line":
+        chunk = b"x" * CHUNK
+        for _ in range(LONG_LINE_BYTES // CHUNK):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
+        sys.stdout.buffer.write(b"\n")
+        sys.stdout.buffer.flush()
+        return
+    if mode == "stderr-flood":
+        for i in range(FLOOD_LINES):
+            sys.stderr.write(
+                f"stderr flood line {i} from faulty-server pid {os.getpid()}\n"
+            )
+        sys.stderr.flush()
+    reply(
+        req_id,
+        {
+            "content": [{"type": "text", "text": f"ok from pid {os.getpid()}"}],
+            "isError": False,
+            "resultType": "complete",
+        },
+    )
+
+
+def handle(mode: str, msg: Any) -> None:
+    if (
+        not isinstance(msg, dict)
+        or not isinstance(msg.get("method"), str)
+        or "id" not in msg
+    ):
+        return  # notifications and stray responses are ignored
+    method, req_id, params = msg["method"], msg["id"], msg.get("params")
+    if method == "server/discover":
+        if mode != "discover-silent":
+            on_discover(req_id, params)
+    elif method == "initialize":
+        on_initialize(mode, req_id, params)
+    elif method == "ping":
+        reply(req_id, {})
+    elif method == "tools/list":
+        # cacheScope/ttlMs are required on cacheable 2026-07-28 results.
+        reply(
+            req_id,
+            {
+                "tools": [TOOL_WORK],
+                "resultType": "complete",
+                "cacheScope": "private",
+                "ttlMs": 0,
+            },
+        )
+    elif method == "tools/call":
+        on_call(mode, req_id, params)
+    else:
+        error(req_id, -32601, "Method not found")
+
+
+def main(argv: list[str]) -> int:
+    """Serve stdin/stdout in the mode named by ``argv[0]``."""
+    if not argv or argv[0] not in MODES:
+        print(
+            f"usage: faulty_server.py {{{'|'.join(MODES)}}} [PIDFILE]", file=sys.stderr
+        )
+        return 64
+    mode = argv[0]
+    if len(argv) > 1:
+        with open(argv[1], "a", encoding="utf-8") as fh:
+            fh.write(f"{os.getpid()} {mode}\n")
+    if mode == "exit-at-start":
+        print("fatal: cannot start", file=sys.stderr, flush=True)
+        return 2
+    for raw in iter(sys.stdin.buffer.readline, b""):
+        text = raw.decode("utf-8", errors="replace").strip()
+        if not text:
+            continue
+        try:
+            msg = json.loads(text)
+        except json.JSONDecodeError:
+            error(None, -32700, "Parse error")
+            continue
+        handle(mode, msg)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except (BrokenPipeError, KeyboardInterrupt):
+        os._exit(0)

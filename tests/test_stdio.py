@@ -1,0 +1,291 @@
+"""Real stdio children behind StdioUpstream: era detection, bridging and every fault.
+
+Each fault test asserts the error the caller gets, that the pool's capacity
+comes back (the next call is served), and that no child is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway import errors, protocol, registry
+from gateway.protocol import ClientContext
+from gateway.upstreams import Reply, StdioUpstream
+
+from .conftest import TIME_SERVER, server_command
+
+MODERN = ClientContext(protocol.MODERN, "2026-07-28")
+LEGACY = ClientContext(protocol.LEGACY, "2025-11-25")
+ENVELOPE = {protocol.META_PROTOCOL_VERSION: "2026-07-28", protocol.META_CLIENT_CAPABILITIES: {}}
+
+
+def make_upstream(command: list[str], **settings: Any) -> StdioUpstream:
+    entry = {"type": "stdio", "command": command, "pool_size": 2, "pool_min": 0, "request_timeout": 5, **settings}
+    loaded = registry.parse(json.dumps({"servers": {"srv": entry}}), "test.json", {})
+    return StdioUpstream(loaded.servers["srv"])
+
+
+@pytest.fixture
+def upstreams() -> Iterator[Any]:
+    made: list[StdioUpstream] = []
+
+    def make(command: list[str], **settings: Any) -> StdioUpstream:
+        made.append(make_upstream(command, **settings))
+        return made[-1]
+
+    yield make
+    for upstream in made:
+        pids = set(upstream.pool.stats()["pids"])
+        upstream.close()
+        assert not _alive(pids), "children left after the pool closed"
+
+
+def _alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.add(pid)
+    return alive
+
+
+def call(upstream: StdioUpstream, method: str, params: dict[str, Any] | None = None,
+         client: ClientContext = MODERN, request_id: Any = 1) -> list[Reply]:
+    message: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id, "method": method}
+    if params is not None or client is MODERN:
+        message["params"] = dict(params or {})
+        if client is MODERN:
+            message["params"]["_meta"] = {**ENVELOPE, **message["params"].get("_meta", {})}
+    return list(start(upstream, message, client))
+
+
+def start(upstream: StdioUpstream, message: dict[str, Any], client: ClientContext) -> Iterator[Reply]:
+    return upstream.call(message, json.dumps(message).encode(), client)
+
+
+def tool(upstream: StdioUpstream, name: str, arguments: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
+    replies = call(upstream, "tools/call", {"name": name, "arguments": arguments or {}}, **kw)
+    assert replies[-1].final
+    return replies[-1].message
+
+
+# --- eras ---------------------------------------------------------------------
+
+
+def test_modern_server_is_detected_and_bytes_pass_through_unchanged(upstreams: Any) -> None:
+    upstream = upstreams(TIME_SERVER)
+    replies = call(upstream, "tools/call", {"name": "get_current_time", "arguments": {"timezone": "UTC"}}, request_id="abc")
+    assert upstream.pool.hello is not None and upstream.pool.hello.era == protocol.MODERN
+    assert upstream.pool.hello.server_info["name"] == "mcp-time"
+    final = replies[-1]
+    assert final.raw is not None and json.loads(final.raw) == final.message  # no re-encoding
+    assert final.message["id"] == "abc" and final.message["result"]["structuredContent"]["timezone"] == "UTC"
+
+
+def test_legacy_client_reaches_a_modern_server_through_the_envelope(upstreams: Any) -> None:
+    upstream = upstreams(TIME_SERVER)
+    reply = tool(upstream, "get_current_time", {"timezone": "Europe/Paris"}, client=LEGACY)
+    assert reply["result"]["structuredContent"]["timezone"] == "Europe/Paris"
+
+
+def test_legacy_only_server_is_initialized_once_per_process(upstreams: Any) -> None:
+    upstream = upstreams(server_command("legacy_server.py"))
+    for _ in range(3):
+        assert tool(upstream, "echo", {"text": "hi"}, client=LEGACY)["result"]["content"][0]["text"] == "hi"
+    hello = upstream.pool.hello
+    assert hello is not None and hello.era == protocol.LEGACY and hello.protocol_version == "2025-11-25"
+    assert upstream.pool.stats()["spawned"] == 1
+
+
+def test_modern_client_reaches_a_legacy_server_with_the_envelope_stripped(upstreams: Any) -> None:
+    # legacy_server.py answers -32602 to any io.modelcontextprotocol/ key in _meta.
+    upstream = upstreams(server_command("legacy_server.py"))
+    listed = call(upstream, "tools/list")[-1].message["result"]
+    assert {t["name"] for t in listed["tools"]} >= {"echo", "whoami"}
+    assert listed["resultType"] == "complete" and listed["ttlMs"] == 0 and listed["cacheScope"] == "private"
+    reply = tool(upstream, "echo", {"text": "bridged"})
+    assert reply["result"]["content"][0]["text"] == "bridged" and reply["result"]["resultType"] == "complete"
+
+
+def test_server_silent_on_discover_is_treated_as_legacy(upstreams: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("gateway.stdio.DISCOVER_TIMEOUT", 0.5)
+    upstream = upstreams(server_command("faulty_server.py", "discover-silent"))
+    reply = tool(upstream, "work", client=LEGACY)
+    assert "result" in reply
+    assert upstream.pool.hello is not None and upstream.pool.hello.era == protocol.LEGACY
+
+
+def test_notifications_stream_before_the_response(upstreams: Any) -> None:
+    upstream = upstreams(server_command("legacy_server.py"))
+    replies = call(upstream, "tools/call", {"name": "progress", "arguments": {"steps": 3}, "_meta": {"progressToken": "t1"}},
+                   client=LEGACY)
+    methods = [r.message.get("method") for r in replies]
+    assert methods == ["notifications/progress"] * 3 + ["notifications/message", None]
+    assert [r.final for r in replies] == [False] * 4 + [True]
+    assert replies[0].message["params"]["progressToken"] == "t1"
+
+
+def test_server_to_client_request_is_refused_at_once_not_hung(upstreams: Any) -> None:
+    upstream = upstreams(server_command("legacy_server.py"))
+    reply = tool(upstream, "elicit", client=LEGACY)
+    assert reply["error"]["code"] == errors.METHOD_NOT_FOUND
+    assert "elicitation/create is not available" in reply["error"]["message"]
+    assert tool(upstream, "echo", {"text": "still fine"}, client=LEGACY)["result"]["content"][0]["text"] == "still fine"
+
+
+def test_elicitation_is_refused_for_a_legacy_client_and_passed_through_for_a_modern_one(upstreams: Any) -> None:
+    upstream = upstreams(server_command("sdk_server.py", "stdio"))
+    # The gateway declares no client capabilities on a legacy client's behalf,
+    # so the server refuses to elicit, at once, with a clear error.
+    reply = tool(upstream, "ask", client=LEGACY)
+    assert "elicitation capability" in reply["error"]["message"]
+    asking = {"_meta": {protocol.META_CLIENT_CAPABILITIES: {"elicitation": {"form": {}}}}}
+    replies = call(upstream, "tools/call", {"name": "ask", "arguments": {}, **asking})
+    modern = replies[-1].message  # a 2026-07-28 client gets the MRTR result untouched
+    assert modern["result"]["resultType"] == "input_required" and modern["result"]["requestState"]
+
+
+# --- faults -------------------------------------------------------------------
+
+
+def assert_recovers(upstream: StdioUpstream, failed_pid: int) -> None:
+    """Capacity came back: the failed child is gone and a new one serves."""
+    assert not _alive({failed_pid})
+    stats = upstream.pool.stats()
+    assert stats["restarts"] >= 1 and failed_pid not in stats["pids"] and stats["busy"] == 0
+
+
+def only_pid(upstream: StdioUpstream) -> int:
+    pids: list[int] = upstream.pool.stats()["pids"]
+    assert len(pids) == 1
+    return pids[0]
+
+
+def test_child_that_hangs_is_killed_after_the_request_timeout(upstreams: Any) -> None:
+    upstream = upstreams(server_command("faulty_server.py", "hang"), request_timeout=1)
+    call(upstream, "tools/list")
+    pid = only_pid(upstream)
+    with pytest.raises(errors.UpstreamTimeout) as caught:
+        tool(upstream, "work")
+    assert caught.value.http_status == 504
+    assert caught.value.message == f"server 'srv': process {pid} did not answer in time"
+    assert_recovers(upstream, pid)
+    assert "tools" in call(upstream, "tools/list")[-1].message["result"]
+
+
+def test_child_that_writes_garbage_is_replaced(upstreams: Any) -> None:
+    upstream = upstreams(server_command("faulty_server.py", "garbage"))
+    call(upstream, "tools/list")
+    pid = only_pid(upstream)
+    with pytest.raises(errors.ProcessFailed, match=f"process {pid} wrote non-JSON to stdout: b'this is not json'"):
+        tool(upstream, "work")
+    assert_recovers(upstream, pid)
+    assert "tools" in call(upstream, "tools/list")[-1].message["result"]
+
+
+def test_child_that_exits_mid_call_is_reported_with_its_exit_code(upstreams: Any) -> None:
+    upstream = upstreams(server_command("faulty_server.py", "die"))
+    call(upstream, "tools/list")
+    pid = only_pid(upstream)
+    with pytest.raises(errors.ProcessFailed, match=f"process {pid} exited with code 7 before it answered"):
+        tool(upstream, "work")
+    assert_recovers(upstream, pid)
+
+
+def test_child_killed_by_a_signal_mid_call(upstreams: Any) -> None:
+    upstream = upstreams(server_command("sdk_server.py", "stdio"))
+    pid = int(tool(upstream, "whoami")["result"]["structuredContent"]["result"])
+    replies = start(upstream, {"jsonrpc": "2.0", "id": 9, "method": "tools/call",
+                               "params": {"name": "sleep", "arguments": {"seconds": 30}, "_meta": ENVELOPE}}, MODERN)
+    # Kill the child from outside while the call is in flight (by the PID we hold).
+    threading.Timer(0.5, os.kill, (pid, 9)).start()
+    with pytest.raises(errors.ProcessFailed, match=f"process {pid} was killed by signal 9 before it answered"):
+        list(replies)
+    assert_recovers(upstream, pid)
+    assert tool(upstream, "add", {"a": 2, "b": 3})["result"]["structuredContent"]["result"] == 5
+
+
+def test_child_writing_an_over_long_line_is_replaced(upstreams: Any) -> None:
+    upstream = upstreams(server_command("faulty_server.py", "long-line"), max_line_bytes=1024 * 1024)
+    call(upstream, "tools/list")
+    pid = only_pid(upstream)
+    with pytest.raises(errors.ProcessFailed, match=f"process {pid} wrote a line over 1048576 bytes"):
+        tool(upstream, "work")
+    assert_recovers(upstream, pid)
+
+
+def test_child_that_exits_at_start_backs_off_and_reports(upstreams: Any, caplog: pytest.LogCaptureFixture) -> None:
+    upstream = upstreams(server_command("faulty_server.py", "exit-at-start"))
+    with caplog.at_level(logging.INFO):
+        with pytest.raises(errors.SpawnFailed) as first:
+            call(upstream, "tools/list")
+        assert first.value.http_status == 503 and first.value.retry_after
+        assert "exited with code 2" in first.value.message
+        # Inside the back-off window: an immediate answer, no new process.
+        with pytest.raises(errors.SpawnFailed, match="has no running process: .*exited with code 2.*next start attempt in"):
+            call(upstream, "tools/list")
+    stats = upstream.pool.stats()
+    assert stats["spawn_failures"] == 1 and stats["healthy"] is False and stats["processes"] == 0
+    assert "exited with code 2" in stats["last_error"]["message"] and stats["last_error"]["at"]
+    # stderr of the child went to the log, tagged with the server id.
+    assert any("[srv pid" in r.getMessage() and "fatal: cannot start" in r.getMessage() for r in caplog.records)
+
+
+def test_command_that_does_not_exist_is_a_spawn_failure_not_a_crash(upstreams: Any) -> None:
+    upstream = upstreams(["/nonexistent/mcp-server"])
+    with pytest.raises(errors.SpawnFailed, match="cannot start '/nonexistent/mcp-server': No such file or directory"):
+        call(upstream, "tools/list")
+
+
+def test_stderr_flood_is_drained_and_the_call_still_answers(upstreams: Any, caplog: pytest.LogCaptureFixture) -> None:
+    upstream = upstreams(server_command("faulty_server.py", "stderr-flood"))
+    with caplog.at_level(logging.INFO, logger="gateway.stdio.srv"):
+        reply = tool(upstream, "work")
+        deadline = time.monotonic() + 10
+        while sum(1 for r in caplog.records if r.name == "gateway.stdio.srv") < 20000 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert "result" in reply
+    assert sum(1 for r in caplog.records if r.name == "gateway.stdio.srv") >= 20000
+
+
+def test_client_hanging_up_mid_stream_cancels_and_keeps_the_process(upstreams: Any) -> None:
+    upstream = upstreams(server_command("legacy_server.py"))
+    replies = start(upstream, {"jsonrpc": "2.0", "id": 5, "method": "tools/call",
+                               "params": {"name": "progress", "arguments": {"steps": 3}, "_meta": {"progressToken": 1}}}, LEGACY)
+    assert next(replies).message["method"] == "notifications/progress"
+    pid = only_pid(upstream)
+    replies.close()  # what the view does when the client disconnects
+    stats = upstream.pool.stats()
+    assert stats["busy"] == 0 and stats["idle"] == 1 and stats["restarts"] == 0 and stats["pids"] == [pid]
+
+
+def test_children_get_a_minimal_environment_plus_their_own(upstreams: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.stdio import child_environment
+
+    monkeypatch.setenv("GATEWAY_SECRET_SHOULD_NOT_LEAK", "x")
+    monkeypatch.setenv("WANTED", "y")
+    settings = make_upstream(["x"], env_vars={"LOG_LEVEL": "info"}, inherit_env=["WANTED"]).settings
+    env = child_environment(settings)
+    assert env["LOG_LEVEL"] == "info" and env["WANTED"] == "y" and "PATH" in env
+    assert "GATEWAY_SECRET_SHOULD_NOT_LEAK" not in env
+
+
+def test_each_child_runs_in_its_own_process_group(upstreams: Any) -> None:
+    upstream = upstreams(TIME_SERVER)
+    call(upstream, "tools/list")
+    pid = only_pid(upstream)
+    assert os.getpgid(pid) == pid != os.getpgid(0)
+    upstream.close()
+    assert not _alive({pid})
