@@ -10,6 +10,7 @@ install: $(STAMP)
 
 # Re-install only when the package metadata changed; the venv itself is made once.
 $(STAMP): setup.cfg setup.py
+	@command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl; }  # README examples are tested with it
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test,dev]'

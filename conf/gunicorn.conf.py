@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gateway import registry as _registry  # noqa: E402
+from gateway import registry as _registry
 
 try:
     _settings = _registry.load().gateway
@@ -22,8 +22,8 @@ except _registry.RegistryError as _error:  # stop before any worker starts, with
 
 bind = [os.environ.get("MCP_GATEWAY_BIND", f"{_settings.host}:{_settings.port}")]
 worker_class = "gthread"
-workers = int(os.environ.get("MCP_GATEWAY_WORKERS", min(4, max(2, multiprocessing.cpu_count()))))
-threads = int(os.environ.get("MCP_GATEWAY_THREADS", 8))
+workers = int(os.environ.get("MCP_GATEWAY_WORKERS") or min(4, max(2, multiprocessing.cpu_count())))
+threads = int(os.environ.get("MCP_GATEWAY_THREADS") or 8)
 # gthread workers heartbeat from their main loop, so a long tool call does not trip this.
 timeout = 60
 # On TERM a worker stops accepting and finishes in-flight calls for this long.

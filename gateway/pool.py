@@ -17,8 +17,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Protocol
+from datetime import UTC, datetime
+from typing import Any, Generic, Protocol, TypeVar
 
 from . import errors
 from .protocol import ServerHello
@@ -35,7 +35,7 @@ class Process(Protocol):
     def close(self, grace: float = ...) -> None: ...
 
 
-Spawn = Callable[[], Process]
+P = TypeVar("P", bound=Process)
 
 
 @dataclass(frozen=True)
@@ -49,12 +49,12 @@ class Backoff:
         return 0.0 if failures <= 0 else min(self.cap, self.base * 2 ** (failures - 1))
 
 
-class StdioPool:
+class StdioPool(Generic[P]):
     def __init__(
         self,
         server_id: str,
         settings: StdioSettings,
-        spawn: Spawn,
+        spawn: Callable[[], P],
         *,
         clock: Callable[[], float] = time.monotonic,
         backoff: Backoff = Backoff(),
@@ -67,8 +67,8 @@ class StdioPool:
         self._backoff = backoff
         self._close_grace = close_grace
         self._cond = threading.Condition(threading.Lock())
-        self._idle: deque[tuple[Process, float]] = deque()  # (process, idle since); right end is warmest
-        self._busy: set[Process] = set()
+        self._idle: deque[tuple[P, float]] = deque()  # (process, idle since); right end is warmest
+        self._busy: set[P] = set()
         self._spawning = 0
         self._waiting = 0
         self._closed = False
@@ -81,7 +81,7 @@ class StdioPool:
 
     # --- checkout / checkin ----------------------------------------------------
 
-    def acquire(self) -> Process:
+    def acquire(self) -> P:
         """An idle (or new) process, or Overloaded / SpawnFailed; never a hang."""
         # Waiting is real time; the injected clock drives the policies (back-off, idling).
         deadline = time.monotonic() + self.settings.wait_timeout
@@ -131,7 +131,7 @@ class StdioPool:
             self._busy.add(process)
         return process
 
-    def release(self, process: Process, *, failure: str | None = None) -> None:
+    def release(self, process: P, *, failure: str | None = None) -> None:
         """Give a process back; one that failed (`failure` says how) is killed."""
         with self._cond:
             self._busy.discard(process)
@@ -145,7 +145,7 @@ class StdioPool:
             # A misbehaving process is killed at once; a healthy one after shutdown gently.
             process.close(0 if failure else self._close_grace)
 
-    def _forget_locked(self, process: Process, failure: str | None) -> None:
+    def _forget_locked(self, process: P, failure: str | None) -> None:
         if failure:
             self.restarts += 1
             self._record_error_locked(failure)
@@ -153,7 +153,7 @@ class StdioPool:
 
     # --- spawning --------------------------------------------------------------
 
-    def _spawn_counted(self) -> Process:
+    def _spawn_counted(self) -> P:
         """Start a process for a slot already counted in `_spawning`."""
         try:
             process = self._spawn()
@@ -189,13 +189,13 @@ class StdioPool:
 
     def maintain(self) -> None:
         """Retire processes idle too long (down to pool_min); top up to pool_min."""
-        retired: list[Process] = []
+        retired: list[P] = []
         with self._cond:
             if self._closed:
                 return
             now = self._clock()
             for entry in list(self._idle):
-                process, since = entry
+                process = entry[0]
                 if not process.alive():
                     self._idle.remove(entry)
                     self._forget_locked(process, f"process {process.pid} exited while idle")
@@ -264,7 +264,7 @@ class StdioPool:
                 message, at = self.last_error
                 status["last_error"] = {
                     "message": message,
-                    "at": datetime.fromtimestamp(at, timezone.utc).isoformat(timespec="seconds"),
+                    "at": datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds"),
                 }
             if self.hello:
                 status["era"] = self.hello.era

@@ -13,7 +13,7 @@ import base64
 import binascii
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from . import errors
 
@@ -45,6 +45,12 @@ LEGACY = "legacy"
 GATEWAY_INFO = {"name": "mcp-gateway", "version": "0.1.0"}
 
 
+class Headers(Protocol):
+    """Case-insensitive header lookup (werkzeug's Headers, or a dict in tests)."""
+
+    def get(self, key: str) -> str | None: ...
+
+
 @dataclass(frozen=True)
 class ClientContext:
     """What the gateway knows about the caller of one HTTP request."""
@@ -74,7 +80,7 @@ def decode_header_value(value: str) -> str:
     return value
 
 
-def client_context(headers: Mapping[str, str], message: Mapping[str, Any], session_version: str | None) -> ClientContext:
+def client_context(headers: Headers, message: Mapping[str, Any], session_version: str | None) -> ClientContext:
     """Decide the era of a request and enforce the 2026-07-28 header rules."""
     header_version = headers.get("MCP-Protocol-Version")
     params = message.get("params")
@@ -98,7 +104,7 @@ def client_context(headers: Mapping[str, str], message: Mapping[str, Any], sessi
 
 
 def _check_modern_headers(
-    headers: Mapping[str, str], message: Mapping[str, Any], version: str, body_version: Any
+    headers: Headers, message: Mapping[str, Any], version: str, body_version: Any
 ) -> None:
     method = message.get("method")
     if method is None:

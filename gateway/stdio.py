@@ -75,7 +75,8 @@ class StdioProcess:
                 cwd=settings.working_dir,
                 env=child_environment(settings),
                 start_new_session=True,  # its own process group, killed as one
-                preexec_fn=_die_with_parent if _libc else None,
+                # Only a prctl() call runs in the child, with no Python lock taken.
+                preexec_fn=_die_with_parent if _libc else None,  # noqa: PLW1509
                 close_fds=True,
             )
         except OSError as exc:

@@ -9,7 +9,7 @@ a process pool; HTTP and template upstreams plug into the same interface.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -44,7 +44,7 @@ class Upstream(Protocol):
     def maintain(self) -> None: ...
     def close(self) -> None: ...
     def hello(self) -> ServerHello: ...
-    def call(self, message: dict[str, Any], body: bytes, client: ClientContext) -> Iterator[Reply]: ...
+    def call(self, message: dict[str, Any], body: bytes, client: ClientContext) -> Generator[Reply, None, None]: ...
     def status(self) -> dict[str, Any]: ...
 
 
@@ -57,7 +57,7 @@ class StdioUpstream:
         assert entry.stdio is not None
         self.server_id = entry.id
         self.settings: StdioSettings = entry.stdio
-        self.pool = StdioPool(entry.id, entry.stdio, self._spawn)
+        self.pool: StdioPool[StdioProcess] = StdioPool(entry.id, entry.stdio, self._spawn)
 
     def _spawn(self) -> StdioProcess:
         process = StdioProcess(self.server_id, self.settings)
@@ -86,7 +86,7 @@ class StdioUpstream:
     def status(self) -> dict[str, Any]:
         return {"type": self.type, "command": list(self.settings.command), **self.pool.stats()}
 
-    def call(self, message: dict[str, Any], body: bytes, client: ClientContext) -> Iterator[Reply]:
+    def call(self, message: dict[str, Any], body: bytes, client: ClientContext) -> Generator[Reply, None, None]:
         process = self.pool.acquire()
         deadline = time.monotonic() + self.settings.request_timeout
         request_id = message["id"]
@@ -177,7 +177,7 @@ class UnservedUpstream:
     def hello(self) -> ServerHello:
         raise self._refuse()
 
-    def call(self, message: dict[str, Any], body: bytes, client: ClientContext) -> Iterator[Reply]:
+    def call(self, message: dict[str, Any], body: bytes, client: ClientContext) -> Generator[Reply, None, None]:
         raise self._refuse()
 
     def status(self) -> dict[str, Any]:

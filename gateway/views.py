@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 from flask import Blueprint, Response, g, request
@@ -128,7 +128,7 @@ def _forward(upstream: Upstream, message: dict[str, Any], body: bytes, client: C
     raise errors.UpstreamError(f"server '{upstream.server_id}' ended the exchange without a response")
 
 
-def _sse(first: Reply, replies: Iterator[Reply], request_id: Any) -> Iterator[bytes]:
+def _sse(first: Reply, replies: Generator[Reply, None, None], request_id: Any) -> Iterator[bytes]:
     try:
         yield _event(first.encoded())
         for reply in replies:

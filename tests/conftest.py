@@ -97,10 +97,11 @@ def parent_of(pid: int) -> int:
 class Gunicorn:
     """A real gunicorn master running the gateway on a free loopback port."""
 
-    def __init__(self, registry: Path, workers: int = 2, threads: int = 4, env: dict[str, str] | None = None):
+    def __init__(self, registry: Path, workers: int = 2, threads: int = 4, env: dict[str, str] | None = None,
+                 log_dir: Path | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = registry.parent / f"gunicorn-{self.port}.log"
+        self.log_path = (log_dir or registry.parent) / f"gunicorn-{self.port}.log"
         environ = {
             **os.environ,
             "MCP_GATEWAY_REGISTRY": str(registry),
@@ -110,7 +111,7 @@ class Gunicorn:
             "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
             **(env or {}),
         }
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the server
         self.process = subprocess.Popen(
             [PYTHON, "-m", "gunicorn", "-c", str(ROOT / "conf/gunicorn.conf.py"), "--bind", f"127.0.0.1:{self.port}", "wsgi:app"],
             cwd=ROOT, env=environ, stdout=self._log, stderr=subprocess.STDOUT,

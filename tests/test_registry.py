@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -110,7 +111,7 @@ def test_pool_min_may_not_exceed_pool_size() -> None:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], check=False, capture_output=True, text=True, cwd=ROOT, timeout=60)
 
 
 def test_validate_command_exits_0_for_a_valid_file() -> None:
@@ -132,7 +133,7 @@ def test_gunicorn_refuses_to_start_on_an_invalid_registry(tmp_path: Path) -> Non
     bad.write_text("servers:\n  fs: {type: stdio, command: [x], pool_size: 0}\n")
     done = subprocess.run(
         [sys.executable, "-m", "gunicorn", "-c", "conf/gunicorn.conf.py", "--bind", "127.0.0.1:0", "wsgi:app"],
-        capture_output=True, text=True, cwd=ROOT, timeout=60, env={**__import__("os").environ, "MCP_GATEWAY_REGISTRY": str(bad)},
+        check=False, capture_output=True, text=True, cwd=ROOT, timeout=60, env={**os.environ, "MCP_GATEWAY_REGISTRY": str(bad)},
     )
     assert done.returncode != 0
     assert f"{bad}: servers.fs.pool_size: 0 is less than the minimum of 1" in done.stderr
