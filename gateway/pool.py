@@ -229,14 +229,22 @@ class StdioPool(Generic[P]):
                 process.close(self._close_grace)
 
     def close(self) -> None:
-        """Stop every idle process now; busy ones stop when they are released."""
+        """Stop every process: idle ones gently, busy ones at once.
+
+        Called when the worker exits, after gunicorn's graceful timeout let
+        in-flight requests finish; a call still running then is stuck, and its
+        process group must not outlive the worker.
+        """
         with self._cond:
             self._closed = True
             idle = [process for process, _ in self._idle]
+            busy = list(self._busy)
             self._idle.clear()
             self._cond.notify_all()
         for process in idle:
             process.close(self._close_grace)
+        for process in busy:
+            process.close(0)
 
     # --- reporting ------------------------------------------------------------
 

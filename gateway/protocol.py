@@ -39,6 +39,12 @@ CACHEABLE_METHODS = frozenset(
     {"server/discover", "tools/list", "prompts/list", "resources/list", "resources/templates/list", "resources/read"}
 )
 
+# Methods that change nothing by protocol: safe to send again after a failure.
+READ_ONLY_METHODS = frozenset(
+    {"tools/list", "resources/list", "resources/templates/list", "resources/read", "prompts/list", "prompts/get",
+     "server/discover", "ping"}
+)
+
 MODERN = "2026-07-28"
 LEGACY = "legacy"
 

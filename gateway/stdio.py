@@ -92,6 +92,7 @@ class StdioProcess:
         self._buffer = bytearray()
         self._scanned = 0
         self._closed = False
+        self._close_lock = threading.Lock()
         self.hello: protocol.ServerHello | None = None
         self._stderr_thread = threading.Thread(
             target=_drain_stderr, args=(self._popen.stderr, server_id, self.pid), daemon=True,
@@ -265,9 +266,12 @@ class StdioProcess:
 
         `grace` 0 is for a process that already misbehaved: kill at once.
         """
-        if self._closed:
-            return
-        self._closed = True
+        # A busy process may be closed by shutdown and by its request thread at
+        # once; the lock makes the second call a no-op.
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
         try:
             if self._popen.stdin is not None:
                 self._popen.stdin.close()  # EOF: a well-behaved server exits on it

@@ -8,8 +8,10 @@ a process pool; HTTP and template upstreams plug into the same interface.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Generator
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -18,6 +20,8 @@ from .pool import StdioPool
 from .protocol import ClientContext, ServerHello
 from .registry import ServerEntry, StdioSettings
 from .stdio import StdioProcess
+
+log = logging.getLogger(__name__)
 
 # How long an abandoned request (the client hung up) may take to wind down
 # before its process is killed instead of reused.
@@ -87,8 +91,31 @@ class StdioUpstream:
         return {"type": self.type, "command": list(self.settings.command), **self.pool.stats()}
 
     def call(self, message: dict[str, Any], body: bytes, client: ClientContext) -> Generator[Reply, None, None]:
-        process = self.pool.acquire()
+        """Serve one request; retry once on a fresh process where that is safe.
+
+        Safe means the request never reached the failed process, or its method
+        changes nothing by protocol; never once a message went to the client.
+        One deadline (request_timeout) covers both tries.
+        """
         deadline = time.monotonic() + self.settings.request_timeout
+        for tries_left in (1, 0):
+            started = False
+            try:
+                with closing(self._call_once(message, body, client, deadline)) as replies:
+                    for reply in replies:
+                        started = True
+                        yield reply
+                return
+            except errors.ProcessFailed as exc:
+                safe = exc.retry_safe or message["method"] in protocol.READ_ONLY_METHODS
+                if started or not tries_left or not safe or time.monotonic() >= deadline:
+                    raise
+                log.info("server %s: retrying %s on another process after: %s", self.server_id, message["method"], exc.message)
+
+    def _call_once(
+        self, message: dict[str, Any], body: bytes, client: ClientContext, deadline: float
+    ) -> Generator[Reply, None, None]:
+        process = self.pool.acquire()
         request_id = message["id"]
         failure: str | None = "abandoned"
         try:
@@ -96,7 +123,11 @@ class StdioUpstream:
             # Bytes pass through untouched when no translation was needed and the
             # body is already one line (stdio framing forbids embedded newlines).
             data = body if outgoing is message and b"\n" not in body and b"\r" not in body else jsonrpc.encode(outgoing)
-            process.send(data, deadline)
+            try:
+                process.send(data, deadline)
+            except errors.ProcessFailed as exc:
+                exc.retry_safe = True  # the request never reached the process
+                raise
             for reply, raw in process.messages(request_id, deadline):
                 if "method" in reply:
                     yield Reply(reply, raw, final=False)

@@ -18,7 +18,7 @@ README = (ROOT / "README.md").read_text()
 
 
 def readme_curls() -> list[str]:
-    blocks = re.findall(r"```sh\n(.*?)```", README, flags=re.S)
+    blocks = re.findall(r"```sh\n(.*?)```", README, flags=re.DOTALL)
     return [line for block in blocks for line in block.splitlines() if line.startswith("curl ")]
 
 

@@ -289,3 +289,19 @@ def test_each_child_runs_in_its_own_process_group(upstreams: Any) -> None:
     assert os.getpgid(pid) == pid != os.getpgid(0)
     upstream.close()
     assert not _alive({pid})
+
+
+def test_read_only_method_is_retried_once_on_a_fresh_process(upstreams: Any) -> None:
+    upstream = upstreams(server_command("faulty_server.py", "die-on-list"))
+    with pytest.raises(errors.ProcessFailed, match="exited with code 7"):
+        call(upstream, "tools/list")
+    stats = upstream.pool.stats()
+    assert stats["restarts"] == 2 and stats["spawned"] == 2  # tried on two processes, then gave up
+
+
+def test_tools_call_is_not_replayed_after_it_reached_the_process(upstreams: Any) -> None:
+    upstream = upstreams(server_command("faulty_server.py", "die"))
+    with pytest.raises(errors.ProcessFailed, match="exited with code 7"):
+        tool(upstream, "work")
+    stats = upstream.pool.stats()
+    assert stats["restarts"] == 1 and stats["spawned"] == 1

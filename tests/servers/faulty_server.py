@@ -9,7 +9,7 @@ Usage::
     python faulty_server.py MODE [PIDFILE]
 
 MODE is one of: exit-at-start, hang, garbage, die, long-line, stderr-flood, ok,
-discover-silent.  If PIDFILE is given, "PID MODE" is appended to it at start.
+discover-silent, die-on-list (exits with code 7 on tools/list).  If PIDFILE is given, "PID MODE" is appended to it at start.
 SIGTERM keeps its default action (the process dies); stdin EOF exits with 0.
 """
 
@@ -36,6 +36,7 @@ MODES = (
     "stderr-flood",
     "ok",
     "discover-silent",
+    "die-on-list",
 )
 
 LONG_LINE_BYTES = 50 * 1024 * 1024
@@ -188,6 +189,8 @@ def handle(mode: str, msg: Any) -> None:
     elif method == "ping":
         reply(req_id, {})
     elif method == "tools/list":
+        if mode == "die-on-list":  # a read-only method failing after it was sent
+            hard_exit(7)
         # cacheScope/ttlMs are required on cacheable 2026-07-28 results.
         reply(
             req_id,
