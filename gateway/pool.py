@@ -277,5 +277,7 @@ class StdioPool(Generic[P]):
             if self.hello:
                 status["era"] = self.hello.era
                 status["protocol_version"] = self.hello.protocol_version
-            status["healthy"] = self.spawn_failures == 0 and (status["alive"] > 0 or self.settings.pool_min == 0)
+            # Unhealthy means processes cannot be started; a pool still warming up,
+            # or one that replaced a crashed process, can serve.
+            status["healthy"] = self.spawn_failures == 0
         return status

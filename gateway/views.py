@@ -20,6 +20,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from . import errors, jsonrpc, protocol
 from .extension import current_gateway
 from .protocol import ClientContext
+from .sessions import Session
 from .upstreams import Reply, Upstream
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ def delete(server_id: str, path: str) -> Response:
     return Response(status=204)
 
 
-def _session(server_id: str) -> Any:
+def _session(server_id: str) -> Session | None:
     token = request.headers.get(SESSION_HEADER)
     if token is None or request.headers.get("MCP-Protocol-Version") in protocol.MODERN_VERSIONS:
         return None  # 2026-07-28 has no sessions: a stray id is ignored, as the spec says
@@ -116,16 +117,17 @@ def _initialize(upstream: Upstream, message: dict[str, Any]) -> Response:
 def _forward(upstream: Upstream, message: dict[str, Any], body: bytes, client: ClientContext) -> Response:
     replies = upstream.call(message, body, client)
     first = next(replies)  # errors before the first message become plain HTTP errors
-    if first.final:
-        replies.close()
-        return Response(first.encoded(), mimetype="application/json")
-    if _accepts_sse():
+    if not first.final and _accepts_sse():
+        # The stream owns `replies` now, and closes it when the client is done.
         return Response(_sse(first, replies, message["id"]), mimetype="text/event-stream", headers=SSE_HEADERS)
-    # A JSON-only client gets just the final response; notifications are dropped.
-    for reply in replies:
-        if reply.final:
-            return Response(reply.encoded(), mimetype="application/json")
-    raise errors.UpstreamError(f"server '{upstream.server_id}' ended the exchange without a response")
+    try:
+        # A JSON-only client gets just the final response; notifications are dropped.
+        final = first if first.final else next(reply for reply in replies if reply.final)
+    except StopIteration:
+        raise errors.UpstreamError(f"server '{upstream.server_id}' ended the exchange without a response") from None
+    finally:
+        replies.close()
+    return Response(final.encoded(), mimetype="application/json")
 
 
 def _sse(first: Reply, replies: Generator[Reply, None, None], request_id: Any) -> Iterator[bytes]:

@@ -299,27 +299,24 @@ def test_full_pool_answers_503_with_retry_after_at_once(gunicorn: Any) -> None:
     assert slow_result[0].json()["result"]["structuredContent"]["result"] == "slept"
 
 
-def test_bare_gunicorn_wsgi_app_also_serves(tmp_path: Path) -> None:
-    registry = write_registry(tmp_path, {"time": {"type": "stdio", "command": TIME_SERVER}})
-    port = free_port()
-    env = {**os.environ, "MCP_GATEWAY_REGISTRY": str(registry), "MCP_GATEWAY_SESSION_SECRET": "s" * 32}
-    with open(tmp_path / "bare.log", "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "wsgi:app"],
-                                   cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+def serve_until_answered(argv: list[str], port: int, env: dict[str, str], log_path: Path) -> None:
+    """Run a gateway command, check it answers a curl-style call, TERM it: exit 0, nothing left."""
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
     seen: set[tuple[int, str]] = set()
     try:
         deadline = time.monotonic() + 30
         response = None
-        while time.monotonic() < deadline:
+        while response is None and time.monotonic() < deadline and process.poll() is None:
             try:
                 response = requests.post(f"http://127.0.0.1:{port}/time/mcp", timeout=10,
                                          data='{"jsonrpc":"2.0","id":1,"method":"tools/list"}')
-                break
             except requests.ConnectionError:
                 time.sleep(0.1)
-        assert response is not None and response.status_code == 200 and "tools" in response.json()["result"]
+        assert response is not None and response.status_code == 200, log_path.read_text()
+        assert "tools" in response.json()["result"]
         seen = descendants(process.pid)
-        assert len(seen) >= 2  # the worker and its pooled process
+        assert len(seen) >= 2  # a worker and its pooled process
     finally:
         process.send_signal(signal.SIGTERM)
         code = process.wait(30)
@@ -327,3 +324,17 @@ def test_bare_gunicorn_wsgi_app_also_serves(tmp_path: Path) -> None:
     while still_running(seen) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not still_running(seen) and code == 0
+
+
+def test_bare_gunicorn_wsgi_app_also_serves(tmp_path: Path) -> None:
+    registry = write_registry(tmp_path, {"time": {"type": "stdio", "command": TIME_SERVER}})
+    port = free_port()
+    serve_until_answered([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "wsgi:app"], port,
+                         {"MCP_GATEWAY_REGISTRY": str(registry), "MCP_GATEWAY_SESSION_SECRET": "s" * 32}, tmp_path / "bare.log")
+
+
+def test_mcp_gateway_serve_runs_gunicorn_with_the_projects_config(tmp_path: Path) -> None:
+    registry = write_registry(tmp_path, {"time": {"type": "stdio", "command": TIME_SERVER}})
+    port = free_port()
+    serve_until_answered([str(Path(sys.executable).parent / "mcp-gateway"), "serve", "--registry", str(registry),
+                          "--bind", f"127.0.0.1:{port}", "--workers", "2"], port, {}, tmp_path / "serve.log")

@@ -173,35 +173,24 @@ def only_pid(upstream: StdioUpstream) -> int:
     return pids[0]
 
 
-def test_child_that_hangs_is_killed_after_the_request_timeout(upstreams: Any) -> None:
-    upstream = upstreams(server_command("faulty_server.py", "hang"), request_timeout=1)
+@pytest.mark.parametrize("mode, settings, error, cause", [
+    ("hang", {"request_timeout": 1}, errors.UpstreamTimeout, "did not answer in time"),
+    ("garbage", {}, errors.ProcessFailed, "wrote non-JSON to stdout: b'this is not json'"),
+    ("die", {}, errors.ProcessFailed, "exited with code 7 before it answered"),
+    ("long-line", {"max_line_bytes": 1024 * 1024}, errors.ProcessFailed, "wrote a line over 1048576 bytes"),
+])
+def test_misbehaving_child_is_killed_replaced_and_named_in_the_error(
+    upstreams: Any, mode: str, settings: dict[str, Any], error: type[errors.GatewayError], cause: str
+) -> None:
+    upstream = upstreams(server_command("faulty_server.py", mode), **settings)
     call(upstream, "tools/list")
     pid = only_pid(upstream)
-    with pytest.raises(errors.UpstreamTimeout) as caught:
+    with pytest.raises(error) as caught:
         tool(upstream, "work")
-    assert caught.value.http_status == 504
-    assert caught.value.message == f"server 'srv': process {pid} did not answer in time"
+    assert caught.value.message == f"server 'srv': process {pid} {cause}"
+    assert caught.value.http_status == (504 if mode == "hang" else 502)
     assert_recovers(upstream, pid)
     assert "tools" in call(upstream, "tools/list")[-1].message["result"]
-
-
-def test_child_that_writes_garbage_is_replaced(upstreams: Any) -> None:
-    upstream = upstreams(server_command("faulty_server.py", "garbage"))
-    call(upstream, "tools/list")
-    pid = only_pid(upstream)
-    with pytest.raises(errors.ProcessFailed, match=f"process {pid} wrote non-JSON to stdout: b'this is not json'"):
-        tool(upstream, "work")
-    assert_recovers(upstream, pid)
-    assert "tools" in call(upstream, "tools/list")[-1].message["result"]
-
-
-def test_child_that_exits_mid_call_is_reported_with_its_exit_code(upstreams: Any) -> None:
-    upstream = upstreams(server_command("faulty_server.py", "die"))
-    call(upstream, "tools/list")
-    pid = only_pid(upstream)
-    with pytest.raises(errors.ProcessFailed, match=f"process {pid} exited with code 7 before it answered"):
-        tool(upstream, "work")
-    assert_recovers(upstream, pid)
 
 
 def test_child_killed_by_a_signal_mid_call(upstreams: Any) -> None:
@@ -215,15 +204,6 @@ def test_child_killed_by_a_signal_mid_call(upstreams: Any) -> None:
         list(replies)
     assert_recovers(upstream, pid)
     assert tool(upstream, "add", {"a": 2, "b": 3})["result"]["structuredContent"]["result"] == 5
-
-
-def test_child_writing_an_over_long_line_is_replaced(upstreams: Any) -> None:
-    upstream = upstreams(server_command("faulty_server.py", "long-line"), max_line_bytes=1024 * 1024)
-    call(upstream, "tools/list")
-    pid = only_pid(upstream)
-    with pytest.raises(errors.ProcessFailed, match=f"process {pid} wrote a line over 1048576 bytes"):
-        tool(upstream, "work")
-    assert_recovers(upstream, pid)
 
 
 def test_child_that_exits_at_start_backs_off_and_reports(upstreams: Any, caplog: pytest.LogCaptureFixture) -> None:
