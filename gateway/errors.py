@@ -147,6 +147,32 @@ class UpstreamTimeout(ProcessFailed):
     http_status = 504
 
 
+class NoInstance(UpstreamError):
+    """Every instance of an HTTP server was tried or is out; nothing more was sent."""
+
+    http_status = 503
+    retry_safe = True
+
+
+class UpstreamUnreachable(UpstreamError):
+    """The instance could not be connected to; the request never left, so a retry is safe."""
+
+    retry_safe = True
+
+
+class UpstreamFailed(UpstreamError):
+    """The instance took the request, then failed (reset, bad status, garbled answer).
+
+    Only methods that change nothing by protocol may be sent again.
+    """
+
+
+class UpstreamReadTimeout(UpstreamFailed):
+    """The instance took the request and did not answer within read_timeout."""
+
+    http_status = 504
+
+
 class ServerNotServed(GatewayError):
     """The registry names the server but its type cannot be served yet."""
 

@@ -17,9 +17,10 @@ import threading
 from flask import Flask, current_app
 
 from . import errors, upstreams
+from .proxy import HttpUpstream
 from .registry import Registry
 from .sessions import SessionSigner, load_secret
-from .upstreams import Upstream
+from .upstreams import MessageUpstream
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,8 @@ class Gateway:
     def __init__(self, registry: Registry):
         self.registry = registry
         self.signer = SessionSigner(load_secret(registry.gateway.session_secret), registry.gateway.session_ttl)
-        self.upstreams: dict[str, Upstream] = {sid: upstreams.build(e) for sid, e in registry.servers.items()}
+        interval = registry.gateway.health_check_interval
+        self.upstreams: dict[str, MessageUpstream | HttpUpstream] = {sid: upstreams.build(e, interval) for sid, e in registry.servers.items()}
         self._lock = threading.Lock()
         self._started_in: int | None = None
         self._stopping = threading.Event()
@@ -41,7 +43,7 @@ class Gateway:
         app.extensions[EXTENSION_KEY] = self
         app.before_request(self.start)
 
-    def upstream(self, server_id: str) -> Upstream:
+    def upstream(self, server_id: str) -> MessageUpstream | HttpUpstream:
         try:
             return self.upstreams[server_id]
         except KeyError:

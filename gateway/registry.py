@@ -58,6 +58,32 @@ class StdioSettings:
 
 
 @dataclass(frozen=True)
+class HttpInstanceSettings:
+    endpoint: str
+    weight: int = 1
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """How one HTTP server's instances are reached, balanced and checked."""
+
+    instances: tuple[HttpInstanceSettings, ...]
+    load_balancing: str = "round_robin"
+    health_check: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    mcp_path: str = "/mcp"
+    connect_timeout: float = 5.0
+    read_timeout: float = 300.0
+    request_timeout: float = 300.0
+    max_connections: int = 16
+    sticky_header: str | None = None
+    max_fails: int = 3
+    ejection_time: float = 30.0
+    health_check_rise: int = 2
+    health_check_fall: int = 3
+
+
+@dataclass(frozen=True)
 class ServerEntry:
     """One registry entry: its id, its type and its type's raw settings."""
 
@@ -66,6 +92,7 @@ class ServerEntry:
     description: str
     raw: Mapping[str, Any]
     stdio: StdioSettings | None = None
+    http: HttpSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -170,7 +197,13 @@ def _expand(value: Any, environ: Mapping[str, str], path: tuple[Any, ...], probl
 def _build(data: dict[str, Any], source: str) -> Registry:
     servers = {}
     for server_id, entry in data["servers"].items():
-        stdio = None
+        stdio = http = None
+        if entry["type"] == "http":
+            known = {k: v for k, v in entry.items() if k in HttpSettings.__dataclass_fields__}
+            known["instances"] = tuple(
+                HttpInstanceSettings(endpoint=i["endpoint"].rstrip("/"), weight=i.get("weight", 1)) for i in entry["instances"]
+            )
+            http = HttpSettings(**known)
         if entry["type"] == "stdio":
             known = {k: v for k, v in entry.items() if k in StdioSettings.__dataclass_fields__}
             known["command"] = tuple(entry["command"])
@@ -179,6 +212,6 @@ def _build(data: dict[str, Any], source: str) -> Registry:
                 known["pool_min"] = min(StdioSettings.pool_min, known.get("pool_size", StdioSettings.pool_size))
             stdio = StdioSettings(**known)
         servers[server_id] = ServerEntry(
-            id=server_id, type=entry["type"], description=entry.get("description", ""), raw=entry, stdio=stdio
+            id=server_id, type=entry["type"], description=entry.get("description", ""), raw=entry, stdio=stdio, http=http
         )
     return Registry(source=source, servers=servers, gateway=GatewaySettings(**data.get("gateway", {})))

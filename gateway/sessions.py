@@ -1,8 +1,9 @@
 """Legacy-era MCP sessions that need no shared store.
 
 The `Mcp-Session-Id` a legacy client receives is a signed, self-describing
-token: it names the server and the negotiated protocol version and carries
-its issue time, with an HMAC over all of it. Any gunicorn worker, and any
+token: it names the server, the negotiated protocol version and, for HTTP
+servers, the instance holding the session and that instance's own session
+id; it carries its issue time, with an HMAC over all of it. Any gunicorn worker, and any
 gateway replica given the same secret, can check it without asking anyone;
 an id the gateway did not mint (or one past its time to live) is refused.
 """
@@ -31,6 +32,8 @@ class Session:
     server_id: str
     protocol_version: str
     issued_at: float
+    instance: str | None = None
+    upstream_session: str | None = None
 
 
 class SessionSigner:
@@ -39,8 +42,13 @@ class SessionSigner:
         self._ttl = ttl
         self._clock = clock
 
-    def mint(self, server_id: str, protocol_version: str) -> str:
-        claims = {"s": server_id, "v": protocol_version, "t": int(self._clock()), "n": secrets.token_hex(8)}
+    def mint(self, server_id: str, protocol_version: str, instance: str | None = None,
+             upstream_session: str | None = None) -> str:
+        claims: dict[str, object] = {"s": server_id, "v": protocol_version, "t": int(self._clock()), "n": secrets.token_hex(8)}
+        if instance is not None:
+            claims["i"] = instance
+        if upstream_session is not None:
+            claims["u"] = upstream_session
         body = _b64(json.dumps(claims, separators=(",", ":")).encode())
         return f"{body}.{_b64(self._sign(body))}"
 
@@ -57,7 +65,8 @@ class SessionSigner:
         issued = float(claims.get("t", 0))
         if self._clock() - issued > self._ttl:
             raise errors.SessionNotFound(f"session on server '{server_id}' has expired: start a new session with initialize")
-        return Session(server_id=server_id, protocol_version=str(claims.get("v")), issued_at=issued)
+        return Session(server_id=server_id, protocol_version=str(claims.get("v")), issued_at=issued,
+                       instance=claims.get("i"), upstream_session=claims.get("u"))
 
     def _sign(self, body: str) -> bytes:
         return hmac.new(self._key, body.encode(), hashlib.sha256).digest()

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from . import errors, jsonrpc, protocol
 from .pool import StdioPool
 from .protocol import ClientContext, ServerHello
+from .proxy import HttpUpstream
 from .registry import ServerEntry, StdioSettings
 from .stdio import StdioProcess
 
@@ -41,15 +42,22 @@ class Reply:
 
 
 class Upstream(Protocol):
+    """What every registry entry becomes: run by upkeep, reported by /status."""
+
     server_id: str
     type: str
 
     def start(self) -> None: ...
     def maintain(self) -> None: ...
     def close(self) -> None: ...
+    def status(self) -> dict[str, Any]: ...
+
+
+class MessageUpstream(Upstream, Protocol):
+    """An upstream the gateway speaks JSON-RPC messages to (the gateway ends MCP HTTP)."""
+
     def hello(self) -> ServerHello: ...
     def call(self, message: dict[str, Any], body: bytes, client: ClientContext) -> Generator[Reply, None, None]: ...
-    def status(self) -> dict[str, Any]: ...
 
 
 class StdioUpstream:
@@ -215,7 +223,9 @@ class UnservedUpstream:
         return {"type": self.type, "healthy": False, "last_error": {"message": self._refuse().message, "at": None}}
 
 
-def build(entry: ServerEntry) -> Upstream:
+def build(entry: ServerEntry, check_interval: float) -> MessageUpstream | HttpUpstream:
     if entry.type == "stdio":
         return StdioUpstream(entry)
+    if entry.type == "http":
+        return HttpUpstream(entry, check_interval)
     return UnservedUpstream(entry)

@@ -20,8 +20,9 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from . import errors, jsonrpc, protocol
 from .extension import current_gateway
 from .protocol import ClientContext
+from .proxy import HttpUpstream, ProxyRequest
 from .sessions import Session
-from .upstreams import Reply, Upstream
+from .upstreams import MessageUpstream, Reply
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ def post(server_id: str, path: str) -> Response:
     g.request_id = message.get("id")
     session = _session(server_id)
     client = protocol.client_context(request.headers, message, session.protocol_version if session else None)
+    if isinstance(upstream, HttpUpstream):
+        return _proxy(upstream, path, body, message, session)
     method = message.get("method")
     if not jsonrpc.is_request(message):
         # Notifications (initialized, cancelled) and responses to server->client
@@ -80,8 +83,10 @@ def post(server_id: str, path: str) -> Response:
 @bp.get("/<server_id>", defaults={"path": ""})
 @bp.get("/<server_id>/<path:path>")
 def get(server_id: str, path: str) -> Response:
-    current_gateway().upstream(server_id)
-    _session(server_id)
+    upstream = current_gateway().upstream(server_id)
+    session = _session(server_id)
+    if isinstance(upstream, HttpUpstream):
+        return _proxy(upstream, path, b"", None, session)
     raise errors.MethodNotAllowed(
         f"server '{server_id}': the gateway offers no server-to-client SSE stream; use POST"
     )
@@ -90,8 +95,11 @@ def get(server_id: str, path: str) -> Response:
 @bp.delete("/<server_id>", defaults={"path": ""})
 @bp.delete("/<server_id>/<path:path>")
 def delete(server_id: str, path: str) -> Response:
-    current_gateway().upstream(server_id)
-    if _session(server_id) is None:
+    upstream = current_gateway().upstream(server_id)
+    session = _session(server_id)
+    if isinstance(upstream, HttpUpstream):
+        return _proxy(upstream, path, b"", None, session)
+    if session is None:
         raise errors.ClientError(f"server '{server_id}': DELETE needs the {SESSION_HEADER} header of the session to end")
     # The id is self-contained and signed, so there is nothing to forget here:
     # it simply is not used again by a well-behaved client.
@@ -105,7 +113,28 @@ def _session(server_id: str) -> Session | None:
     return current_gateway().signer.verify(token, server_id)
 
 
-def _initialize(upstream: Upstream, message: dict[str, Any]) -> Response:
+def _proxy(upstream: HttpUpstream, path: str, body: bytes, message: dict[str, Any] | None, session: Session | None) -> Response:
+    """Pass the request to an instance and its answer back, re-signing any session it starts."""
+    answer = upstream.forward(ProxyRequest(
+        method=request.method, path=f"/{path}" if path else "", query=request.query_string, headers=request.headers,
+        body=body, message=message, instance=session.instance if session else None,
+        upstream_session=session.upstream_session if session else None,
+    ))
+    response = Response(answer.body, status=answer.status, headers=answer.headers)
+    if answer.streaming:
+        response.headers["X-Accel-Buffering"] = "no"
+    if answer.upstream_session and (session is None or answer.upstream_session != session.upstream_session):
+        params = (message or {}).get("params") or {}
+        version = params.get("protocolVersion") or (session.protocol_version if session else protocol.DEFAULT_LEGACY)
+        response.headers[SESSION_HEADER] = current_gateway().signer.mint(
+            upstream.server_id, str(version), instance=answer.instance, upstream_session=answer.upstream_session
+        )
+    elif session is not None and request.headers.get(SESSION_HEADER):
+        response.headers[SESSION_HEADER] = request.headers[SESSION_HEADER]
+    return response
+
+
+def _initialize(upstream: MessageUpstream, message: dict[str, Any]) -> Response:
     params = message.get("params") or {}
     result = protocol.initialize_result(upstream.hello(), params.get("protocolVersion"))
     token = current_gateway().signer.mint(upstream.server_id, result["protocolVersion"])
@@ -114,7 +143,7 @@ def _initialize(upstream: Upstream, message: dict[str, Any]) -> Response:
     return response
 
 
-def _forward(upstream: Upstream, message: dict[str, Any], body: bytes, client: ClientContext) -> Response:
+def _forward(upstream: MessageUpstream, message: dict[str, Any], body: bytes, client: ClientContext) -> Response:
     replies = upstream.call(message, body, client)
     first = next(replies)  # errors before the first message become plain HTTP errors
     if not first.final and _accepts_sse():

@@ -33,6 +33,8 @@ def server_command(script: str, *args: str) -> list[str]:
 
 
 TIME_SERVER = [str(BIN / "mcp-server-time")]
+# The MRTR requestState key every instance of the SDK test server shares.
+SHARED_STATE_KEY = "test-request-state-key-shared-by-all-instances"
 
 
 def write_registry(folder: Path, servers: dict[str, Any], gateway: dict[str, Any] | None = None, name: str = "registry.yaml") -> Path:
@@ -207,3 +209,48 @@ def make_app(tmp_path: Path) -> Iterator[Any]:
     yield make
     for app in apps:
         app.extensions[extension.EXTENSION_KEY].close()
+
+
+class McpHttpServer:
+    """tests/servers/sdk_server.py over Streamable HTTP on a free 127.0.0.1 port (/mcp)."""
+
+    def __init__(self, log_dir: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = open(log_dir / f"sdk-http-{self.port}.log", "wb")  # noqa: SIM115 - lives as long as the server
+        self.process = subprocess.Popen(server_command("sdk_server.py", "http", str(self.port)),
+                                        stdout=self._log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, "TEST_SERVER_STATE_KEY": SHARED_STATE_KEY})
+        deadline = time.monotonic() + 30
+        while True:
+            assert self.process.poll() is None, "test HTTP server exited at start"
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                assert time.monotonic() < deadline, "test HTTP server did not start listening"
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def http_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[McpHttpServer]]:
+    """Two instances of the SDK test server over HTTP, stopped (by PID) after the module."""
+    folder = tmp_path_factory.mktemp("http-servers")
+    servers: list[McpHttpServer] = []
+    try:
+        servers = [McpHttpServer(folder) for _ in range(2)]
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+        assert all(server.process.poll() is not None for server in servers)

@@ -30,6 +30,7 @@ from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 
 from .conftest import (
     ROOT,
+    SHARED_STATE_KEY,
     TIME_SERVER,
     Gunicorn,
     descendants,
@@ -42,7 +43,8 @@ from .conftest import (
 
 SERVERS = {
     "time": {"type": "stdio", "command": TIME_SERVER, "pool_size": 2},
-    "sdk": {"type": "stdio", "command": server_command("sdk_server.py", "stdio"), "pool_size": 2},
+    "sdk": {"type": "stdio", "command": server_command("sdk_server.py", "stdio"), "pool_size": 2,
+            "env_vars": {"TEST_SERVER_STATE_KEY": SHARED_STATE_KEY}},
     "legacy": {"type": "stdio", "command": server_command("legacy_server.py"), "pool_size": 2},
     "hang": {"type": "stdio", "command": server_command("faulty_server.py", "hang"), "request_timeout": 1.5},
     "garbage": {"type": "stdio", "command": server_command("faulty_server.py", "garbage")},

@@ -30,6 +30,7 @@ def client(make_app: Any) -> Any:
                      "max_waiting": 0},
             "broken": {"type": "stdio", "command": server_command("faulty_server.py", "exit-at-start")},
             "gh": {"type": "http", "instances": [{"endpoint": "http://127.0.0.1:9"}]},
+            "tpl": {"type": "template", "template_name": "demo"},
         },
         {"max_body_bytes": 4096},
     )
@@ -238,9 +239,17 @@ def test_server_that_cannot_start_answers_503_with_retry_after(client: Any) -> N
     assert status["healthy"] is False and status["spawn_failures"] >= 1 and "exited with code 2" in status["last_error"]["message"]
 
 
-def test_http_server_type_is_named_as_not_served_yet(client: Any) -> None:
+def test_unreachable_http_instance_is_502_naming_server_instance_and_cause(client: Any) -> None:
     response = client.post("/gh/mcp", json=rpc("tools/list"))
-    assert response.status_code == 501 and "type 'http'" in error_of(response)["message"]
+    assert response.status_code == 502
+    assert error_of(response)["message"] == (
+        "server 'gh': instance http://127.0.0.1:9 is unreachable: [Errno 111] Connection refused"
+    )
+
+
+def test_template_server_type_is_named_as_not_served_yet(client: Any) -> None:
+    response = client.post("/tpl/mcp", json=rpc("tools/list"))
+    assert response.status_code == 501 and "type 'template'" in error_of(response)["message"]
 
 
 def test_status_and_liveness(client: Any) -> None:

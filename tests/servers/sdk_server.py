@@ -19,10 +19,18 @@ from typing import Annotated
 import anyio
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context, Elicit, Resolve
+from mcp.server.request_state import RequestStateSecurity
 from mcp.shared.exceptions import MCPDeprecationWarning
 from pydantic import BaseModel
 
-mcp = MCPServer("test-server", version="1.0")
+# Instances of one server must share the key that seals MRTR requestState, or a
+# retry that a balancer sends to another instance is refused. Tests set it.
+_STATE_KEY = os.environ.get("TEST_SERVER_STATE_KEY")
+mcp = MCPServer(
+    "test-server",
+    version="1.0",
+    request_state_security=RequestStateSecurity(keys=[_STATE_KEY]) if _STATE_KEY else None,
+)
 
 
 @mcp.tool()

@@ -1,0 +1,346 @@
+"""HTTP upstreams: forwarding MCP Streamable HTTP to balanced instances.
+
+Owns the requests session (keep-alive pools per instance), header hygiene in
+both directions, the try loop (failover under one deadline), passive health
+accounting and the active checks run by the gateway's upkeep thread. The
+answer is returned as soon as its headers arrive: an SSE body is streamed to
+the client chunk by chunk as the instance writes it; a JSON body is read
+whole first, so a read-only request can still go to another instance if the
+body breaks. requests/urllib3 exceptions are translated here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from werkzeug.datastructures import Headers
+
+from . import errors, jsonrpc, protocol
+from .balancer import Balancer, Instance
+from .health import HealthPolicy, InstanceHealth
+from .registry import HttpSettings, ServerEntry
+
+log = logging.getLogger(__name__)
+
+# RFC 9110 7.6.1 hop-by-hop fields, plus what a proxy must not pass on:
+# Host (ours), Cookie/Authorization (no credential passthrough), framing.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+})
+NOT_FORWARDED = HOP_BY_HOP | {"host", "cookie", "authorization", "content-length", "accept-encoding", "mcp-session-id"}
+NOT_RETURNED = HOP_BY_HOP | {"content-length", "set-cookie", "mcp-session-id", "server", "date"}
+RETRYABLE_STATUS = frozenset({502, 503, 504})
+MAX_JSON_BODY = 64 * 1024 * 1024
+STREAM_CHUNK = 64 * 1024
+E = TypeVar("E", bound=errors.UpstreamError)
+
+
+@dataclass
+class ProxyRequest:
+    """What the view hands over: the client's request, already validated."""
+
+    method: str
+    path: str  # what follows /<server-id>, with its leading slash (or "")
+    query: bytes
+    headers: Mapping[str, str] | Headers
+    body: bytes
+    message: dict[str, Any] | None  # the JSON-RPC message of a POST
+    instance: str | None = None  # pinned by a session
+    upstream_session: str | None = None
+
+    @property
+    def rpc_method(self) -> str | None:
+        return self.message.get("method") if self.message else None
+
+
+@dataclass
+class ProxyResponse:
+    status: int
+    headers: list[tuple[str, str]]
+    body: Iterator[bytes] | bytes
+    instance: str
+    upstream_session: str | None = None
+    streaming: bool = False
+
+
+def forwardable(headers: Mapping[str, str] | Headers, drop: frozenset[str]) -> dict[str, str]:
+    """Headers minus hop-by-hop ones, those named in Connection, and `drop`."""
+    named = {h.strip().lower() for h in (headers.get("Connection") or "").split(",") if h.strip()}
+    return {k: v for k, v in headers.items() if k.lower() not in drop and k.lower() not in named}
+
+
+class HttpUpstream:
+    type = "http"
+
+    def __init__(self, entry: ServerEntry, check_interval: float = 30.0):
+        assert entry.http is not None
+        self.server_id = entry.id
+        self.settings: HttpSettings = entry.http
+        policy = HealthPolicy(
+            rise=self.settings.health_check_rise, fall=self.settings.health_check_fall,
+            max_fails=self.settings.max_fails, ejection_time=self.settings.ejection_time,
+        )
+        self.balancer = Balancer(
+            entry.id, (Instance(i.endpoint, i.weight, InstanceHealth(policy)) for i in self.settings.instances),
+            self.settings.load_balancing,
+        )
+        self.check_interval = check_interval
+        self._next_check = {i.endpoint: 0.0 for i in self.balancer.instances}
+        self._lock = threading.Lock()
+        self._session: requests.Session | None = None
+        self.retries = 0
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    @property
+    def session(self) -> requests.Session:
+        """Made lazily, so it is made after gunicorn forks."""
+        if self._session is None:
+            with self._lock:
+                if self._session is None:
+                    session = requests.Session()
+                    session.trust_env = False  # no proxies or .netrc from the environment
+                    adapter = HTTPAdapter(pool_connections=len(self.balancer.instances),
+                                          pool_maxsize=self.settings.max_connections, max_retries=0)
+                    session.mount("http://", adapter)
+                    session.mount("https://", adapter)
+                    session.headers.clear()
+                    self._session = session
+        return self._session
+
+    def start(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.close()
+
+    def maintain(self) -> None:
+        """Run the active checks that are due (called by the upkeep thread)."""
+        now = time.monotonic()
+        for instance in self.balancer.instances:
+            if now >= self._next_check[instance.endpoint]:
+                # Jitter spreads the checks of many workers over the interval.
+                self._next_check[instance.endpoint] = now + self.check_interval * random.uniform(0.8, 1.2)
+                self._check(instance)
+
+    def check_all(self) -> None:
+        """Check every instance now, whatever the schedule."""
+        for instance in self.balancer.instances:
+            self._check(instance)
+
+    def _check(self, instance: Instance) -> None:
+        timeout = (self.settings.connect_timeout, min(self.settings.read_timeout, 10.0))
+        try:
+            if self.settings.health_check:
+                response = self.session.get(instance.endpoint + self.settings.health_check, timeout=timeout)
+                good = 200 <= response.status_code < 300
+            else:
+                # Any answer below 500 to an MCP probe means the process is alive.
+                probe = protocol.to_modern_request({"jsonrpc": "2.0", "id": "mcp-gateway-health", "method": "server/discover"})
+                response = self.session.post(
+                    instance.endpoint + self.settings.mcp_path, data=jsonrpc.encode(probe), timeout=timeout,
+                    headers={"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+                             "MCP-Protocol-Version": protocol.LATEST_MODERN, "Mcp-Method": "server/discover",
+                             **self.settings.headers},
+                )
+                good = response.status_code < 500
+            response.close()
+            reason = f"health check answered {response.status_code}"
+        except requests.RequestException as exc:
+            good, reason = False, f"health check failed: {_describe(exc)}"
+        if good:
+            if instance.health.check_passed():
+                log.warning("server %s: instance %s is healthy again", self.server_id, instance.endpoint)
+        elif instance.health.check_failed(reason):
+            log.warning("server %s: instance %s is down: %s", self.server_id, instance.endpoint, reason)
+
+    # --- forwarding --------------------------------------------------------------
+
+    def forward(self, request: ProxyRequest) -> ProxyResponse:
+        """Send `request` to an instance, failing over where that is safe."""
+        deadline = time.monotonic() + self.settings.request_timeout
+        tried: list[Instance] = []
+        sticky = request.headers.get(self.settings.sticky_header) if self.settings.sticky_header else None
+        while True:
+            instance = self._pinned(request) if request.instance else self.balancer.pick(tried, sticky)
+            tried.append(instance)
+            try:
+                return self._send(instance, request, deadline)
+            except errors.UpstreamError as exc:
+                if not self._may_retry(request, exc, tried, deadline):
+                    if isinstance(exc, BadStatus):
+                        return exc.response  # the instance's own answer, unchanged
+                    raise
+                self.retries += 1
+                log.info("server %s: retrying %s on another instance after: %s",
+                         self.server_id, request.rpc_method or request.method, exc.message)
+
+    def _may_retry(self, request: ProxyRequest, exc: errors.UpstreamError, tried: list[Instance], deadline: float) -> bool:
+        """nginx's proxy_next_upstream with its non_idempotent rule, under one deadline."""
+        return bool(
+            request.instance is None
+            and (exc.retry_safe or request.rpc_method in protocol.READ_ONLY_METHODS)
+            and len(tried) < len(self.balancer.instances)
+            and time.monotonic() < deadline
+            and self.balancer.candidates(tried)
+        )
+
+    def _pinned(self, request: ProxyRequest) -> Instance:
+        instance = self.balancer.find(request.instance or "")
+        if instance is None or not instance.health.routable:
+            # The session lived there; the spec's answer is 404 and a new session.
+            raise errors.SessionNotFound(
+                f"server '{self.server_id}': the instance holding this session is no longer available; start a new session"
+            )
+        return instance
+
+    def _send(self, instance: Instance, request: ProxyRequest, deadline: float) -> ProxyResponse:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise errors.UpstreamReadTimeout(f"server '{self.server_id}': no answer within {self.settings.request_timeout:g}s")
+        headers = forwardable(request.headers, NOT_FORWARDED)
+        headers.update(self.settings.headers)
+        headers["Accept-Encoding"] = "identity"  # bytes pass through as they are
+        if request.upstream_session:
+            headers["Mcp-Session-Id"] = request.upstream_session
+        url = instance.endpoint + request.path + (f"?{request.query.decode('latin-1')}" if request.query else "")
+        timeout = (min(self.settings.connect_timeout, remaining), min(self.settings.read_timeout, remaining))
+        with self._lock:
+            instance.in_flight += 1
+        handed_over = False
+        try:
+            try:
+                response = self.session.request(
+                    request.method, url, data=request.body or None, headers=headers, stream=True,
+                    timeout=timeout, allow_redirects=False,
+                )
+            except requests.RequestException as exc:
+                raise self._failure(instance, exc) from None
+            result = ProxyResponse(
+                status=response.status_code,
+                headers=list(forwardable(response.headers, NOT_RETURNED).items()),
+                body=b"",
+                instance=instance.endpoint,
+                upstream_session=response.headers.get("Mcp-Session-Id"),
+            )
+            sse = response.headers.get("Content-Type", "").startswith("text/event-stream")
+            if sse and response.status_code not in RETRYABLE_STATUS:
+                result.streaming = True
+                result.body = self._stream(instance, response)
+                handed_over = True
+            else:
+                result.body = self._read_whole(instance, response)
+            if result.status in RETRYABLE_STATUS:
+                failure = BadStatus(f"server '{self.server_id}': instance {instance.endpoint} answered HTTP {result.status}")
+                failure.response = result
+                raise self._failed(instance, failure)
+            instance.health.request_succeeded()
+            return result
+        finally:
+            if not handed_over:
+                with self._lock:
+                    instance.in_flight -= 1
+
+    def _read_whole(self, instance: Instance, response: requests.Response) -> bytes:
+        try:
+            body = response.raw.read(MAX_JSON_BODY + 1, decode_content=False)
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._failure(instance, exc) from None
+        finally:
+            response.close()
+        where = f"server '{self.server_id}': instance {instance.endpoint}"
+        if len(body) > MAX_JSON_BODY:
+            raise self._failed(instance, errors.UpstreamFailed(f"{where} sent an answer over {MAX_JSON_BODY} bytes"))
+        promised = response.headers.get("Content-Length")
+        if promised is not None and promised.isdigit() and int(promised) != len(body):
+            # urllib3 returns what arrived before the connection closed; half an answer is a failure.
+            raise self._failed(instance, errors.UpstreamFailed(
+                f"{where} failed: it closed the connection after {len(body)} of {promised} bytes"
+            ))
+        return body
+
+    def _stream(self, instance: Instance, response: requests.Response) -> Iterator[bytes]:
+        raw = response.raw
+        try:
+            if raw.chunked and raw.supports_chunked_reads():
+                yield from raw.read_chunked(STREAM_CHUNK, decode_content=False)
+            else:
+                while chunk := raw.read1(STREAM_CHUNK, decode_content=False):
+                    yield chunk
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            # Bytes already reached the client: no retry, the stream just ends.
+            log.warning("server %s: stream from %s broke: %s", self.server_id, instance.endpoint, _describe(exc))
+            self._failed(instance, errors.UpstreamFailed(_describe(exc)))
+        finally:
+            response.close()
+            with self._lock:
+                instance.in_flight -= 1
+
+    # --- failures ----------------------------------------------------------------
+
+    def _failure(self, instance: Instance, exc: BaseException) -> errors.UpstreamError:
+        where = f"server '{self.server_id}': instance {instance.endpoint}"
+        if isinstance(exc, requests.ConnectTimeout) or (
+            isinstance(exc, requests.ConnectionError) and _never_connected(exc)
+        ):
+            error: errors.UpstreamError = errors.UpstreamUnreachable(f"{where} is unreachable: {_describe(exc)}")
+        elif isinstance(exc, (requests.ReadTimeout, urllib3.exceptions.ReadTimeoutError)):
+            error = errors.UpstreamReadTimeout(f"{where} did not answer within {self.settings.read_timeout:g}s")
+        else:
+            error = errors.UpstreamFailed(f"{where} failed: {_describe(exc)}")
+        return self._failed(instance, error)
+
+    def _failed(self, instance: Instance, error: E) -> E:
+        if instance.health.request_failed(error.message, self.balancer.may_eject(instance)):
+            log.warning("server %s: ejected instance %s for %.0fs after %d failures: %s", self.server_id, instance.endpoint,
+                        instance.health.ejected_until - time.monotonic(), self.settings.max_fails, error.message)
+        return error
+
+    # --- reporting ---------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        instances = [{"endpoint": i.endpoint, "weight": i.weight, "in_flight": i.in_flight, **i.health.describe()}
+                     for i in self.balancer.instances]
+        return {
+            "type": self.type,
+            "load_balancing": self.balancer.strategy,
+            "healthy": self.balancer.routable_count() > 0,
+            "routable": self.balancer.routable_count(),
+            "retries": self.retries,
+            "instances": instances,
+        }
+
+
+class BadStatus(errors.UpstreamFailed):
+    """The instance answered 502, 503 or 504; `response` is that answer, to pass on if no retry."""
+
+    response: ProxyResponse
+
+
+def _never_connected(exc: requests.ConnectionError) -> bool:
+    """Whether the connection failed before the request could be sent."""
+    reason: Any = exc.args[0] if exc.args else None
+    reason = getattr(reason, "reason", reason)
+    return isinstance(reason, (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError,
+                               urllib3.exceptions.NameResolutionError))
+
+
+def _describe(exc: BaseException) -> str:
+    reason: Any = exc.args[0] if exc.args else exc
+    reason = getattr(reason, "reason", reason)
+    text = str(reason)
+    # urllib3 wraps the useful part ("[Errno 111] Connection refused") in its own prose.
+    if "[Errno" in text:
+        text = text[text.index("[Errno"):].rstrip(")'\"")
+    return text or type(exc).__name__

@@ -1,0 +1,169 @@
+"""HTTP servers end to end: real gunicorn (2 workers) in front of two real SDK HTTP instances.
+
+The official SDK client drives it in both eras; raw HTTP shows streaming,
+round-robin, stickiness and sessions pinned to one instance across workers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import httpx2
+import mcp_types as types
+import pytest
+import requests
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+
+from .conftest import Gunicorn, McpHttpServer, write_registry
+
+ACCEPT_BOTH = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+MODERN = {**ACCEPT_BOTH, "MCP-Protocol-Version": "2026-07-28"}
+ENVELOPE = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}
+
+
+@pytest.fixture(scope="module")
+def gateway(http_servers: list[McpHttpServer], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
+    instances = [{"endpoint": s.url} for s in http_servers]
+    servers = {
+        "web": {"type": "http", "instances": instances, "load_balancing": "round_robin"},
+        "pinned": {"type": "http", "instances": instances, "sticky_header": "X-Client-Id"},
+        "least": {"type": "http", "instances": instances, "load_balancing": "least_connections"},
+    }
+    instance = Gunicorn(write_registry(tmp_path_factory.mktemp("http-gw"), servers), workers=2, threads=4)
+    try:
+        instance.wait_ready()
+        yield instance
+    finally:
+        instance.stop_and_check()
+
+
+def modern_call(http: requests.Session | Any, gateway: Gunicorn, server: str, tool: str,
+                arguments: dict[str, Any] | None = None, headers: dict[str, str] | None = None, request_id: int = 1) -> Any:
+    body = {"jsonrpc": "2.0", "id": request_id, "method": "tools/call",
+            "params": {"name": tool, "arguments": arguments or {}, "_meta": ENVELOPE}}
+    response = http.post(f"{gateway.url}/{server}/mcp", data=json.dumps(body), timeout=30,
+                         headers={**MODERN, "Mcp-Method": "tools/call", "Mcp-Name": tool, **(headers or {})})
+    assert response.status_code == 200, response.text
+    return sse_or_json(response)
+
+
+def sse_or_json(response: requests.Response) -> Any:
+    if response.headers["Content-Type"].startswith("text/event-stream"):
+        events = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: ") and line[6:]]
+        return events[-1]
+    return response.json()
+
+
+def whoami(http: Any, gateway: Gunicorn, server: str, **kw: Any) -> int:
+    return int(modern_call(http, gateway, server, "whoami", **kw)["result"]["structuredContent"]["result"])
+
+
+def run(function: Any) -> Any:
+    return anyio.run(function)
+
+
+def test_sdk_client_auto_mode_through_an_http_server(gateway: Gunicorn) -> None:
+    async def scenario() -> tuple[str | None, int]:
+        async with Client(f"{gateway.url}/web/mcp", mode="auto") as client:
+            result = await client.call_tool("add", {"a": 20, "b": 22})
+            return client.protocol_version, result.structured_content["result"]  # type: ignore[index]
+
+    assert run(scenario) == ("2026-07-28", 42)
+
+
+def test_round_robin_spreads_calls_evenly(gateway: Gunicorn, http_servers: list[McpHttpServer]) -> None:
+    with requests.Session() as http:  # one keep-alive connection: one worker, its strict rotation
+        served = Counter(whoami(http, gateway, "web", request_id=n) for n in range(20))
+    assert sorted(served.values()) == [10, 10]
+    assert set(served) == {s.process.pid for s in http_servers}
+
+
+def test_least_connections_uses_every_instance(gateway: Gunicorn, http_servers: list[McpHttpServer]) -> None:
+    with requests.Session() as http:
+        served = Counter(whoami(http, gateway, "least", request_id=n) for n in range(10))
+    assert set(served) == {s.process.pid for s in http_servers}
+
+
+def test_sticky_header_pins_a_key_to_one_instance_on_every_worker(gateway: Gunicorn) -> None:
+    def pids_for(key: str) -> set[int]:
+        # Fresh connections, so the calls land on both gunicorn workers.
+        return {whoami(requests, gateway, "pinned", headers={"X-Client-Id": key, "Connection": "close"}) for _ in range(8)}
+
+    per_key = {key: pids_for(key) for key in ("alice", "bob", "carol", "dave", "erin", "frank")}
+    assert all(len(pids) == 1 for pids in per_key.values()), per_key
+    assert len(set.union(*per_key.values())) == 2, "keys spread over both instances"
+
+
+def test_legacy_session_stays_on_its_instance_across_workers(gateway: Gunicorn) -> None:
+    init = requests.post(f"{gateway.url}/web/mcp", timeout=30, headers=ACCEPT_BOTH, data=json.dumps({
+        "jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}))
+    assert init.status_code == 200
+    token = init.headers["Mcp-Session-Id"]
+    session = {**ACCEPT_BOTH, "Mcp-Session-Id": token, "MCP-Protocol-Version": "2025-11-25", "Connection": "close"}
+    assert requests.post(f"{gateway.url}/web/mcp", headers=session, timeout=30,
+                         data='{"jsonrpc":"2.0","method":"notifications/initialized"}').status_code == 202
+    pids = set()
+    for n in range(12):
+        response = requests.post(f"{gateway.url}/web/mcp", headers=session, timeout=30, data=json.dumps(
+            {"jsonrpc": "2.0", "id": 10 + n, "method": "tools/call", "params": {"name": "whoami", "arguments": {}}}))
+        assert response.status_code == 200, response.text
+        pids.add(sse_or_json(response)["result"]["structuredContent"]["result"])
+    assert len(pids) == 1, "every call of the session reached the instance that holds it"
+    assert requests.delete(f"{gateway.url}/web/mcp", headers=session, timeout=30).status_code in (200, 204)
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+def test_sdk_progress_and_elicitation_through_an_http_server(gateway: Gunicorn, mode: str) -> None:
+    events: list[str] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        events.append(f"progress {progress:g}")
+
+    async def on_elicit(context: Any, params: types.ElicitRequestParams) -> types.ElicitResult:
+        events.append("asked")
+        return types.ElicitResult(action="accept", content={"name": "Ada"})
+
+    async def scenario() -> None:
+        async with (
+            httpx2.AsyncClient(timeout=httpx2.Timeout(30, read=60), limits=httpx2.Limits(max_keepalive_connections=0)) as http,
+            Client(streamable_http_client(f"{gateway.url}/web/mcp", http_client=http), mode=mode,
+                   elicitation_callback=on_elicit) as client,
+        ):
+            slow = await client.call_tool("slow", {"steps": 2}, progress_callback=on_progress)
+            assert isinstance(slow.content[0], types.TextContent)
+            events.append(slow.content[0].text)
+            asked = await client.call_tool("ask", {})
+            assert isinstance(asked.content[0], types.TextContent)
+            events.append(asked.content[0].text)
+
+    run(scenario)
+    assert events == ["progress 1", "progress 2", "done", "asked", "hello Ada"]
+
+
+def test_sse_answer_is_streamed_before_the_instance_has_finished(gateway: Gunicorn) -> None:
+    body = {"jsonrpc": "2.0", "id": 5, "method": "tools/call",
+            "params": {"name": "slow", "arguments": {"steps": 3}, "_meta": {**ENVELOPE, "progressToken": "t"}}}
+    headers = {**MODERN, "Mcp-Method": "tools/call", "Mcp-Name": "slow"}
+    with requests.post(f"{gateway.url}/web/mcp", json=body, headers=headers, stream=True, timeout=30) as response:
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        assert response.headers["X-Accel-Buffering"] == "no"
+        chunks = response.iter_content(chunk_size=None)
+        first = b""
+        while b"notifications/progress" not in first:
+            first += next(chunks)
+        assert b'"result"' not in first
+        rest = b"".join(chunks)
+    assert b'"result"' in rest
+
+
+def test_status_reports_every_instance(gateway: Gunicorn, http_servers: list[McpHttpServer]) -> None:
+    web = gateway.status()["servers"]["web"]
+    assert web["type"] == "http" and web["healthy"] is True and web["routable"] == 2
+    assert [i["endpoint"] for i in web["instances"]] == [s.url for s in http_servers]
+    assert all(i["healthy"] and not i["ejected"] for i in web["instances"])
