@@ -162,6 +162,14 @@ def validate(data: Any) -> list[str]:
     for server_id, entry in data["servers"].items():
         if server_id.lower() in RESERVED_IDS:
             problems.append(f"servers.{server_id}: the id '{server_id}' is reserved for the gateway's own routes")
+        if isinstance(entry, dict) and entry.get("type") == "http" and isinstance(entry.get("instances"), list):
+            seen: dict[str, int] = {}
+            for index, instance in enumerate(entry["instances"]):
+                endpoint = str(instance.get("endpoint", "")).rstrip("/") if isinstance(instance, dict) else ""
+                if endpoint and endpoint in seen:
+                    # Sessions are pinned to an instance by its endpoint, so endpoints must differ.
+                    problems.append(f"servers.{server_id}.instances.{index}.endpoint: same as instance {seen[endpoint]}")
+                seen.setdefault(endpoint, index)
         if isinstance(entry, dict) and entry.get("type") == "stdio" and "pool_min" in entry:
             size, low = entry.get("pool_size", StdioSettings.pool_size), entry["pool_min"]
             if isinstance(size, int) and isinstance(low, int) and 1 <= size < low:

@@ -105,6 +105,21 @@ def test_env_references_expand_and_unset_ones_are_named() -> None:
     assert found == ["servers.a.env_vars.TOKEN: environment variable SECRET is not set"]
 
 
+def test_http_instances_must_have_distinct_endpoints() -> None:
+    found = problems("servers:\n  a: {type: http, instances: [{endpoint: 'http://h:1'}, {endpoint: 'http://h:1/'}]}\n")
+    assert found == ["servers.a.instances.1.endpoint: same as instance 0"]
+
+
+def test_http_settings_are_read_with_defaults() -> None:
+    loaded = registry.parse(
+        "servers:\n  a:\n    type: http\n    instances: [{endpoint: 'http://h:1/', weight: 3}]\n"
+        "    headers: {Authorization: 'Bearer ${TOKEN}'}\n    load_balancing: weighted\n", "r.yaml", {"TOKEN": "t0k"})
+    http = loaded.servers["a"].http
+    assert http is not None and http.instances[0].endpoint == "http://h:1" and http.instances[0].weight == 3
+    assert http.headers == {"Authorization": "Bearer t0k"} and http.load_balancing == "weighted"
+    assert http.mcp_path == "/mcp" and http.max_fails == 3
+
+
 def test_pool_min_may_not_exceed_pool_size() -> None:
     found = problems("servers:\n  a: {type: stdio, command: [x], pool_size: 2, pool_min: 3}\n")
     assert found == ["servers.a.pool_min: 3 is more than pool_size 2"]
