@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+NODE_STAMP := tests/node/node_modules/.installed
 
 .PHONY: install run test lint clean
 
@@ -16,10 +17,16 @@ $(STAMP): setup.cfg setup.py
 	$(BIN)/python -m pip install --quiet -e '.[test,dev]'
 	touch $(STAMP)
 
+# Real MCP servers from npm that the tests run (server-everything).
+$(NODE_STAMP): tests/node/package.json $(wildcard tests/node/package-lock.json)
+	@command -v npm >/dev/null || { apt-get update -qq && apt-get install -y -qq nodejs npm; }
+	cd tests/node && npm install --no-audit --no-fund --loglevel=error
+	touch $(NODE_STAMP)
+
 run: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/gunicorn --config conf/gunicorn.conf.py wsgi:app
 
-test: install
+test: install $(NODE_STAMP)
 	$(BIN)/python -m pytest
 
 lint: install
@@ -27,4 +34,4 @@ lint: install
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache tests/node/node_modules

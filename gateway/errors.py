@@ -167,6 +167,10 @@ class UpstreamFailed(UpstreamError):
     """
 
 
+class UpstreamRefused(UpstreamFailed):
+    """The instance answered, but refused what the gateway asked (e.g. a handshake)."""
+
+
 class UpstreamReadTimeout(UpstreamFailed):
     """The instance took the request and did not answer within read_timeout."""
 

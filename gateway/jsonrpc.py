@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from . import errors
@@ -54,3 +55,15 @@ def error(request_id: Any, code: int, message: str, data: Any = None) -> dict[st
 
 def encode(message: dict[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass(slots=True)
+class Reply:
+    """One message on its way to the client; `raw` is its exact bytes when unchanged."""
+
+    message: dict[str, Any]
+    raw: bytes | None
+    final: bool
+
+    def encoded(self) -> bytes:
+        return self.raw if self.raw is not None else encode(self.message)

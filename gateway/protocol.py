@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from . import errors
+from . import errors, jsonrpc
 
 MODERN_VERSIONS: tuple[str, ...] = ("2026-07-28",)
 LEGACY_VERSIONS: tuple[str, ...] = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
@@ -84,6 +84,14 @@ def decode_header_value(value: str) -> str:
         except (binascii.Error, UnicodeDecodeError):
             raise errors.HeaderMismatch(f"header value {value!r} is not valid base64-encoded UTF-8") from None
     return value
+
+
+def encode_header_value(value: str) -> str:
+    """A header-safe form of `value`: itself, or the `=?base64?...?=` sentinel form."""
+    safe = value.isascii() and value.isprintable() and value == value.strip()
+    if safe and not (value.startswith("=?base64?") and value.endswith("?=")):
+        return value
+    return "=?base64?" + base64.b64encode(value.encode("utf-8")).decode("ascii") + "?="
 
 
 def client_context(headers: Headers, message: Mapping[str, Any], session_version: str | None) -> ClientContext:
@@ -175,6 +183,32 @@ def to_modern_result(method: str, result: dict[str, Any]) -> dict[str, Any]:
     return modern
 
 
+def request_for_server(message: dict[str, Any], client_era: str, server_era: str) -> dict[str, Any]:
+    """The client's request as a server of `server_era` expects it."""
+    if client_era == server_era:
+        return message
+    if server_era == MODERN:
+        return to_modern_request(message)
+    return to_legacy_request(message)
+
+
+def reply_for_client(reply: dict[str, Any], method: str, client_era: str, server_era: str, server_id: str) -> dict[str, Any]:
+    """The server's reply as a client of `client_era` expects it."""
+    result = reply.get("result")
+    if client_era == server_era or not isinstance(result, dict):
+        return reply
+    if client_era == MODERN:
+        return {**reply, "result": to_modern_result(method, result)}
+    if result.get("resultType") == "input_required":
+        wanted = sorted({str(r.get("method")) for r in (result.get("inputRequests") or {}).values() if isinstance(r, dict)})
+        return jsonrpc.error(
+            reply.get("id"), errors.INTERNAL_ERROR,
+            f"server '{server_id}' needs input from the client ({', '.join(wanted) or 'input'}), which a "
+            f"handshake-era session cannot provide through the gateway; use protocol version {LATEST_MODERN}",
+        )
+    return reply
+
+
 def initialize_result(hello: ServerHello, requested: Any) -> dict[str, Any]:
     """The gateway's own answer to a legacy client's `initialize`."""
     version = requested if requested in LEGACY_VERSIONS else LATEST_LEGACY
@@ -199,3 +233,4 @@ def discover_result(hello: ServerHello) -> dict[str, Any]:
         **({"instructions": hello.instructions} if hello.instructions else {}),
         "_meta": {META_SERVER_INFO: dict(hello.server_info or GATEWAY_INFO)},
     }
+

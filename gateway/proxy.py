@@ -2,7 +2,11 @@
 
 Owns the requests session (keep-alive pools per instance), header hygiene in
 both directions, the try loop (failover under one deadline), passive health
-accounting and the active checks run by the gateway's upkeep thread. The
+accounting and the active checks run by the gateway's upkeep thread. When
+the client and the server speak different MCP eras it also bridges them (see
+"era bridging" below): it opens and caches handshake-era sessions with
+legacy-only instances for 2026-07-28 clients, or speaks 2026-07-28 to
+modern-only ones for legacy clients, translating each message both ways. The
 answer is returned as soon as its headers arrive: an SSE body is streamed to
 the client chunk by chunk as the instance writes it; a JSON body is read
 whole first, so a read-only request can still go to another instance if the
@@ -11,11 +15,12 @@ body breaks. requests/urllib3 exceptions are translated here and nowhere else.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -24,10 +29,13 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from werkzeug.datastructures import Headers
 
-from . import errors, jsonrpc, protocol
+from . import errors, jsonrpc, protocol, sse
 from .balancer import Balancer, Instance
 from .health import HealthPolicy, InstanceHealth
+from .jsonrpc import Reply
+from .protocol import ClientContext, ServerHello
 from .registry import HttpSettings, ServerEntry
+from .sessions import Session
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +75,18 @@ class ProxyRequest:
 class ProxyResponse:
     status: int
     headers: list[tuple[str, str]]
-    body: Iterator[bytes] | bytes
+    body: Generator[bytes, None, None] | bytes
     instance: str
     upstream_session: str | None = None
     streaming: bool = False
+
+
+@dataclass
+class LegacySession:
+    """A handshake-era session the gateway holds with one instance, for 2026-07-28 clients."""
+
+    session_id: str | None
+    version: str
 
 
 def forwardable(headers: Mapping[str, str] | Headers, drop: frozenset[str]) -> dict[str, str]:
@@ -99,6 +115,10 @@ class HttpUpstream:
         self._lock = threading.Lock()
         self._session: requests.Session | None = None
         self.retries = 0
+        # Era bridging, learned once per worker: which eras the instances speak.
+        self._speaks: dict[str, bool] = {}
+        self._hello: ServerHello | None = None
+        self._legacy_sessions: dict[str, LegacySession] = {}
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -176,7 +196,14 @@ class HttpUpstream:
             instance = self._pinned(request) if request.instance else self.balancer.pick(tried, sticky)
             tried.append(instance)
             try:
-                return self._send(instance, request, deadline)
+                answer = self._send(instance, request, deadline)
+                if request.upstream_session and _session_lost(answer):
+                    # Some servers answer 400 for a session they no longer know; the spec says 404.
+                    raise errors.SessionNotFound(
+                        f"server '{self.server_id}': instance {instance.endpoint} no longer knows this session; "
+                        "start a new session"
+                    )
+                return answer
             except errors.UpstreamError as exc:
                 if not self._may_retry(request, exc, tried, deadline):
                     if isinstance(exc, BadStatus):
@@ -270,7 +297,7 @@ class HttpUpstream:
             ))
         return body
 
-    def _stream(self, instance: Instance, response: requests.Response) -> Iterator[bytes]:
+    def _stream(self, instance: Instance, response: requests.Response) -> Generator[bytes, None, None]:
         raw = response.raw
         try:
             if raw.chunked and raw.supports_chunked_reads():
@@ -307,6 +334,158 @@ class HttpUpstream:
                         instance.health.ejected_until - time.monotonic(), self.settings.max_fails, error.message)
         return error
 
+    # --- era bridging --------------------------------------------------------------
+
+    def bridges(self, client: ClientContext, session: Session | None, message: dict[str, Any]) -> bool:
+        """Whether the gateway answers this request itself rather than passing it through.
+
+        2026-07-28 clients pass through to servers that speak 2026-07-28;
+        handshake-era clients with a session of an instance pass through. The
+        rest is bridged: 2026-07-28 clients of legacy-only servers, handshake-era
+        clients of modern-only servers, and handshake-era requests without a
+        session (curl), which the gateway sends in a session of its own.
+        """
+        if client.era == protocol.MODERN:
+            return not self._speaks_era(protocol.MODERN)
+        if session is not None:
+            return session.instance is None  # the gateway minted it for a bridged session
+        return message.get("method") != "initialize" or not self._speaks_era(protocol.LEGACY)
+
+    def hello(self) -> ServerHello:
+        """What the server says of itself, for the gateway's own initialize/discover answers."""
+        if self._hello is None:
+            for era in (protocol.MODERN, protocol.LEGACY):
+                if self._speaks_era(era):
+                    break
+        if self._hello is None:
+            raise errors.UpstreamFailed(f"server '{self.server_id}' answered neither server/discover nor initialize")
+        return self._hello
+
+    def _speaks_era(self, era: str) -> bool:
+        if era not in self._speaks:
+            instance = self.balancer.pick()
+            deadline = time.monotonic() + self.settings.request_timeout
+            if era == protocol.MODERN:
+                discover = protocol.to_modern_request(
+                    {"jsonrpc": "2.0", "id": "mcp-gateway-discover", "method": "server/discover"})
+                answer = self._send(instance, self._gateway_request(discover, _modern_headers(discover)), deadline)
+                reply = self._response_in(answer, discover["id"])
+                result = reply.get("result") if reply else None
+                speaks = isinstance(result, dict) and protocol.LATEST_MODERN in (result.get("supportedVersions") or ())
+                if speaks and isinstance(result, dict):
+                    self._hello = self._hello or ServerHello(
+                        protocol.MODERN, protocol.LATEST_MODERN, result.get("capabilities") or {},
+                        (result.get("_meta") or {}).get(protocol.META_SERVER_INFO) or {}, result.get("instructions"))
+            else:
+                try:
+                    self._legacy_session(instance, deadline)
+                    speaks = True
+                except errors.UpstreamRefused:
+                    speaks = False
+            self._speaks[era] = speaks
+            log.info("server %s %s %s", self.server_id, "speaks" if speaks else "does not speak",
+                     protocol.LATEST_MODERN if era == protocol.MODERN else "the handshake era")
+        return self._speaks[era]
+
+    def _legacy_session(self, instance: Instance, deadline: float) -> LegacySession:
+        """The cached handshake-era session with `instance`, opened on first use."""
+        cached = self._legacy_sessions.get(instance.endpoint)
+        if cached is not None:
+            return cached
+        initialize = {"jsonrpc": "2.0", "id": "mcp-gateway-initialize", "method": "initialize",
+                      "params": {"protocolVersion": protocol.LATEST_LEGACY, "capabilities": {},
+                                 "clientInfo": protocol.GATEWAY_INFO}}
+        answer = self._send(instance, self._gateway_request(initialize, {}), deadline)
+        reply = self._response_in(answer, initialize["id"])
+        result = reply.get("result") if reply else None
+        if not isinstance(result, dict):
+            raise errors.UpstreamRefused(f"server '{self.server_id}': instance {instance.endpoint} refused initialize")
+        version = str(result.get("protocolVersion", protocol.LATEST_LEGACY))
+        session = LegacySession(answer.upstream_session, version)
+        self._hello = self._hello or ServerHello(protocol.LEGACY, version, result.get("capabilities") or {},
+                                                 result.get("serverInfo") or {}, result.get("instructions"))
+        initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+        _close(self._send(instance, self._gateway_request(initialized, session), deadline))
+        self._legacy_sessions[instance.endpoint] = session
+        return session
+
+    def call(self, message: dict[str, Any], body: bytes, client: ClientContext) -> Generator[Reply, None, None]:
+        """A bridged request: translate, send, and translate every message of the answer."""
+        deadline = time.monotonic() + self.settings.request_timeout
+        server_era = protocol.LEGACY if self._speaks_era(protocol.LEGACY) else protocol.MODERN
+        outgoing = protocol.request_for_server(message, client.era, server_era)
+        instance = self.balancer.pick()
+        for attempt in range(2):
+            via: LegacySession | dict[str, str] = (
+                self._legacy_session(instance, deadline) if server_era == protocol.LEGACY else _modern_headers(outgoing)
+            )
+            answer = self._send(instance, self._gateway_request(outgoing, via), deadline)
+            if server_era == protocol.LEGACY and attempt == 0 and _session_lost(answer):
+                self._legacy_sessions.pop(instance.endpoint, None)  # it expired: open a new one, once
+                continue
+            break
+        try:
+            for reply in self._messages(answer):
+                if "method" in reply:
+                    if "id" in reply:  # a server->client request: no client can be asked
+                        self._refuse(instance, reply, via, deadline)
+                    else:
+                        yield Reply(reply, None, final=False)
+                elif reply.get("id") in (outgoing.get("id"), None):
+                    # An error without an id answers the one request of this exchange.
+                    reply = {**reply, "id": message["id"]}
+                    translated = protocol.reply_for_client(reply, message["method"], client.era, server_era, self.server_id)
+                    yield Reply(translated, None, final=True)
+                    return
+        finally:
+            _close(answer)
+        raise errors.UpstreamFailed(f"server '{self.server_id}': instance {instance.endpoint} answered HTTP "
+                                    f"{answer.status} without a response to the request")
+
+    def _gateway_request(self, message: dict[str, Any], via: LegacySession | Mapping[str, str]) -> ProxyRequest:
+        """A request of the gateway's own: in a legacy session, or with the given headers."""
+        headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+        if isinstance(via, LegacySession):
+            headers["MCP-Protocol-Version"] = via.version
+            upstream_session = via.session_id
+        else:
+            headers.update(via)
+            upstream_session = None
+        return ProxyRequest(method="POST", path=self.settings.mcp_path, query=b"", headers=headers,
+                            body=jsonrpc.encode(message), message=message, upstream_session=upstream_session)
+
+    def _refuse(self, instance: Instance, request: dict[str, Any], via: LegacySession | Mapping[str, str],
+                deadline: float) -> None:
+        refusal = jsonrpc.error(request["id"], errors.METHOD_NOT_FOUND,
+                                f"{request['method']} is not available: the MCP gateway bridges this session and "
+                                "cannot ask the client")
+        _close(self._send(instance, self._gateway_request(refusal, via), deadline))
+
+    def _messages(self, answer: ProxyResponse) -> Iterator[dict[str, Any]]:
+        """Every JSON-RPC message of an answer, JSON or SSE, as it arrives."""
+        datas = sse.events(answer.body) if isinstance(answer.body, Iterator) else iter([answer.body])
+        for data in datas:
+            try:
+                message = json.loads(data)
+            except ValueError:
+                raise errors.UpstreamFailed(
+                    f"server '{self.server_id}': instance {answer.instance} answered HTTP {answer.status} "
+                    f"with a body that is not JSON-RPC: {data[:200]!r}") from None
+            if isinstance(message, dict):
+                yield message
+
+    def _response_in(self, answer: ProxyResponse, request_id: Any) -> dict[str, Any] | None:
+        """The response to `request_id` in an answer, or None if it holds none."""
+        try:
+            for message in self._messages(answer):
+                if "method" not in message and message.get("id") in (request_id, None):
+                    return message
+        except errors.UpstreamFailed:
+            return None
+        finally:
+            _close(answer)
+        return None
+
     # --- reporting ---------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
@@ -326,6 +505,27 @@ class BadStatus(errors.UpstreamFailed):
     """The instance answered 502, 503 or 504; `response` is that answer, to pass on if no retry."""
 
     response: ProxyResponse
+
+
+def _modern_headers(message: dict[str, Any]) -> dict[str, str]:
+    """The 2026-07-28 request metadata headers for `message`."""
+    headers = {"MCP-Protocol-Version": protocol.LATEST_MODERN, "Mcp-Method": str(message.get("method"))}
+    field = protocol.NAMED_PARAM.get(str(message.get("method")))
+    if field is not None:
+        headers["Mcp-Name"] = protocol.encode_header_value(str((message.get("params") or {}).get(field, "")))
+    return headers
+
+
+def _session_lost(answer: ProxyResponse) -> bool:
+    """The instance no longer knows the session (404, or 400 naming the session as some servers do)."""
+    body = answer.body if isinstance(answer.body, bytes) else b""
+    return answer.status == 404 or (answer.status == 400 and b"session" in body.lower())
+
+
+def _close(answer: ProxyResponse) -> None:
+    """Release a streamed answer's connection (a no-op for one read whole)."""
+    if isinstance(answer.body, Generator):
+        answer.body.close()
 
 
 def _never_connected(exc: requests.ConnectionError) -> bool:

@@ -12,10 +12,10 @@ import logging
 import time
 from collections.abc import Generator
 from contextlib import closing
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from . import errors, jsonrpc, protocol
+from .jsonrpc import Reply
 from .pool import StdioPool
 from .protocol import ClientContext, ServerHello
 from .proxy import HttpUpstream
@@ -27,18 +27,6 @@ log = logging.getLogger(__name__)
 # How long an abandoned request (the client hung up) may take to wind down
 # before its process is killed instead of reused.
 ABANDON_DRAIN_SECONDS = 5.0
-
-
-@dataclass(slots=True)
-class Reply:
-    """One message on its way to the client; `raw` is its exact bytes when unchanged."""
-
-    message: dict[str, Any]
-    raw: bytes | None
-    final: bool
-
-    def encoded(self) -> bytes:
-        return self.raw if self.raw is not None else jsonrpc.encode(self.message)
 
 
 class Upstream(Protocol):
@@ -127,7 +115,7 @@ class StdioUpstream:
         request_id = message["id"]
         failure: str | None = "abandoned"
         try:
-            outgoing = _request_for(message, client.era, process.era)
+            outgoing = protocol.request_for_server(message, client.era, process.era)
             # Bytes pass through untouched when no translation was needed and the
             # body is already one line (stdio framing forbids embedded newlines).
             data = body if outgoing is message and b"\n" not in body and b"\r" not in body else jsonrpc.encode(outgoing)
@@ -140,7 +128,7 @@ class StdioUpstream:
                 if "method" in reply:
                     yield Reply(reply, raw, final=False)
                     continue
-                translated = _reply_for(reply, message["method"], client.era, process.era, self.server_id)
+                translated = protocol.reply_for_client(reply, message["method"], client.era, process.era, self.server_id)
                 failure = None  # the client may hang up at this yield; the process is fine
                 yield Reply(translated, raw if translated is reply else None, final=True)
                 return
@@ -151,30 +139,6 @@ class StdioUpstream:
             if failure == "abandoned":
                 failure = _abandon(process, request_id, deadline)
             self.pool.release(process, failure=failure)
-
-
-def _request_for(message: dict[str, Any], client_era: str, server_era: str) -> dict[str, Any]:
-    if client_era == server_era:
-        return message
-    if server_era == protocol.MODERN:
-        return protocol.to_modern_request(message)
-    return protocol.to_legacy_request(message)
-
-
-def _reply_for(reply: dict[str, Any], method: str, client_era: str, server_era: str, server_id: str) -> dict[str, Any]:
-    result = reply.get("result")
-    if client_era == server_era or not isinstance(result, dict):
-        return reply
-    if client_era == protocol.MODERN:
-        return {**reply, "result": protocol.to_modern_result(method, result)}
-    if result.get("resultType") == "input_required":
-        wanted = sorted({str(r.get("method")) for r in (result.get("inputRequests") or {}).values() if isinstance(r, dict)})
-        return jsonrpc.error(
-            reply.get("id"), errors.INTERNAL_ERROR,
-            f"server '{server_id}' needs input from the client ({', '.join(wanted) or 'input'}), which a "
-            f"handshake-era session cannot provide through the gateway; use protocol version {protocol.LATEST_MODERN}",
-        )
-    return reply
 
 
 def _abandon(process: StdioProcess, request_id: Any, deadline: float) -> str | None:

@@ -17,12 +17,13 @@ from typing import Any
 from flask import Blueprint, Response, g, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from . import errors, jsonrpc, protocol
+from . import errors, jsonrpc, protocol, sse
 from .extension import current_gateway
+from .jsonrpc import Reply
 from .protocol import ClientContext
 from .proxy import HttpUpstream, ProxyRequest
 from .sessions import Session
-from .upstreams import MessageUpstream, Reply
+from .upstreams import MessageUpstream
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,10 @@ def post(server_id: str, path: str) -> Response:
     g.request_id = message.get("id")
     session = _session(server_id)
     client = protocol.client_context(request.headers, message, session.protocol_version if session else None)
-    if isinstance(upstream, HttpUpstream):
+    if isinstance(upstream, HttpUpstream) and not upstream.bridges(client, session, message):
         return _proxy(upstream, path, body, message, session)
+    # From here the gateway ends MCP HTTP itself: a stdio server, or an HTTP
+    # server of the other protocol era than the client's.
     method = message.get("method")
     if not jsonrpc.is_request(message):
         # Notifications (initialized, cancelled) and responses to server->client
@@ -85,7 +88,7 @@ def post(server_id: str, path: str) -> Response:
 def get(server_id: str, path: str) -> Response:
     upstream = current_gateway().upstream(server_id)
     session = _session(server_id)
-    if isinstance(upstream, HttpUpstream):
+    if isinstance(upstream, HttpUpstream) and not _bridged(session):
         return _proxy(upstream, path, b"", None, session)
     raise errors.MethodNotAllowed(
         f"server '{server_id}': the gateway offers no server-to-client SSE stream; use POST"
@@ -97,7 +100,7 @@ def get(server_id: str, path: str) -> Response:
 def delete(server_id: str, path: str) -> Response:
     upstream = current_gateway().upstream(server_id)
     session = _session(server_id)
-    if isinstance(upstream, HttpUpstream):
+    if isinstance(upstream, HttpUpstream) and not _bridged(session):
         return _proxy(upstream, path, b"", None, session)
     if session is None:
         raise errors.ClientError(f"server '{server_id}': DELETE needs the {SESSION_HEADER} header of the session to end")
@@ -134,7 +137,12 @@ def _proxy(upstream: HttpUpstream, path: str, body: bytes, message: dict[str, An
     return response
 
 
-def _initialize(upstream: MessageUpstream, message: dict[str, Any]) -> Response:
+def _bridged(session: Session | None) -> bool:
+    """A session the gateway minted itself (no instance holds it), for an era-bridged HTTP server."""
+    return session is not None and session.instance is None
+
+
+def _initialize(upstream: MessageUpstream | HttpUpstream, message: dict[str, Any]) -> Response:
     params = message.get("params") or {}
     result = protocol.initialize_result(upstream.hello(), params.get("protocolVersion"))
     token = current_gateway().signer.mint(upstream.server_id, result["protocolVersion"])
@@ -143,7 +151,7 @@ def _initialize(upstream: MessageUpstream, message: dict[str, Any]) -> Response:
     return response
 
 
-def _forward(upstream: MessageUpstream, message: dict[str, Any], body: bytes, client: ClientContext) -> Response:
+def _forward(upstream: MessageUpstream | HttpUpstream, message: dict[str, Any], body: bytes, client: ClientContext) -> Response:
     replies = upstream.call(message, body, client)
     first = next(replies)  # errors before the first message become plain HTTP errors
     if not first.final and _accepts_sse():
@@ -161,18 +169,14 @@ def _forward(upstream: MessageUpstream, message: dict[str, Any], body: bytes, cl
 
 def _sse(first: Reply, replies: Generator[Reply, None, None], request_id: Any) -> Iterator[bytes]:
     try:
-        yield _event(first.encoded())
+        yield sse.event(first.encoded())
         for reply in replies:
-            yield _event(reply.encoded())
+            yield sse.event(reply.encoded())
     except errors.GatewayError as exc:
         # Headers are gone already; the failure travels as the final event.
-        yield _event(jsonrpc.encode(jsonrpc.error(request_id, exc.code, exc.message, exc.data)))
+        yield sse.event(jsonrpc.encode(jsonrpc.error(request_id, exc.code, exc.message, exc.data)))
     finally:
         replies.close()
-
-
-def _event(data: bytes) -> bytes:
-    return b"event: message\ndata: " + data + b"\n\n"
 
 
 def _accepts_sse() -> bool:

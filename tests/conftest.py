@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -211,16 +212,31 @@ def make_app(tmp_path: Path) -> Iterator[Any]:
         app.extensions[extension.EXTENSION_KEY].close()
 
 
-class McpHttpServer:
-    """tests/servers/sdk_server.py over Streamable HTTP on a free 127.0.0.1 port (/mcp)."""
+EVERYTHING = ROOT / "tests/node/node_modules/@modelcontextprotocol/server-everything/dist/index.js"
 
-    def __init__(self, log_dir: Path):
+
+class McpHttpServer:
+    """A real MCP server over Streamable HTTP on a free 127.0.0.1 port (endpoint /mcp).
+
+    kind: "sdk" (tests/servers/sdk_server.py, both eras), "modern" (2026-07-28
+    only) or "everything" (@modelcontextprotocol/server-everything from npm,
+    handshake era only, forced onto loopback by tests/servers/loopback-only.cjs).
+    """
+
+    def __init__(self, log_dir: Path, kind: str = "sdk"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self._log = open(log_dir / f"sdk-http-{self.port}.log", "wb")  # noqa: SIM115 - lives as long as the server
-        self.process = subprocess.Popen(server_command("sdk_server.py", "http", str(self.port)),
-                                        stdout=self._log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, "TEST_SERVER_STATE_KEY": SHARED_STATE_KEY})
+        self._log = open(log_dir / f"{kind}-http-{self.port}.log", "wb")  # noqa: SIM115 - lives as long as the server
+        if kind == "everything":
+            assert shutil.which("node") and EVERYTHING.exists(), "run `make test` (it installs tests/node)"
+            argv = ["node", "--require", str(SERVERS / "loopback-only.cjs"), str(EVERYTHING), "streamableHttp"]
+            # A clean environment: server-everything has a tool that returns it.
+            env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/"), "PORT": str(self.port)}
+        else:
+            script = {"sdk": "sdk_server.py", "modern": "modern_http_server.py"}[kind]
+            argv = server_command(script, *(["http"] if kind == "sdk" else []), str(self.port))
+            env = {**os.environ, "TEST_SERVER_STATE_KEY": SHARED_STATE_KEY}
+        self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 30
         while True:
             assert self.process.poll() is None, "test HTTP server exited at start"

@@ -167,3 +167,91 @@ def test_status_reports_every_instance(gateway: Gunicorn, http_servers: list[Mcp
     assert web["type"] == "http" and web["healthy"] is True and web["routable"] == 2
     assert [i["endpoint"] for i in web["instances"]] == [s.url for s in http_servers]
     assert all(i["healthy"] and not i["ejected"] for i in web["instances"])
+
+
+# --- the four era pairings --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def eras_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
+    """gunicorn in front of a handshake-era-only server (server-everything) and a 2026-07-28-only one."""
+    folder = tmp_path_factory.mktemp("eras")
+    upstreams: list[McpHttpServer] = []
+    instance = None
+    try:
+        everything = McpHttpServer(folder, "everything")
+        upstreams.append(everything)
+        modern = McpHttpServer(folder, "modern")
+        upstreams.append(modern)
+        servers = {
+            "everything": {"type": "http", "instances": [{"endpoint": everything.url}]},
+            "modern": {"type": "http", "instances": [{"endpoint": modern.url}]},
+        }
+        instance = Gunicorn(write_registry(folder, servers), workers=2, threads=4)
+        instance.wait_ready()
+        yield instance
+    finally:
+        if instance is not None:
+            instance.stop_and_check()
+        for upstream in upstreams:
+            upstream.stop()
+
+
+async def sdk_session(url: str, mode: str) -> dict[str, Any]:
+    """Drive one SDK client session: tools, a call, a call with progress."""
+    seen: dict[str, Any] = {"progress": []}
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen["progress"].append(progress)
+
+    async with (
+        httpx2.AsyncClient(timeout=httpx2.Timeout(30, read=60), limits=httpx2.Limits(max_keepalive_connections=0)) as http,
+        Client(streamable_http_client(url, http_client=http), mode=mode) as client,
+    ):
+        seen["version"] = client.protocol_version
+        seen["tools"] = {tool.name for tool in (await client.list_tools()).tools}
+        if "trigger-long-running-operation" in seen["tools"]:  # server-everything
+            echo = await client.call_tool("echo", {"message": "hi"})
+            await client.call_tool("trigger-long-running-operation", {"duration": 1, "steps": 2},
+                                   progress_callback=on_progress)
+        else:  # modern_http_server.py
+            echo = await client.call_tool("echo", {"text": "hi"}, progress_callback=on_progress)
+        assert isinstance(echo.content[0], types.TextContent)
+        seen["echo"] = echo.content[0].text
+    return seen
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto", "2026-07-28"])
+def test_every_client_era_reaches_a_handshake_era_only_server(eras_gateway: Gunicorn, mode: str) -> None:
+    seen = anyio.run(sdk_session, f"{eras_gateway.url}/everything/mcp", mode)
+    assert seen["version"] == ("2025-11-25" if mode == "legacy" else "2026-07-28")
+    assert "echo" in seen["tools"] and seen["echo"] == "Echo: hi"
+    assert seen["progress"] == [1, 2]
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto", "2026-07-28"])
+def test_every_client_era_reaches_a_2026_only_server(eras_gateway: Gunicorn, mode: str) -> None:
+    seen = anyio.run(sdk_session, f"{eras_gateway.url}/modern/mcp", mode)
+    assert seen["version"] == ("2025-11-25" if mode == "legacy" else "2026-07-28")
+    assert seen["tools"] == {"echo"} and seen["echo"].startswith("hi (pid ")
+    assert seen["progress"] == [1, 2]
+
+
+@pytest.mark.parametrize("server", ["everything", "modern"])
+def test_plain_curl_reaches_http_servers_of_either_era(eras_gateway: Gunicorn, server: str) -> None:
+    response = requests.post(f"{eras_gateway.url}/{server}/mcp", timeout=30,
+                             data='{"jsonrpc":"2.0","id":1,"method":"tools/list"}')
+    assert response.status_code == 200 and response.headers["Content-Type"] == "application/json", response.text
+    assert "echo" in {tool["name"] for tool in response.json()["result"]["tools"]}
+
+
+def test_dead_upstream_session_is_404_even_when_the_server_says_400(eras_gateway: Gunicorn) -> None:
+    url = f"{eras_gateway.url}/everything/mcp"
+    init = requests.post(url, headers=ACCEPT_BOTH, timeout=30, data=json.dumps({
+        "jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}))
+    session = {**ACCEPT_BOTH, "Mcp-Session-Id": init.headers["Mcp-Session-Id"], "MCP-Protocol-Version": "2025-11-25"}
+    assert requests.delete(url, headers=session, timeout=30).status_code == 200  # server-everything ends it
+    after = requests.post(url, headers=session, timeout=30, data='{"jsonrpc":"2.0","id":2,"method":"tools/list"}')
+    assert after.status_code == 404
+    assert "no longer knows this session" in after.json()["error"]["message"]

@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 
 from gateway import errors, protocol, registry
+from gateway.jsonrpc import Reply
 from gateway.protocol import ClientContext
-from gateway.upstreams import Reply, StdioUpstream
+from gateway.upstreams import StdioUpstream
 
 from .conftest import TIME_SERVER, server_command
 
