@@ -7,6 +7,7 @@ round-robin, stickiness and sessions pinned to one instance across workers.
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -19,7 +20,7 @@ import requests
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from .conftest import Gunicorn, McpHttpServer, write_registry
+from .conftest import ROOT, Gunicorn, McpHttpServer, write_registry
 
 ACCEPT_BOTH = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 MODERN = {**ACCEPT_BOTH, "MCP-Protocol-Version": "2026-07-28"}
@@ -29,7 +30,10 @@ ENVELOPE = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelco
 @pytest.fixture(scope="module")
 def gateway(http_servers: list[McpHttpServer], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
     instances = [{"endpoint": s.url} for s in http_servers]
+    # The design's own example entry, as written, pointed at the real instances.
+    seed = json.loads((ROOT / "conf/example-registry.json").read_text())["servers"]["github-server"]
     servers = {
+        "seed-github": {**seed, "instances": instances},
         "web": {"type": "http", "instances": instances, "load_balancing": "round_robin"},
         "pinned": {"type": "http", "instances": instances, "sticky_header": "X-Client-Id"},
         "least": {"type": "http", "instances": instances, "load_balancing": "least_connections"},
@@ -160,6 +164,22 @@ def test_sse_answer_is_streamed_before_the_instance_has_finished(gateway: Gunico
         assert b'"result"' not in first
         rest = b"".join(chunks)
     assert b'"result"' in rest
+
+
+def test_the_seed_example_http_entry_serves_end_to_end(gateway: Gunicorn) -> None:
+    async def scenario() -> Any:
+        async with Client(f"{gateway.url}/seed-github/mcp", mode="auto") as client:
+            return (await client.call_tool("add", {"a": 1, "b": 1})).structured_content
+
+    assert run(scenario) == {"result": 2}
+    seed = gateway.status()["servers"]["seed-github"]
+    assert seed["load_balancing"] == "round_robin"
+    # Its health_check path (/health) is what the active checks used, and it answered.
+    deadline = time.monotonic() + 10
+    while not all(i["checked"] for i in seed["instances"]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        seed = gateway.status()["servers"]["seed-github"]
+    assert all(i["checked"] and i["healthy"] for i in seed["instances"]), seed
 
 
 def test_status_reports_every_instance(gateway: Gunicorn, http_servers: list[McpHttpServer]) -> None:

@@ -74,7 +74,7 @@ def test_tools_call_is_not_replayed_and_the_instances_503_passes_through() -> No
 
 
 @responses.activate
-def test_consecutive_failures_eject_an_instance_but_never_the_last() -> None:
+def test_consecutive_failures_eject_an_instance_but_never_the_last(caplog: pytest.LogCaptureFixture) -> None:
     responses.post(f"{A}/mcp", status=502)
     responses.post(f"{B}/mcp", status=502)
     upstream = make_upstream([A, B], max_fails=2, ejection_time=30)
@@ -84,6 +84,7 @@ def test_consecutive_failures_eject_an_instance_but_never_the_last() -> None:
     for _ in range(2):
         upstream.forward(request("tools/call"))
     assert a.health.ejected and not b.health.ejected, "B is the last routable instance"
+    assert any(f"ejected instance {A} for 30s after 2 failures" in r.getMessage() for r in caplog.records)
     status = upstream.status()
     assert status["routable"] == 1 and status["instances"][0]["ejected"] is True
     assert status["instances"][0]["times_ejected"] == 1 and "answered HTTP 502" in status["instances"][0]["last_error"]["message"]
@@ -273,7 +274,7 @@ def test_one_deadline_covers_every_try(fault: Any) -> None:
     assert [s.requests for s in slow] == [1, 1]
 
 
-def test_active_checks_take_an_instance_down_and_bring_it_back(good: GoodServer) -> None:
+def test_active_checks_take_an_instance_down_and_bring_it_back(good: GoodServer, caplog: pytest.LogCaptureFixture) -> None:
     port = free_port()
     upstream = make_upstream([f"http://127.0.0.1:{port}", good.url], health_check_rise=2, health_check_fall=2)
     down, up = upstream.balancer.instances
@@ -289,6 +290,9 @@ def test_active_checks_take_an_instance_down_and_bring_it_back(good: GoodServer)
         assert not down.health.up, "rise is 2"
         upstream.check_all()
         assert down.health.up and upstream.status()["routable"] == 2
+        messages = [r.getMessage() for r in caplog.records]
+        assert any(f"instance http://127.0.0.1:{port} is down: health check failed" in m for m in messages)
+        assert any(f"instance http://127.0.0.1:{port} is healthy again" in m for m in messages)
     finally:
         revived.shutdown()
         revived.server_close()

@@ -22,6 +22,8 @@ from mcp.server.mcpserver import Context, Elicit, Resolve
 from mcp.server.request_state import RequestStateSecurity
 from mcp.shared.exceptions import MCPDeprecationWarning
 from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
 
 # Instances of one server must share the key that seals MRTR requestState, or a
 # retry that a balancer sends to another instance is refused. Tests set it.
@@ -32,6 +34,12 @@ mcp = MCPServer(
     request_state_security=RequestStateSecurity(keys=[_STATE_KEY]) if _STATE_KEY else None,
 )
 
+
+
+@mcp.custom_route("/health", methods=["GET"])
+async def health(request: Request) -> Response:
+    """A plain HTTP health endpoint, as load balancers and the gateway's checks use."""
+    return PlainTextResponse("ok")
 
 @mcp.tool()
 def add(a: int, b: int) -> int:
