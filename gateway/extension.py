@@ -83,7 +83,11 @@ class Gateway:
             upstream.close()
 
     def status(self) -> dict[str, object]:
-        return {sid: {"description": self.registry.servers[sid].description, **u.status()} for sid, u in self.upstreams.items()}
+        return {
+            sid: {"description": entry.description, **({"template": entry.template} if entry.template else {}),
+                  **self.upstreams[sid].status()}
+            for sid, entry in self.registry.servers.items()
+        }
 
 
 def current_gateway() -> Gateway:

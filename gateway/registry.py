@@ -21,6 +21,9 @@ from typing import Any
 import jsonschema
 import yaml
 
+from . import mcpservers, templates
+from .templates import Launch
+
 DEFAULT_PATH = "conf/registry.yaml"
 REGISTRY_ENV = "MCP_GATEWAY_REGISTRY"
 
@@ -93,6 +96,9 @@ class ServerEntry:
     raw: Mapping[str, Any]
     stdio: StdioSettings | None = None
     http: HttpSettings | None = None
+    template: str | None = None  # the template it was made from
+    launch: Launch | None = None  # for an http template: what the gateway starts, `instances` times
+    instances: int = 1
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,7 @@ class GatewaySettings:
     max_body_bytes: int = 4 * 1024 * 1024
     session_secret: str | None = None
     session_ttl: float = 24 * 3600.0
+    template_dirs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -144,14 +151,22 @@ def parse(text: str, source: str, environ: Mapping[str, str] | None = None) -> R
     except (yaml.YAMLError, ValueError) as exc:
         raise RegistryError(source, [f"not valid {'YAML' if source.endswith(('.yaml', '.yml')) else 'JSON'}: {exc}"]) from None
     problems: list[str] = []
+    if mcpservers.is_mcp_servers(data):
+        # A desktop client's config file works as a registry as it is.
+        data, problems = mcpservers.to_registry(data)
     data = _expand(data, environ if environ is not None else os.environ, (), problems)
-    problems.extend(validate(data))
+    problems.extend(validate(data, Path(source).parent))
     if problems:
         raise RegistryError(source, problems)
     return _build(data, source)
 
 
-def validate(data: Any) -> list[str]:
+def template_catalog(data: Mapping[str, Any], base: Path) -> dict[str, templates.Template]:
+    dirs = (data.get("gateway") or {}).get("template_dirs") or ()
+    return templates.catalog(base / folder for folder in dirs)
+
+
+def validate(data: Any, base: Path = Path(".")) -> list[str]:
     """Schema and cross-field problems of already-expanded registry data."""
     validator = jsonschema.Draft202012Validator(schema())
     problems = []
@@ -159,6 +174,7 @@ def validate(data: Any) -> list[str]:
         problems.append(f"{_dotted(error.absolute_path)}: {error.message}")
     if not isinstance(data, dict) or not isinstance(data.get("servers"), dict):
         return problems
+    problems.extend(_template_problems(data, base))
     for server_id, entry in data["servers"].items():
         if server_id.lower() in RESERVED_IDS:
             problems.append(f"servers.{server_id}: the id '{server_id}' is reserved for the gateway's own routes")
@@ -174,6 +190,30 @@ def validate(data: Any) -> list[str]:
             size, low = entry.get("pool_size", StdioSettings.pool_size), entry["pool_min"]
             if isinstance(size, int) and isinstance(low, int) and 1 <= size < low:
                 problems.append(f"servers.{server_id}.pool_min: {low} is more than pool_size {size}")
+    return problems
+
+
+def _template_problems(data: dict[str, Any], base: Path) -> list[str]:
+    entries = {sid: e for sid, e in data["servers"].items() if isinstance(e, dict) and e.get("type") == "template"}
+    if not entries:
+        return []
+    try:
+        known = template_catalog(data, base)
+    except templates.TemplateError as exc:
+        return [f"gateway.template_dirs: {problem}" for problem in exc.problems]
+    problems = []
+    for server_id, entry in entries.items():
+        template = known.get(str(entry.get("template_name")))
+        if template is None:
+            problems.append(f"servers.{server_id}.template_name: no template '{entry.get('template_name')}' "
+                            f"(known: {', '.join(sorted(known))})")
+            continue
+        transport = entry.get("transport", template.transport)
+        if transport not in template.run:
+            problems.append(f"servers.{server_id}.transport: template '{template.name}' has no '{transport}' run")
+        config = entry.get("config", {})
+        problems.extend(f"servers.{server_id}.config.{p}" if not p.startswith("(config)") else f"servers.{server_id}.config{p[8:]}"
+                        for p in template.config_problems(config))
     return problems
 
 
@@ -204,7 +244,12 @@ def _expand(value: Any, environ: Mapping[str, str], path: tuple[Any, ...], probl
 
 def _build(data: dict[str, Any], source: str) -> Registry:
     servers = {}
+    catalog = template_catalog(data, Path(source).parent) if any(
+        e["type"] == "template" for e in data["servers"].values()) else {}
     for server_id, entry in data["servers"].items():
+        if entry["type"] == "template":
+            servers[server_id] = _from_template(server_id, entry, catalog[entry["template_name"]])
+            continue
         stdio = http = None
         if entry["type"] == "http":
             known = {k: v for k, v in entry.items() if k in HttpSettings.__dataclass_fields__}
@@ -222,4 +267,19 @@ def _build(data: dict[str, Any], source: str) -> Registry:
         servers[server_id] = ServerEntry(
             id=server_id, type=entry["type"], description=entry.get("description", ""), raw=entry, stdio=stdio, http=http
         )
-    return Registry(source=source, servers=servers, gateway=GatewaySettings(**data.get("gateway", {})))
+    gateway = dict(data.get("gateway", {}))
+    gateway["template_dirs"] = tuple(gateway.get("template_dirs", ()))
+    return Registry(source=source, servers=servers, gateway=GatewaySettings(**gateway))
+
+
+def _from_template(server_id: str, entry: dict[str, Any], template: templates.Template) -> ServerEntry:
+    launch = template.launch(entry.get("config", {}), entry.get("transport"))
+    instances = entry.get("instances", 1)
+    description = entry.get("description", template.description)
+    if launch.transport == "stdio":
+        stdio = StdioSettings(command=launch.command, env_vars=launch.env, working_dir=launch.working_dir,
+                              pool_size=instances, pool_min=min(StdioSettings.pool_min, instances))
+        return ServerEntry(id=server_id, type="stdio", description=description, raw=entry, stdio=stdio,
+                           template=template.name, instances=instances)
+    return ServerEntry(id=server_id, type="http", description=description, raw=entry, template=template.name,
+                       launch=launch, instances=instances)

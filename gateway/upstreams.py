@@ -164,9 +164,11 @@ class UnservedUpstream:
     def __init__(self, entry: ServerEntry):
         self.server_id = entry.id
         self.type = entry.type
+        self.template = entry.template
 
     def _refuse(self) -> errors.ServerNotServed:
-        return errors.ServerNotServed(f"server '{self.server_id}' has type '{self.type}', which this gateway does not serve yet")
+        kind = f"an {self.type} template" if self.template else f"type '{self.type}'"
+        return errors.ServerNotServed(f"server '{self.server_id}' is {kind}, which this gateway does not serve yet")
 
     def start(self) -> None:
         pass
@@ -190,6 +192,6 @@ class UnservedUpstream:
 def build(entry: ServerEntry, check_interval: float) -> MessageUpstream | HttpUpstream:
     if entry.type == "stdio":
         return StdioUpstream(entry)
-    if entry.type == "http":
+    if entry.type == "http" and entry.http is not None:
         return HttpUpstream(entry, check_interval)
     return UnservedUpstream(entry)

@@ -52,9 +52,11 @@ def test_readme_curl_example_works_as_written(default_gateway: Gunicorn, command
     assert done.returncode == 0, done.stdout + done.stderr
     answer = json.loads(done.stdout)
     assert "error" not in answer, answer
-    if '"method":"tools/call"' in command:
+    if '"name":"say_hello"' in command:
+        assert answer["result"]["content"][0]["text"] == "Hello, Ada! Greetings from Gateway."
+    elif '"method":"tools/call"' in command:
         assert answer["result"]["structuredContent"]["datetime"]
-    if '"method":"tools/list"' in command:
+    if '"method":"tools/list"' in command and "/time/" in command:
         assert {t["name"] for t in answer["result"]["tools"]} == {"get_current_time", "convert_time"}
 
 

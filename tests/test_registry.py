@@ -25,7 +25,10 @@ def problems(text: str, source: str = "r.yaml", environ: dict[str, str] | None =
 
 def test_seed_example_registry_validates_as_written() -> None:
     loaded = registry.load(SEED_EXAMPLE)
-    assert {s.type for s in loaded.servers.values()} == {"http", "stdio", "template"}
+    assert {s.raw["type"] for s in loaded.servers.values()} == {"http", "stdio", "template"}
+    demo = loaded.servers["demo-server"]
+    assert demo.template == "demo" and demo.type == "stdio" and demo.stdio is not None
+    assert demo.stdio.pool_size == 3 and demo.stdio.env_vars["MCP_DEMO_HELLO_FROM"] == "Gateway"
     fs = loaded.servers["filesystem-server"].stdio
     assert fs is not None and fs.pool_size == 5 and fs.command == ("mcp-filesystem-server", "--dir", "/data")
     assert fs.env_vars == {"LOG_LEVEL": "info"} and fs.working_dir == "/app"
@@ -36,6 +39,9 @@ def test_default_registry_serves_mcp_server_time() -> None:
     loaded = registry.load(ROOT / "conf/registry.yaml")
     assert loaded.servers["time"].stdio is not None
     assert loaded.servers["time"].stdio.command == ("mcp-server-time",)
+    demo = loaded.servers["demo-server"]
+    assert demo.template == "demo" and demo.stdio is not None and demo.stdio.pool_size == 3
+    assert demo.stdio.env_vars["MCP_DEMO_HELLO_FROM"] == "Gateway"
 
 
 def test_json_and_yaml_are_chosen_by_extension(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ def client(make_app: Any) -> Any:
                      "max_waiting": 0},
             "broken": {"type": "stdio", "command": server_command("faulty_server.py", "exit-at-start")},
             "gh": {"type": "http", "instances": [{"endpoint": "http://127.0.0.1:9"}]},
-            "tpl": {"type": "template", "template_name": "demo"},
+            "tpl": {"type": "template", "template_name": "demo", "transport": "http"},
         },
         {"max_body_bytes": 4096},
     )
@@ -249,7 +249,7 @@ def test_unreachable_http_instance_is_502_naming_server_instance_and_cause(clien
 
 def test_template_server_type_is_named_as_not_served_yet(client: Any) -> None:
     response = client.post("/tpl/mcp", json=rpc("tools/list"))
-    assert response.status_code == 501 and "type 'template'" in error_of(response)["message"]
+    assert response.status_code == 501 and "is an http template" in error_of(response)["message"]
 
 
 def test_status_and_liveness(client: Any) -> None:
