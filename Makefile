@@ -5,16 +5,15 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 NODE_STAMP := tests/node/node_modules/.installed
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint clean system-tools
 
 install: $(STAMP)
 
 # Re-install only when the package metadata changed; the venv itself is made once.
 $(STAMP): setup.cfg setup.py
-	@command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl; }  # README examples are tested with it
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[demo,test,dev]'
 	touch $(STAMP)
 
 # Real MCP servers from npm that the tests run (server-everything).
@@ -23,10 +22,19 @@ $(NODE_STAMP): tests/node/package.json $(wildcard tests/node/package-lock.json)
 	cd tests/node && npm install --no-audit --no-fund --loglevel=error
 	touch $(NODE_STAMP)
 
+# Tools the tests use: curl (README examples), unshare and ip (a network namespace
+# for the seed registry test), node and npm (server-everything).
+system-tools:
+	@missing=""; \
+	command -v curl >/dev/null || missing="$$missing curl"; \
+	command -v unshare >/dev/null || missing="$$missing util-linux"; \
+	command -v ip >/dev/null || missing="$$missing iproute2"; \
+	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq $$missing; fi
+
 run: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/gunicorn --config conf/gunicorn.conf.py wsgi:app
 
-test: install $(NODE_STAMP)
+test: install $(NODE_STAMP) system-tools
 	$(BIN)/python -m pytest
 
 lint: install

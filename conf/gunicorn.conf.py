@@ -35,6 +35,26 @@ errorlog = "-"
 loglevel = os.environ.get("MCP_GATEWAY_LOG_LEVEL", "info")
 
 
+_supervisor = None
+
+
+def on_starting(server):  # type: ignore[no-untyped-def]
+    """Start http templates' processes once, in the master, before workers fork."""
+    global _supervisor
+    from gateway import configure_logging
+    from gateway.supervisor import Supervisor
+
+    configure_logging()
+    _supervisor = Supervisor(_registry.load())
+    _supervisor.export()  # workers inherit where the instances listen
+    _supervisor.start()
+
+
+def on_exit(server):  # type: ignore[no-untyped-def]
+    if _supervisor is not None:
+        _supervisor.stop()
+
+
 def post_worker_init(worker):  # type: ignore[no-untyped-def]
     """Start this worker's pools now rather than on its first request."""
     gateway = worker.wsgi.extensions.get("mcp_gateway")

@@ -18,10 +18,15 @@ from .extension import Gateway
 from .registry import Registry
 
 
-def create_app(test_config: Mapping[str, Any] | None = None, registry: Registry | None = None) -> Flask:
-    """Build the app from `registry` (default: the file named by MCP_GATEWAY_REGISTRY)."""
+def configure_logging() -> None:
+    """Log to stderr (gunicorn's error log) unless the host application set logging up."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
+
+
+def create_app(test_config: Mapping[str, Any] | None = None, registry: Registry | None = None) -> Flask:
+    """Build the app from `registry` (default: the file named by MCP_GATEWAY_REGISTRY)."""
+    configure_logging()
     app = Flask(__name__)
     if test_config:
         app.config.update(test_config)

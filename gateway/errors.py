@@ -175,10 +175,3 @@ class UpstreamReadTimeout(UpstreamFailed):
     """The instance took the request and did not answer within read_timeout."""
 
     http_status = 504
-
-
-class ServerNotServed(GatewayError):
-    """The registry names the server but its type cannot be served yet."""
-
-    http_status = 501
-    code = INTERNAL_ERROR

@@ -16,7 +16,7 @@ import threading
 
 from flask import Flask, current_app
 
-from . import errors, upstreams
+from . import errors, supervisor, upstreams
 from .proxy import HttpUpstream
 from .registry import Registry
 from .sessions import SessionSigner, load_secret
@@ -32,8 +32,21 @@ class Gateway:
     def __init__(self, registry: Registry):
         self.registry = registry
         self.signer = SessionSigner(load_secret(registry.gateway.session_secret), registry.gateway.session_ttl)
+        # http templates: the gunicorn master's supervisor runs their processes and
+        # publishes where they listen; without one, this gateway process runs its own.
+        published = supervisor.inherited_endpoints()
+        entries = dict(registry.servers)
+        templated = [sid for sid, entry in entries.items() if entry.launch is not None]
+        self.supervisor: supervisor.Supervisor | None = None
+        if any(sid not in published for sid in templated):
+            self.supervisor = supervisor.Supervisor(registry)
+            published = self.supervisor.endpoints()
+        for sid in templated:
+            entries[sid] = supervisor.as_http(entries[sid], published[sid])
         interval = registry.gateway.health_check_interval
-        self.upstreams: dict[str, MessageUpstream | HttpUpstream] = {sid: upstreams.build(e, interval) for sid, e in registry.servers.items()}
+        self.upstreams: dict[str, MessageUpstream | HttpUpstream] = {
+            sid: upstreams.build(entry, interval) for sid, entry in entries.items()
+        }
         self._lock = threading.Lock()
         self._started_in: int | None = None
         self._stopping = threading.Event()
@@ -60,6 +73,8 @@ class Gateway:
             self._stopping.clear()
             self._upkeep = threading.Thread(target=self._run_upkeep, name="mcp-gateway-upkeep", daemon=True)
             self._upkeep.start()
+            if self.supervisor is not None:
+                self.supervisor.start()
             atexit.register(self.close)
         log.info("gateway started in pid %s with %d servers from %s", os.getpid(), len(self.upstreams), self.registry.source)
 
@@ -81,6 +96,8 @@ class Gateway:
             self._upkeep.join(timeout=30)
         for upstream in self.upstreams.values():
             upstream.close()
+        if self.supervisor is not None:
+            self.supervisor.stop()
 
     def status(self) -> dict[str, object]:
         return {

@@ -1,8 +1,9 @@
 """Health of one HTTP upstream instance: active checks and passive ejection.
 
 Active checks follow HAProxy: an instance goes down after `fall` failed
-checks in a row and comes back after `rise` good ones; before its first check
-it is routable, and its first check decides at once. Passive ejection follows
+checks in a row and comes back after `rise` good ones; it is routable before
+its first check, and one good check is enough at boot. A good check also
+ends a passive ejection (Envoy's default). Passive ejection follows
 Envoy's outlier detection: `max_fails` consecutive failures of real traffic
 eject it for `ejection_time` x the number of times it has been ejected
 (capped). The balancer, not this class, makes sure the last instance is never
@@ -35,6 +36,7 @@ class InstanceHealth:
         self.checked = False
         self.up = True  # routable until a check says otherwise
         self._streak = 0  # consecutive check results against the current state
+        self.failed_checks = 0  # consecutive, whatever the state
         self.consecutive_failures = 0  # of real traffic
         self.times_ejected = 0
         self.ejected_until = 0.0
@@ -44,6 +46,9 @@ class InstanceHealth:
 
     def check_passed(self) -> bool:
         """Record a good check; True when this brought the instance back up."""
+        self.failed_checks = 0
+        # Envoy's default: a good active check ends an ejection.
+        self.ejected_until = 0.0
         if not self.checked:
             self.checked, self.up = True, True
             return False
@@ -60,9 +65,8 @@ class InstanceHealth:
     def check_failed(self, reason: str) -> bool:
         """Record a failed check; True when this took the instance down."""
         self._note(reason)
-        if not self.checked:
-            self.checked, self.up = True, False
-            return True
+        self.checked = True
+        self.failed_checks += 1
         if not self.up:
             self._streak = 0
             return False
@@ -94,6 +98,11 @@ class InstanceHealth:
         return True
 
     @property
+    def settled(self) -> bool:
+        """Up, not ejected, last check good: checks may go at the normal interval."""
+        return self.up and self.failed_checks == 0 and not self.ejected and self._streak == 0
+
+    @property
     def routable(self) -> bool:
         return self.up and not self.ejected
 
@@ -107,6 +116,7 @@ class InstanceHealth:
             "ejected": self.ejected,
             "times_ejected": self.times_ejected,
             "consecutive_failures": self.consecutive_failures,
+            "failed_checks": self.failed_checks,
             "last_error": None,
         }
         if self.ejected:

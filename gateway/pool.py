@@ -16,11 +16,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, Protocol, TypeVar
 
 from . import errors
+from .backoff import Backoff
 from .protocol import ServerHello
 from .registry import StdioSettings
 
@@ -38,17 +38,6 @@ class Process(Protocol):
 P = TypeVar("P", bound=Process)
 
 
-@dataclass(frozen=True)
-class Backoff:
-    """Delay before the next spawn after `failures` consecutive failures."""
-
-    base: float = 0.5
-    cap: float = 60.0
-
-    def delay(self, failures: int) -> float:
-        return 0.0 if failures <= 0 else min(self.cap, self.base * 2 ** (failures - 1))
-
-
 class StdioPool(Generic[P]):
     def __init__(
         self,
@@ -57,14 +46,14 @@ class StdioPool(Generic[P]):
         spawn: Callable[[], P],
         *,
         clock: Callable[[], float] = time.monotonic,
-        backoff: Backoff = Backoff(),
+        backoff: Backoff | None = None,
         close_grace: float = 2.0,
     ):
         self.server_id = server_id
         self.settings = settings
         self._spawn = spawn
         self._clock = clock
-        self._backoff = backoff
+        self._backoff = backoff or Backoff()
         self._close_grace = close_grace
         self._cond = threading.Condition(threading.Lock())
         self._idle: deque[tuple[P, float]] = deque()  # (process, idle since); right end is warmest

@@ -30,6 +30,7 @@ from requests.adapters import HTTPAdapter
 from werkzeug.datastructures import Headers
 
 from . import errors, jsonrpc, protocol, sse
+from .backoff import Backoff
 from .balancer import Balancer, Instance
 from .health import HealthPolicy, InstanceHealth
 from .jsonrpc import Reply
@@ -111,7 +112,7 @@ class HttpUpstream:
             self.settings.load_balancing,
         )
         self.check_interval = check_interval
-        self._next_check = {i.endpoint: 0.0 for i in self.balancer.instances}
+        self._last_check = {i.endpoint: (float("-inf"), 1.0) for i in self.balancer.instances}
         self._lock = threading.Lock()
         self._session: requests.Session | None = None
         self.retries = 0
@@ -147,12 +148,20 @@ class HttpUpstream:
 
     def maintain(self) -> None:
         """Run the active checks that are due (called by the upkeep thread)."""
-        now = time.monotonic()
         for instance in self.balancer.instances:
-            if now >= self._next_check[instance.endpoint]:
-                # Jitter spreads the checks of many workers over the interval.
-                self._next_check[instance.endpoint] = now + self.check_interval * random.uniform(0.8, 1.2)
+            # Like HAProxy's fastinter: while an instance is failing, ejected or
+            # rising, look again sooner (1 s, doubling up to the interval), so
+            # failures show and recoveries come back quickly. The due time follows
+            # the instance's state now, so an ejection brings its check forward.
+            health = instance.health
+            wait = self.check_interval
+            if not health.settled:
+                wait = min(wait, Backoff(base=1.0).delay(max(1, health.failed_checks)))
+            last, jitter = self._last_check[instance.endpoint]
+            if time.monotonic() >= last + wait * jitter:
                 self._check(instance)
+                # Jitter spreads the checks of many workers over the interval.
+                self._last_check[instance.endpoint] = (time.monotonic(), random.uniform(0.8, 1.2))
 
     def check_all(self) -> None:
         """Check every instance now, whatever the schedule."""

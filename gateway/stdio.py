@@ -11,78 +11,41 @@ Every subprocess/OS failure becomes a gateway error here and nowhere else.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
 import select
-import signal
 import subprocess
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from typing import IO, Any
+from typing import Any
 
-from . import errors, jsonrpc, protocol
+from . import errors, jsonrpc, processes, protocol
 from .registry import StdioSettings
 
 log = logging.getLogger(__name__)
-
-# Variables a child gets from the gateway's environment unless the registry adds more.
-ENV_ALLOWLIST = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "USER", "LOGNAME", "SHELL", "TERM")
 
 # Era detection: a server that stays silent this long after server/discover is legacy.
 DISCOVER_TIMEOUT = 3.0
 _DISCOVER_ID = "mcp-gateway-discover"
 _INITIALIZE_ID = "mcp-gateway-initialize"
-_PR_SET_PDEATHSIG = 1
-_libc: Any = None
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    # If the gunicorn worker is SIGKILLed it cannot stop its children; the kernel
-    # then sends SIGKILL to the child for it. (Only the direct child: the process
-    # group is what the graceful path kills.)
-    if _libc is not None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def child_environment(settings: StdioSettings, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
-    names = ENV_ALLOWLIST + settings.inherit_env
-    env = {name: environ[name] for name in names if name in environ}
-    env.update(settings.env_vars)
-    return env
+    return processes.environment(settings.env_vars, settings.inherit_env, environ)
 
 
 class StdioProcess:
     """A running child and the protocol era it speaks."""
 
     def __init__(self, server_id: str, settings: StdioSettings):
-        global _libc
         self.server_id = server_id
         self.settings = settings
-        if _libc is None:
-            try:
-                _libc = ctypes.CDLL(None, use_errno=True)
-            except OSError:  # pragma: no cover - not glibc/Linux
-                _libc = False
-        try:
-            self._popen = subprocess.Popen(
-                list(settings.command),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=settings.working_dir,
-                env=child_environment(settings),
-                start_new_session=True,  # its own process group, killed as one
-                # Only a prctl() call runs in the child, with no Python lock taken.
-                preexec_fn=_die_with_parent if _libc else None,  # noqa: PLW1509
-                close_fds=True,
-            )
-        except OSError as exc:
-            raise errors.SpawnFailed(
-                f"server '{server_id}': cannot start {settings.command[0]!r}: {exc.strerror or exc}"
-            ) from None
+        self._popen = processes.spawn(
+            server_id, settings.command, env=child_environment(settings), cwd=settings.working_dir,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
         self.pid = self._popen.pid
         assert self._popen.stdin and self._popen.stdout and self._popen.stderr
         self._stdin = self._popen.stdin.fileno()
@@ -94,11 +57,7 @@ class StdioProcess:
         self._closed = False
         self._close_lock = threading.Lock()
         self.hello: protocol.ServerHello | None = None
-        self._stderr_thread = threading.Thread(
-            target=_drain_stderr, args=(self._popen.stderr, server_id, self.pid), daemon=True,
-            name=f"stderr-{server_id}-{self.pid}",
-        )
-        self._stderr_thread.start()
+        self._stderr_thread = processes.log_lines(self._popen.stderr, server_id, self.pid)
 
     @property
     def era(self) -> str:
@@ -272,49 +231,7 @@ class StdioProcess:
             if self._closed:
                 return
             self._closed = True
-        try:
-            if self._popen.stdin is not None:
-                self._popen.stdin.close()  # EOF: a well-behaved server exits on it
-        except OSError:
-            pass
-        if grace > 0 and self._reaped_within(grace / 2):
-            self._kill_group(signal.SIGKILL)  # stray grandchildren of a clean exit
-        elif grace > 0:
-            self._kill_group(signal.SIGTERM)
-            if not self._reaped_within(grace / 2):
-                self._kill_group(signal.SIGKILL)
-        else:
-            self._kill_group(signal.SIGKILL)
-        self._reaped_within(5.0)
+        processes.stop(self._popen, grace)
         if self._popen.stdout is not None:
             self._popen.stdout.close()
         self._stderr_thread.join(timeout=1.0)
-
-    def _reaped_within(self, seconds: float) -> bool:
-        try:
-            self._popen.wait(timeout=seconds)
-            return True
-        except subprocess.TimeoutExpired:
-            return False
-
-    def _kill_group(self, sig: int) -> None:
-        try:
-            os.killpg(self.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-def _drain_stderr(stream: IO[bytes], server_id: str, pid: int) -> None:
-    """Copy the child's stderr into the log, tagged; stderr is logging, not an error."""
-    child_log = logging.getLogger(f"gateway.stdio.{server_id}")
-    try:
-        # Bounded reads: a child flooding stderr with one endless line must not
-        # grow the gateway's memory.
-        for line in iter(lambda: stream.readline(4096), b""):
-            text = line.decode("utf-8", "replace").rstrip()
-            if text:
-                child_log.info("[%s pid %s] %s", server_id, pid, text)
-    except (OSError, ValueError):
-        pass
-    finally:
-        stream.close()

@@ -158,40 +158,9 @@ def _abandon(process: StdioProcess, request_id: Any, deadline: float) -> str | N
     return None
 
 
-class UnservedUpstream:
-    """A registry entry whose type this gateway version cannot serve yet."""
-
-    def __init__(self, entry: ServerEntry):
-        self.server_id = entry.id
-        self.type = entry.type
-        self.template = entry.template
-
-    def _refuse(self) -> errors.ServerNotServed:
-        kind = f"an {self.type} template" if self.template else f"type '{self.type}'"
-        return errors.ServerNotServed(f"server '{self.server_id}' is {kind}, which this gateway does not serve yet")
-
-    def start(self) -> None:
-        pass
-
-    def maintain(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def hello(self) -> ServerHello:
-        raise self._refuse()
-
-    def call(self, message: dict[str, Any], body: bytes, client: ClientContext) -> Generator[Reply, None, None]:
-        raise self._refuse()
-
-    def status(self) -> dict[str, Any]:
-        return {"type": self.type, "healthy": False, "last_error": {"message": self._refuse().message, "at": None}}
-
-
 def build(entry: ServerEntry, check_interval: float) -> MessageUpstream | HttpUpstream:
     if entry.type == "stdio":
         return StdioUpstream(entry)
-    if entry.type == "http" and entry.http is not None:
+    if entry.http is not None:
         return HttpUpstream(entry, check_interval)
-    return UnservedUpstream(entry)
+    raise ValueError(f"server '{entry.id}' has neither stdio nor http settings")

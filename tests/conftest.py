@@ -136,14 +136,17 @@ class Gunicorn:
         raise AssertionError(f"gunicorn did not become ready:\n{self.log()}")
 
     def worker_pids(self) -> set[int]:
-        return {pid for pid, _ in descendants(self.process.pid) if parent_of(pid) == self.process.pid}
+        """The master's children that are gunicorn workers (not processes it supervises)."""
+        return {pid for pid, _ in descendants(self.process.pid)
+                if parent_of(pid) == self.process.pid and b"gunicorn" in Path(f"/proc/{pid}/cmdline").read_bytes()}
 
     def remember(self) -> None:
         """Note every process now below the master, to check it is gone at stop."""
         self.seen |= descendants(self.process.pid)
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def status(self) -> dict[str, Any]:

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from gateway import errors
-from gateway.pool import Backoff, StdioPool
+from gateway.backoff import Backoff
+from gateway.pool import StdioPool
 from gateway.protocol import MODERN, ServerHello
 from gateway.registry import StdioSettings
 

@@ -279,7 +279,9 @@ def test_active_checks_take_an_instance_down_and_bring_it_back(good: GoodServer,
     upstream = make_upstream([f"http://127.0.0.1:{port}", good.url], health_check_rise=2, health_check_fall=2)
     down, up = upstream.balancer.instances
     upstream.check_all()
-    assert not down.health.up and up.health.up, "the first check decides at once"
+    assert down.health.up and down.health.checked, "one failed check is not enough (fall is 2)"
+    upstream.check_all()
+    assert not down.health.up and up.health.up
     revived = GoodServer.__new__(GoodServer)
     ThreadingHTTPServer.__init__(revived, ("127.0.0.1", port), type(good.RequestHandlerClass.__name__, (good.RequestHandlerClass,), {}))
     revived.requests = 0
@@ -312,7 +314,8 @@ class Clock:
 def test_rise_and_fall_thresholds_are_exact() -> None:
     health = InstanceHealth(HealthPolicy(rise=2, fall=3))
     assert health.up and not health.checked  # routable before the first check
-    health.check_passed()
+    assert [health.check_failed("booting") for _ in range(2)] == [False, False] and health.up
+    health.check_passed()  # one good check at boot is enough, and resets the count
     assert health.up
     assert [health.check_failed("x") for _ in range(3)] == [False, False, True] and not health.up
     health.check_failed("x")
@@ -379,3 +382,12 @@ def test_sticky_keys_map_the_same_way_in_every_process() -> None:
     keys = [f"user-{n}" for n in range(30)]
     assert [one.pick(sticky_key=k).endpoint for k in keys] == [two.pick(sticky_key=k).endpoint for k in keys]
     assert len({one.pick(sticky_key=k).endpoint for k in keys}) == 3
+
+
+def test_a_good_active_check_ends_an_ejection() -> None:
+    clock = Clock()
+    health = InstanceHealth(HealthPolicy(max_fails=1, ejection_time=30), clock)
+    health.request_failed("reset", True)
+    assert health.ejected and not health.settled
+    health.check_passed()
+    assert not health.ejected and health.routable and health.settled

@@ -3,21 +3,32 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import anyio
 import mcp_types as types
 import pytest
+import requests
 import yaml
 from mcp import Client
 
 from gateway import registry, templates
 from gateway.registry import RegistryError
 
-from .conftest import ROOT, Gunicorn, server_command, write_registry
+from .conftest import (
+    ROOT,
+    Gunicorn,
+    descendants,
+    parent_of,
+    server_command,
+    write_registry,
+)
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -187,3 +198,72 @@ def test_demo_template_through_gunicorn_in_both_eras(tmp_path: Path, mode: str) 
         assert status["type"] == "stdio" and status["template"] == "demo" and status["pool_size"] == 2
     finally:
         gateway.stop_and_check()
+
+
+def demo_processes(under: int) -> dict[int, int]:
+    """pid -> port of the http demo servers whose parent is `under`."""
+    found = {}
+    for pid, _ in descendants(under):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"gateway.demo_server" in argv and parent_of(pid) == under:
+            found[pid] = int(argv[argv.index(b"--port") + 1])
+    return found
+
+
+def test_http_template_runs_once_per_gateway_balanced_and_supervised(tmp_path: Path) -> None:
+    entry = {"type": "template", "template_name": "demo", "transport": "http", "instances": 2,
+             "config": {"hello_from": "Gateway"}}
+    gateway = Gunicorn(write_registry(tmp_path, {"demo-http": entry}), workers=2)
+    try:
+        gateway.wait_ready()
+        started = demo_processes(gateway.process.pid)
+        assert len(started) == 2, "instances run under the gunicorn master, not once per worker"
+        assert all(not demo_processes(worker) for worker in gateway.worker_pids())
+
+        async def scenario(mode: str) -> str:
+            async with Client(f"{gateway.url}/demo-http/mcp", mode=mode) as client:
+                hello = await client.call_tool("say_hello", {"name": "Ada"})
+                assert isinstance(hello.content[0], types.TextContent)
+                return hello.content[0].text
+
+        assert anyio.run(scenario, "auto") == anyio.run(scenario, "legacy") == "Hello, Ada! Greetings from Gateway."
+        with requests.Session() as http:  # keep-alive: one worker, its round-robin
+            served = {modern_info(http, gateway)["pid"] for _ in range(4)}
+        assert served == set(started)
+
+        victim, port = next(iter(started.items()))
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and port not in {p for pid, p in demo_processes(gateway.process.pid).items()
+                                                           if pid != victim}:
+            time.sleep(0.1)
+        restarted = demo_processes(gateway.process.pid)
+        assert victim not in restarted and sorted(restarted.values()) == sorted(started.values()), "same port, new process"
+        gateway.remember()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # the restarted instance answers again
+            with requests.Session() as http:
+                if {modern_info(http, gateway)["pid"] for _ in range(4)} == set(restarted):
+                    break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the restarted instance did not come back into rotation")
+    finally:
+        gateway.stop_and_check()
+
+
+def modern_info(http: requests.Session, gateway: Gunicorn) -> dict[str, Any]:
+    envelope = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}
+    response = http.post(f"{gateway.url}/demo-http/mcp", timeout=30, json={
+        "jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": "get_server_info", "arguments": {}, "_meta": envelope}},
+        headers={"MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call", "Mcp-Name": "get_server_info",
+                 "Accept": "application/json, text/event-stream"})
+    body = response.text
+    if response.headers["Content-Type"].startswith("text/event-stream"):
+        body = [line[6:] for line in body.splitlines() if line.startswith("data: ") and line[6:]][-1]
+    info: dict[str, Any] = json.loads(body)["result"]["structuredContent"]
+    return info

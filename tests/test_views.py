@@ -26,11 +26,9 @@ def client(make_app: Any) -> Any:
         {
             "time": {"type": "stdio", "command": TIME_SERVER, "pool_size": 2},
             "legacy": {"type": "stdio", "command": server_command("legacy_server.py"), "pool_size": 1},
-            "busy": {"type": "stdio", "command": server_command("sdk_server.py", "stdio"), "pool_size": 1,
-                     "max_waiting": 0},
+            "sdk": {"type": "stdio", "command": server_command("sdk_server.py", "stdio"), "pool_size": 1},
             "broken": {"type": "stdio", "command": server_command("faulty_server.py", "exit-at-start")},
             "gh": {"type": "http", "instances": [{"endpoint": "http://127.0.0.1:9"}]},
-            "tpl": {"type": "template", "template_name": "demo", "transport": "http"},
         },
         {"max_body_bytes": 4096},
     )
@@ -166,13 +164,13 @@ def test_server_discover_is_answered_from_what_the_process_reported(client: Any)
 def test_sse_is_chosen_when_the_server_sends_notifications_and_the_client_accepts_it(client: Any) -> None:
     params = {"name": "slow", "arguments": {"steps": 2}, "_meta": {**ENVELOPE, "progressToken": "p"}}
     headers = {**MODERN_HEADERS, "Mcp-Method": "tools/call", "Mcp-Name": "slow"}
-    response = client.post("/busy/mcp", json=rpc("tools/call", params, request_id=7), headers=headers)
+    response = client.post("/sdk/mcp", json=rpc("tools/call", params, request_id=7), headers=headers)
     assert response.mimetype == "text/event-stream" and response.headers["X-Accel-Buffering"] == "no"
     events = [json.loads(chunk.split("data: ", 1)[1]) for chunk in response.get_data(as_text=True).split("\n\n") if chunk]
     assert [e.get("method") for e in events[:-1]] == ["notifications/progress"] * 2
     assert events[-1]["id"] == 7 and events[-1]["result"]["content"][0]["text"] == "done"
     # The same call from a client that accepts only JSON: the final response alone.
-    response = client.post("/busy/mcp", json=rpc("tools/call", params, request_id=8), headers={**headers, "Accept": "application/json"})
+    response = client.post("/sdk/mcp", json=rpc("tools/call", params, request_id=8), headers={**headers, "Accept": "application/json"})
     assert response.mimetype == "application/json" and response.get_json()["result"]["content"][0]["text"] == "done"
 
 
@@ -247,9 +245,14 @@ def test_unreachable_http_instance_is_502_naming_server_instance_and_cause(clien
     )
 
 
-def test_template_server_type_is_named_as_not_served_yet(client: Any) -> None:
-    response = client.post("/tpl/mcp", json=rpc("tools/list"))
-    assert response.status_code == 501 and "is an http template" in error_of(response)["message"]
+def test_http_template_is_served_by_processes_the_gateway_starts(make_app: Any) -> None:
+    client = make_app({"tpl": {"type": "template", "template_name": "demo", "transport": "http"}}).test_client()
+    call = rpc("tools/call", {"name": "say_hello", "arguments": {"name": "Ada"}})
+    response = client.post("/tpl/mcp", json=call)
+    assert response.status_code == 200, response.data
+    assert response.get_json()["result"]["content"][0]["text"] == "Hello, Ada! Greetings from the MCP gateway demo."
+    status = client.get("/status").get_json()["servers"]["tpl"]
+    assert status["type"] == "http" and status["template"] == "demo" and len(status["instances"]) == 1
 
 
 def test_status_and_liveness(client: Any) -> None:
