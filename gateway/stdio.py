@@ -1,12 +1,12 @@
 """One stdio MCP server process: spawn, handshake, exchange lines, stop.
 
-A process is started from an argv list (never a shell) in its own process
-group, with a minimal environment. At spawn it is asked `server/discover`;
+A process is started by processes.spawn (argv, own process group, minimal
+environment). At spawn it is asked `server/discover`;
 a modern answer means it speaks 2026-07-28, anything else means the legacy
 era and one `initialize` handshake. Reads and writes run in the calling
 thread on non-blocking pipes with a deadline, so a hung child costs a
 timeout, never a hung worker. stderr is drained by a thread into the log.
-Every subprocess/OS failure becomes a gateway error here and nowhere else.
+Every failure of the child's pipes becomes a gateway error here.
 """
 
 from __future__ import annotations
