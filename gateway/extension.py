@@ -17,6 +17,7 @@ import threading
 from flask import Flask, current_app
 
 from . import errors, supervisor, upstreams
+from .auth import Authenticator
 from .proxy import HttpUpstream
 from .registry import Registry
 from .sessions import SessionSigner, load_secret
@@ -31,6 +32,7 @@ UPKEEP_INTERVAL = 1.0
 class Gateway:
     def __init__(self, registry: Registry):
         self.registry = registry
+        self.auth = Authenticator(registry)
         self.signer = SessionSigner(load_secret(registry.gateway.session_secret), registry.gateway.session_ttl)
         # http templates: the gunicorn master's supervisor runs their processes and
         # publishes where they listen; without one, this gateway process runs its own.

@@ -371,30 +371,43 @@ class HttpUpstream:
         return self._hello
 
     def _speaks_era(self, era: str) -> bool:
-        if era not in self._speaks:
-            instance = self.balancer.pick()
-            deadline = time.monotonic() + self.settings.request_timeout
-            if era == protocol.MODERN:
-                discover = protocol.to_modern_request(
-                    {"jsonrpc": "2.0", "id": "mcp-gateway-discover", "method": "server/discover"})
-                answer = self._send(instance, self._gateway_request(discover, _modern_headers(discover)), deadline)
-                reply = self._response_in(answer, discover["id"])
-                result = reply.get("result") if reply else None
-                speaks = isinstance(result, dict) and protocol.LATEST_MODERN in (result.get("supportedVersions") or ())
-                if speaks and isinstance(result, dict):
-                    self._hello = self._hello or ServerHello(
-                        protocol.MODERN, protocol.LATEST_MODERN, result.get("capabilities") or {},
-                        (result.get("_meta") or {}).get(protocol.META_SERVER_INFO) or {}, result.get("instructions"))
-            else:
-                try:
-                    self._legacy_session(instance, deadline)
-                    speaks = True
-                except errors.UpstreamRefused:
-                    speaks = False
-            self._speaks[era] = speaks
-            log.info("server %s %s %s", self.server_id, "speaks" if speaks else "does not speak",
-                     protocol.LATEST_MODERN if era == protocol.MODERN else "the handshake era")
-        return self._speaks[era]
+        """Whether the instances speak `era`, asked of one that answers (learned once)."""
+        if era in self._speaks:
+            return self._speaks[era]
+        tried: list[Instance] = []
+        while True:
+            instance = self.balancer.pick(tried)
+            tried.append(instance)
+            try:
+                return self._probe_era(instance, era)
+            except errors.UpstreamError as exc:
+                if not self.balancer.candidates(tried):
+                    raise
+                log.info("server %s: asking another instance which eras it speaks after: %s", self.server_id, exc.message)
+
+    def _probe_era(self, instance: Instance, era: str) -> bool:
+        deadline = time.monotonic() + self.settings.request_timeout
+        if era == protocol.MODERN:
+            discover = protocol.to_modern_request(
+                {"jsonrpc": "2.0", "id": "mcp-gateway-discover", "method": "server/discover"})
+            answer = self._send(instance, self._gateway_request(discover, _modern_headers(discover)), deadline)
+            reply = self._response_in(answer, discover["id"])
+            result = reply.get("result") if reply else None
+            speaks = isinstance(result, dict) and protocol.LATEST_MODERN in (result.get("supportedVersions") or ())
+            if speaks and isinstance(result, dict):
+                self._hello = self._hello or ServerHello(
+                    protocol.MODERN, protocol.LATEST_MODERN, result.get("capabilities") or {},
+                    (result.get("_meta") or {}).get(protocol.META_SERVER_INFO) or {}, result.get("instructions"))
+        else:
+            try:
+                self._legacy_session(instance, deadline)
+                speaks = True
+            except errors.UpstreamRefused:
+                speaks = False
+        self._speaks[era] = speaks
+        log.info("server %s %s %s", self.server_id, "speaks" if speaks else "does not speak",
+                 protocol.LATEST_MODERN if era == protocol.MODERN else "the handshake era")
+        return speaks
 
     def _legacy_session(self, instance: Instance, deadline: float) -> LegacySession:
         """The cached handshake-era session with `instance`, opened on first use."""

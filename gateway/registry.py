@@ -12,7 +12,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -96,6 +96,8 @@ class ServerEntry:
     raw: Mapping[str, Any]
     stdio: StdioSettings | None = None
     http: HttpSettings | None = None
+    auth_tokens: Mapping[str, str] = field(default_factory=dict)  # valid for this server only
+    allow: tuple[str, ...] | None = None  # gateway-wide token names that may reach it (None: all)
     template: str | None = None  # the template it was made from
     launch: Launch | None = None  # for an http template: what the gateway starts, `instances` times
     instances: int = 1
@@ -111,6 +113,8 @@ class GatewaySettings:
     session_secret: str | None = None
     session_ttl: float = 24 * 3600.0
     template_dirs: tuple[str, ...] = ()
+    auth: Mapping[str, Any] = field(default_factory=dict)
+    allowed_origins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -175,7 +179,19 @@ def validate(data: Any, base: Path = Path(".")) -> list[str]:
     if not isinstance(data, dict) or not isinstance(data.get("servers"), dict):
         return problems
     problems.extend(_template_problems(data, base))
+    auth_settings = (data.get("gateway") or {}).get("auth") or {}
+    if isinstance(auth_settings, dict) and isinstance(auth_settings.get("hook"), str):
+        from .auth import load_hook  # late: auth builds on this module
+
+        try:
+            load_hook(auth_settings["hook"])
+        except (ImportError, AttributeError, TypeError, ValueError) as exc:
+            problems.append(f"gateway.auth.hook: cannot use {auth_settings['hook']!r}: {exc}")
+    names = set(auth_settings.get("tokens") or {}) if isinstance(auth_settings, dict) else set()
     for server_id, entry in data["servers"].items():
+        for name in (entry.get("allow") or []) if isinstance(entry, dict) else []:
+            if name not in names:
+                problems.append(f"servers.{server_id}.allow: '{name}' is not a token in gateway.auth.tokens")
         if server_id.lower() in RESERVED_IDS:
             problems.append(f"servers.{server_id}: the id '{server_id}' is reserved for the gateway's own routes")
         if isinstance(entry, dict) and entry.get("type") == "http" and isinstance(entry.get("instances"), list):
@@ -247,8 +263,10 @@ def _build(data: dict[str, Any], source: str) -> Registry:
     catalog = template_catalog(data, Path(source).parent) if any(
         e["type"] == "template" for e in data["servers"].values()) else {}
     for server_id, entry in data["servers"].items():
+        access = {"auth_tokens": entry.get("auth_tokens", {}),
+                  "allow": tuple(entry["allow"]) if "allow" in entry else None}
         if entry["type"] == "template":
-            servers[server_id] = _from_template(server_id, entry, catalog[entry["template_name"]])
+            servers[server_id] = replace(_from_template(server_id, entry, catalog[entry["template_name"]]), **access)
             continue
         stdio = http = None
         if entry["type"] == "http":
@@ -265,10 +283,12 @@ def _build(data: dict[str, Any], source: str) -> Registry:
                 known["pool_min"] = min(StdioSettings.pool_min, known.get("pool_size", StdioSettings.pool_size))
             stdio = StdioSettings(**known)
         servers[server_id] = ServerEntry(
-            id=server_id, type=entry["type"], description=entry.get("description", ""), raw=entry, stdio=stdio, http=http
+            id=server_id, type=entry["type"], description=entry.get("description", ""), raw=entry, stdio=stdio, http=http,
+            **access,
         )
     gateway = dict(data.get("gateway", {}))
     gateway["template_dirs"] = tuple(gateway.get("template_dirs", ()))
+    gateway["allowed_origins"] = tuple(gateway.get("allowed_origins", ()))
     return Registry(source=source, servers=servers, gateway=GatewaySettings(**gateway))
 
 

@@ -35,6 +35,20 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 LONG_LIVED = {"subscriptions/listen"}
 
 
+# --- who may call ----------------------------------------------------------------
+
+
+@bp.before_request
+def guard() -> None:
+    """Origin on every request; a token where the registry asks for one."""
+    auth = current_gateway().auth
+    auth.check_origin(request.headers)
+    if request.endpoint == "mcp.status":
+        auth.check_operator(request.headers)
+    elif request.view_args and "server_id" in request.view_args:
+        g.principal = auth.check_server(request.view_args["server_id"], request.headers)
+
+
 # --- operator endpoints ------------------------------------------------------
 
 
@@ -199,6 +213,9 @@ def gateway_error(exc: errors.GatewayError) -> Response:
         response.headers["Retry-After"] = str(max(1, round(exc.retry_after)))
     if isinstance(exc, errors.MethodNotAllowed):
         response.headers["Allow"] = "POST, DELETE"
+    if exc.http_status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="mcp-gateway"'
+
     return response
 
 

@@ -391,3 +391,12 @@ def test_a_good_active_check_ends_an_ejection() -> None:
     assert health.ejected and not health.settled
     health.check_passed()
     assert not health.ejected and health.routable and health.settled
+
+
+def test_era_probe_asks_another_instance_when_one_is_down(good: GoodServer) -> None:
+    # The probe (server/discover) is how the gateway learns whether to bridge; a dead
+    # instance must not turn it into the client's error.
+    refused = f"http://127.0.0.1:{free_port()}"
+    upstream = make_upstream([refused, good.url])
+    assert upstream._speaks_era("2026-07-28") is False  # GoodServer answers no supportedVersions
+    assert good.requests == 1

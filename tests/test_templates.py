@@ -246,7 +246,10 @@ def test_http_template_runs_once_per_gateway_balanced_and_supervised(tmp_path: P
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:  # the restarted instance answers again
             with requests.Session() as http:
-                if {modern_info(http, gateway)["pid"] for _ in range(4)} == set(restarted):
+                # A call that reached the instance while it restarted may fail (and is not
+                # replayed); recovery means both instances answer again.
+                answered = {info["pid"] for info in (modern_info(http, gateway, tolerate=True) for _ in range(4)) if info}
+                if answered == set(restarted):
                     break
             time.sleep(0.2)
         else:
@@ -255,7 +258,7 @@ def test_http_template_runs_once_per_gateway_balanced_and_supervised(tmp_path: P
         gateway.stop_and_check()
 
 
-def modern_info(http: requests.Session, gateway: Gunicorn) -> dict[str, Any]:
+def modern_info(http: requests.Session, gateway: Gunicorn, tolerate: bool = False) -> dict[str, Any]:
     envelope = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}
     response = http.post(f"{gateway.url}/demo-http/mcp", timeout=30, json={
         "jsonrpc": "2.0", "id": 1, "method": "tools/call",
@@ -265,5 +268,8 @@ def modern_info(http: requests.Session, gateway: Gunicorn) -> dict[str, Any]:
     body = response.text
     if response.headers["Content-Type"].startswith("text/event-stream"):
         body = [line[6:] for line in body.splitlines() if line.startswith("data: ") and line[6:]][-1]
-    info: dict[str, Any] = json.loads(body)["result"]["structuredContent"]
+    answer = json.loads(body)
+    if tolerate and "result" not in answer:
+        return {}
+    info: dict[str, Any] = answer["result"]["structuredContent"]
     return info

@@ -1,0 +1,126 @@
+"""Tokens, allow-lists, the custom hook, operator endpoints and Origin checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from gateway import errors, registry
+from gateway.registry import RegistryError
+
+from .conftest import TIME_SERVER, Gunicorn, write_registry
+
+CI, ALICE, OWN = "ci-token-0123456789abcdef", "alice-token-0123456789abcd", "own-token-0123456789abcdef"
+LIST = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+
+
+def servers(**extra: Any) -> dict[str, Any]:
+    return {
+        "time": {"type": "stdio", "command": TIME_SERVER, **extra},
+        "restricted": {"type": "stdio", "command": TIME_SERVER, "allow": ["ci"]},
+    }
+
+
+@pytest.fixture
+def client(make_app: Any) -> Any:
+    return make_app(servers(), {"auth": {"tokens": {"ci": CI, "alice": ALICE}, "protect_operator_endpoints": True}}).test_client()
+
+
+def post(client: Any, server: str, **headers: str) -> Any:
+    return client.post(f"/{server}/mcp", data=json.dumps(LIST), headers=headers)
+
+
+def test_missing_or_wrong_token_is_401_with_www_authenticate(client: Any) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {CI}"}, {"X-API-Key": "nope"}):
+        response = post(client, "time", **headers)
+        assert response.status_code == 401, headers
+        assert response.headers["WWW-Authenticate"] == 'Bearer realm="mcp-gateway"'
+        body = response.get_json()
+        assert body["error"]["code"] == errors.UNAUTHORIZED and "server 'time'" in body["error"]["message"]
+
+
+def test_bearer_token_or_api_key_gets_through(client: Any) -> None:
+    assert post(client, "time", Authorization=f"Bearer {CI}").status_code == 200
+    assert post(client, "time", **{"X-API-Key": ALICE}).status_code == 200
+
+
+def test_allow_list_limits_which_tokens_reach_a_server(client: Any) -> None:
+    assert post(client, "restricted", Authorization=f"Bearer {CI}").status_code == 200
+    denied = post(client, "restricted", Authorization=f"Bearer {ALICE}")
+    assert denied.status_code == 403 and "may not reach this server" in denied.get_json()["error"]["message"]
+
+
+def test_unknown_server_ids_cannot_be_probed_without_a_token(client: Any) -> None:
+    assert post(client, "nope").status_code == 401
+    assert post(client, "nope", Authorization=f"Bearer {CI}").status_code == 404
+
+
+def test_operator_endpoints_can_be_protected_but_liveness_stays_open(client: Any) -> None:
+    assert client.get("/status").status_code == 401
+    assert client.get("/status", headers={"Authorization": f"Bearer {CI}"}).status_code == 200
+    assert client.get("/healthz").status_code == 200
+
+
+def test_per_server_tokens_protect_only_their_server(make_app: Any) -> None:
+    client = make_app({"open": {"type": "stdio", "command": TIME_SERVER},
+                       "own": {"type": "stdio", "command": TIME_SERVER, "auth_tokens": {"mine": OWN}}}).test_client()
+    assert post(client, "open").status_code == 200
+    assert post(client, "own").status_code == 401
+    assert post(client, "own", Authorization=f"Bearer {OWN}").status_code == 200
+    assert client.get("/status").status_code == 200  # not protected unless asked
+
+
+def test_custom_hook_can_let_a_request_in(make_app: Any) -> None:
+    client = make_app(servers(), {"auth": {"tokens": {"ci": CI}, "hook": "tests.auth_hook:team_header"}}).test_client()
+    assert post(client, "time", **{"X-Team": "blue"}).status_code == 200
+    assert post(client, "time", **{"X-Team": "red"}).status_code == 401
+    assert post(client, "time", Authorization=f"Bearer {CI}").status_code == 200
+
+
+@pytest.mark.parametrize("origin, allowed", [
+    ("http://localhost:3000", True), ("http://127.0.0.1", True), ("http://[::1]:8080", True),
+    ("https://app.example.com", True),  # listed
+    ("http://gateway.test", True),  # same origin as the Host it called
+    ("https://evil.example", False), ("null", False),
+])
+def test_origin_is_checked_against_loopback_same_origin_and_the_allow_list(make_app: Any, origin: str, allowed: bool) -> None:
+    client = make_app({"time": servers()["time"]}, {"allowed_origins": ["https://app.example.com"]}).test_client()
+    response = client.post("/time/mcp", data=json.dumps(LIST), headers={"Origin": origin, "Host": "gateway.test"})
+    if allowed:
+        assert response.status_code == 200
+    else:
+        assert response.status_code == 403
+        assert response.get_json()["error"]["message"] == f"Origin {origin!r} is not allowed to call this gateway"
+
+
+def test_registry_checks_allow_names_and_the_hook(tmp_path: Path) -> None:
+    document = {"servers": {"a": {"type": "stdio", "command": ["x"], "allow": ["nobody"]}},
+                "gateway": {"auth": {"tokens": {"ci": CI}, "hook": "tests.auth_hook:NOT_CALLABLE"}}}
+    with pytest.raises(RegistryError) as caught:
+        registry.parse(json.dumps(document), "r.json", {})
+    assert "servers.a.allow: 'nobody' is not a token in gateway.auth.tokens" in caught.value.problems
+    assert any(p.startswith("gateway.auth.hook: cannot use 'tests.auth_hook:NOT_CALLABLE'") for p in caught.value.problems)
+    short = {"servers": {}, "gateway": {"auth": {"tokens": {"ci": "short"}}}}
+    with pytest.raises(RegistryError, match="gateway.auth.tokens.ci: 'short' is too short"):
+        registry.parse(json.dumps(short), "r.json", {})
+
+
+def test_tokens_come_from_the_environment_and_never_reach_the_log(tmp_path: Path) -> None:
+    path = write_registry(tmp_path, servers(), {"auth": {"tokens": {"ci": "${GATEWAY_CI_TOKEN}", "alice": ALICE}}})
+    gateway = Gunicorn(path, workers=2, env={"GATEWAY_CI_TOKEN": CI})
+    try:
+        gateway.wait_ready()
+        url = f"{gateway.url}/time/mcp"
+        assert requests.post(url, json=LIST, headers={"Authorization": f"Bearer {CI}"}, timeout=30).status_code == 200
+        assert requests.post(url, json=LIST, headers={"Authorization": "Bearer not-the-token-at-all"}, timeout=30).status_code == 401
+        assert requests.post(f"{gateway.url}/restricted/mcp", json=LIST, headers={"X-API-Key": ALICE}, timeout=30).status_code == 403
+    finally:
+        gateway.stop_and_check()
+    log = gateway.log()
+    assert "POST /time/mcp" in log
+    for secret in (CI, ALICE, "not-the-token-at-all"):
+        assert secret not in log
