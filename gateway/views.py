@@ -83,7 +83,7 @@ def post(server_id: str, path: str) -> Response:
     method = message.get("method")
     if not jsonrpc.is_request(message):
         # Notifications (initialized, cancelled) and responses to server->client
-        # requests have nowhere to go: pooled processes never ask the client.
+        # requests have nowhere to go: a pooled or bridged server never asks the client.
         return Response(status=202)
     if client.era == protocol.LEGACY:
         if method == "initialize":
