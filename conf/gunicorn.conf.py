@@ -30,7 +30,9 @@ timeout = 60
 graceful_timeout = 30
 keepalive = 75  # above nginx's default upstream keepalive_timeout of 60 s
 preload_app = False  # pools, threads and children are per worker, made after fork
-accesslog = os.environ.get("MCP_GATEWAY_ACCESS_LOG", "-")
+# The gateway writes its own access line (request id, server, MCP method, upstream);
+# gunicorn's is off unless asked for.
+accesslog = os.environ.get("MCP_GATEWAY_ACCESS_LOG") or None
 errorlog = "-"
 loglevel = os.environ.get("MCP_GATEWAY_LOG_LEVEL", "info")
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from flask import Flask
 
+from . import accesslog
 from . import registry as registry_module
 from .extension import Gateway
 from .registry import Registry
@@ -33,6 +34,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, registry: Registry 
     if registry is None:
         registry = registry_module.load(app.config.get("REGISTRY_PATH"))
     app.config["MAX_CONTENT_LENGTH"] = registry.gateway.max_body_bytes
+    accesslog.init_app(app, registry.gateway.log_format)
     Gateway(registry).init_app(app)
     from .views import bp
 

@@ -64,6 +64,7 @@ class Reply:
     message: dict[str, Any]
     raw: bytes | None
     final: bool
+    origin: str | None = None  # which process or instance answered, for the access log
 
     def encoded(self) -> bytes:
         return self.raw if self.raw is not None else encode(self.message)

@@ -66,6 +66,7 @@ class ProxyRequest:
     message: dict[str, Any] | None  # the JSON-RPC message of a POST
     instance: str | None = None  # pinned by a session
     upstream_session: str | None = None
+    request_id: str | None = None  # X-Request-Id, passed on
 
     @property
     def rpc_method(self) -> str | None:
@@ -250,6 +251,8 @@ class HttpUpstream:
         headers["Accept-Encoding"] = "identity"  # bytes pass through as they are
         if request.upstream_session:
             headers["Mcp-Session-Id"] = request.upstream_session
+        if request.request_id:
+            headers["X-Request-Id"] = request.request_id
         url = instance.endpoint + request.path + (f"?{request.query.decode('latin-1')}" if request.query else "")
         timeout = (min(self.settings.connect_timeout, remaining), min(self.settings.read_timeout, remaining))
         with self._lock:
@@ -431,7 +434,8 @@ class HttpUpstream:
         self._legacy_sessions[instance.endpoint] = session
         return session
 
-    def call(self, message: dict[str, Any], body: bytes, client: ClientContext) -> Generator[Reply, None, None]:
+    def call(self, message: dict[str, Any], body: bytes, client: ClientContext,
+             request_id: str | None = None) -> Generator[Reply, None, None]:
         """A bridged request: translate, send, and translate every message of the answer."""
         deadline = time.monotonic() + self.settings.request_timeout
         server_era = protocol.LEGACY if self._speaks_era(protocol.LEGACY) else protocol.MODERN
@@ -441,7 +445,7 @@ class HttpUpstream:
             via: LegacySession | dict[str, str] = (
                 self._legacy_session(instance, deadline) if server_era == protocol.LEGACY else _modern_headers(outgoing)
             )
-            answer = self._send(instance, self._gateway_request(outgoing, via), deadline)
+            answer = self._send(instance, self._gateway_request(outgoing, via, request_id), deadline)
             if server_era == protocol.LEGACY and attempt == 0 and _session_lost(answer):
                 self._legacy_sessions.pop(instance.endpoint, None)  # it expired: open a new one, once
                 continue
@@ -452,19 +456,20 @@ class HttpUpstream:
                     if "id" in reply:  # a server->client request: no client can be asked
                         self._refuse(instance, reply, via, deadline)
                     else:
-                        yield Reply(reply, None, final=False)
+                        yield Reply(reply, None, final=False, origin=instance.endpoint)
                 elif reply.get("id") in (outgoing.get("id"), None):
                     # An error without an id answers the one request of this exchange.
                     reply = {**reply, "id": message["id"]}
                     translated = protocol.reply_for_client(reply, message["method"], client.era, server_era, self.server_id)
-                    yield Reply(translated, None, final=True)
+                    yield Reply(translated, None, final=True, origin=instance.endpoint)
                     return
         finally:
             _close(answer)
         raise errors.UpstreamFailed(f"server '{self.server_id}': instance {instance.endpoint} answered HTTP "
                                     f"{answer.status} without a response to the request")
 
-    def _gateway_request(self, message: dict[str, Any], via: LegacySession | Mapping[str, str]) -> ProxyRequest:
+    def _gateway_request(self, message: dict[str, Any], via: LegacySession | Mapping[str, str],
+                         request_id: str | None = None) -> ProxyRequest:
         """A request of the gateway's own: in a legacy session, or with the given headers."""
         headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
         if isinstance(via, LegacySession):
@@ -474,7 +479,8 @@ class HttpUpstream:
             headers.update(via)
             upstream_session = None
         return ProxyRequest(method="POST", path=self.settings.mcp_path, query=b"", headers=headers,
-                            body=jsonrpc.encode(message), message=message, upstream_session=upstream_session)
+                            body=jsonrpc.encode(message), message=message, upstream_session=upstream_session,
+                            request_id=request_id)
 
     def _refuse(self, instance: Instance, request: dict[str, Any], via: LegacySession | Mapping[str, str],
                 deadline: float) -> None:

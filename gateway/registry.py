@@ -115,6 +115,7 @@ class GatewaySettings:
     template_dirs: tuple[str, ...] = ()
     auth: Mapping[str, Any] = field(default_factory=dict)
     allowed_origins: tuple[str, ...] = ()
+    log_format: str = "text"
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,8 @@ class MessageUpstream(Upstream, Protocol):
     """An upstream the gateway speaks JSON-RPC messages to (the gateway ends MCP HTTP)."""
 
     def hello(self) -> ServerHello: ...
-    def call(self, message: dict[str, Any], body: bytes, client: ClientContext) -> Generator[Reply, None, None]: ...
+    def call(self, message: dict[str, Any], body: bytes, client: ClientContext,
+             request_id: str | None = None) -> Generator[Reply, None, None]: ...
 
 
 class StdioUpstream:
@@ -86,7 +87,8 @@ class StdioUpstream:
     def status(self) -> dict[str, Any]:
         return {"type": self.type, "command": list(self.settings.command), **self.pool.stats()}
 
-    def call(self, message: dict[str, Any], body: bytes, client: ClientContext) -> Generator[Reply, None, None]:
+    def call(self, message: dict[str, Any], body: bytes, client: ClientContext,
+             request_id: str | None = None) -> Generator[Reply, None, None]:
         """Serve one request; retry once on a fresh process where that is safe.
 
         Safe means the request never reached the failed process, or its method
@@ -125,12 +127,13 @@ class StdioUpstream:
                 exc.retry_safe = True  # the request never reached the process
                 raise
             for reply, raw in process.messages(request_id, deadline):
+                origin = f"pid {process.pid}"
                 if "method" in reply:
-                    yield Reply(reply, raw, final=False)
+                    yield Reply(reply, raw, final=False, origin=origin)
                     continue
                 translated = protocol.reply_for_client(reply, message["method"], client.era, process.era, self.server_id)
                 failure = None  # the client may hang up at this yield; the process is fine
-                yield Reply(translated, raw if translated is reply else None, final=True)
+                yield Reply(translated, raw if translated is reply else None, final=True, origin=origin)
                 return
         except errors.GatewayError as exc:
             failure = exc.message

@@ -17,7 +17,7 @@ from typing import Any
 from flask import Blueprint, Response, g, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from . import errors, jsonrpc, protocol, sse
+from . import accesslog, errors, jsonrpc, protocol, sse
 from .extension import current_gateway
 from .jsonrpc import Reply
 from .protocol import ClientContext
@@ -74,6 +74,7 @@ def post(server_id: str, path: str) -> Response:
     body = request.get_data(cache=False)
     message = jsonrpc.parse(body, server_id)
     g.request_id = message.get("id")
+    g.mcp_method = message.get("method")
     session = _session(server_id)
     client = protocol.client_context(request.headers, message, session.protocol_version if session else None)
     if isinstance(upstream, HttpUpstream) and not upstream.bridges(client, session, message):
@@ -135,8 +136,9 @@ def _proxy(upstream: HttpUpstream, path: str, body: bytes, message: dict[str, An
     answer = upstream.forward(ProxyRequest(
         method=request.method, path=f"/{path}" if path else "", query=request.query_string, headers=request.headers,
         body=body, message=message, instance=session.instance if session else None,
-        upstream_session=session.upstream_session if session else None,
+        upstream_session=session.upstream_session if session else None, request_id=accesslog.request_id(),
     ))
+    g.upstream = answer.instance
     response = Response(answer.body, status=answer.status, headers=answer.headers)
     if answer.streaming:
         response.headers["X-Accel-Buffering"] = "no"
@@ -166,8 +168,9 @@ def _initialize(upstream: MessageUpstream | HttpUpstream, message: dict[str, Any
 
 
 def _forward(upstream: MessageUpstream | HttpUpstream, message: dict[str, Any], body: bytes, client: ClientContext) -> Response:
-    replies = upstream.call(message, body, client)
+    replies = upstream.call(message, body, client, accesslog.request_id())
     first = next(replies)  # errors before the first message become plain HTTP errors
+    g.upstream = first.origin
     if not first.final and _accepts_sse():
         # The stream owns `replies` now, and closes it when the client is done.
         return Response(_sse(first, replies, message["id"]), mimetype="text/event-stream", headers=SSE_HEADERS)

@@ -1,0 +1,68 @@
+"""One access line per request: request id, server, MCP method, upstream, status, duration.
+
+The request id is the client's `X-Request-Id` when it is sane, else a new
+one; it is returned in the response and passed to HTTP upstreams. The line
+is written when the response is closed, so a streamed (SSE) answer is timed
+to its end. Plain `key=value` text by default, JSON lines with
+`gateway.log_format: json`. Header values other than the id are never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+
+from flask import Flask, Response, g, request
+
+log = logging.getLogger("gateway.access")
+
+REQUEST_ID_HEADER = "X-Request-Id"
+_SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def init_app(app: Flask, log_format: str = "text") -> None:
+    def start() -> None:
+        g.started = time.perf_counter()
+        given = request.headers.get(REQUEST_ID_HEADER, "")
+        g.request_id_header = given if _SANE_ID.match(given) else uuid.uuid4().hex
+
+    def finish(response: Response) -> Response:
+        response.headers[REQUEST_ID_HEADER] = g.request_id_header
+        fields = {
+            "request_id": g.request_id_header,
+            "http": f"{request.method} {request.path}",
+            "server": (request.view_args or {}).get("server_id"),
+            "mcp_method": g.get("mcp_method"),
+            "upstream": g.get("upstream"),
+            "status": response.status_code,
+        }
+        started = g.started
+
+        def write() -> None:
+            fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 2)
+            if log_format == "json":
+                log.info(json.dumps(fields))
+            else:
+                log.info(" ".join(f"{key}={_text(value)}" for key, value in fields.items()))
+
+        response.call_on_close(write)
+        return response
+
+    app.before_request(start)
+    app.after_request(finish)
+
+
+def _text(value: object) -> str:
+    """A value as one shell-style word: `-` for none, quoted when it has spaces."""
+    if value is None:
+        return "-"
+    text = str(value)
+    return json.dumps(text) if (" " in text or '"' in text) else text
+
+
+def request_id() -> str:
+    value: str = g.request_id_header
+    return value
