@@ -5,6 +5,9 @@
     mcp-gateway templates [--registry FILE] [--json]
     mcp-gateway registry from-template NAME --id ID [--instances N] [--transport T] [--config KEY=VALUE ...]
     mcp-gateway registry import FILE
+    mcp-gateway servers [--registry FILE]
+    mcp-gateway status [--url URL] [--token TOKEN] [--json]
+    mcp-gateway call SERVER METHOD [PARAMS_JSON] [--url URL] [--token TOKEN] [--protocol P]
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from . import mcpservers, registry, templates
+from . import mcpservers, protocol, registry, sse, templates
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -54,7 +57,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     convert.add_argument("file")
     convert.add_argument("--format", choices=("yaml", "json"), default="yaml")
 
+    servers = commands.add_parser("servers", help="list the servers of a registry")
+    servers.add_argument("--registry", help=f"registry file (default: ${registry.REGISTRY_ENV} or {registry.DEFAULT_PATH})")
+
+    status = commands.add_parser("status", help="ask a running gateway how its servers are")
+    _remote_options(status)
+    status.add_argument("--json", action="store_true", help="print the status JSON as it is")
+
+    call = commands.add_parser("call", help="send one JSON-RPC request and print the answer (SSE events as they come)")
+    call.add_argument("server")
+    call.add_argument("method", help="e.g. tools/list or tools/call")
+    call.add_argument("params", nargs="?", default="{}", help="params as JSON (default {})")
+    call.add_argument("--protocol", choices=("2026-07-28", "legacy"), default="2026-07-28",
+                      help="send 2026-07-28 headers and _meta (default) or a plain handshake-era request")
+    _remote_options(call)
+
     args = parser.parse_args(argv)
+    if args.command == "servers":
+        return list_servers(args.registry)
+    if args.command == "status":
+        return show_status(args)
+    if args.command == "call":
+        return call_server(args)
     if args.command == "validate":
         return validate(args.file)
     if args.command == "serve":
@@ -64,6 +88,105 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.action == "from-template":
         return from_template(args)
     return import_mcp_servers(args.file, args.format)
+
+
+def _remote_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--url", help="the gateway (default: $MCP_GATEWAY_URL, else the registry's host and port)")
+    command.add_argument("--token", default=os.environ.get("MCP_GATEWAY_TOKEN"),
+                         help="bearer token (default: $MCP_GATEWAY_TOKEN)")
+
+
+def _gateway_url(given: str | None) -> str:
+    if given or os.environ.get("MCP_GATEWAY_URL"):
+        return (given or os.environ["MCP_GATEWAY_URL"]).rstrip("/")
+    settings = registry.load().gateway
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    return f"http://{host}:{settings.port}"
+
+
+def _auth(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def list_servers(registry_file: str | None) -> int:
+    try:
+        loaded = registry.load(registry_file)
+    except registry.RegistryError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    for server_id, entry in loaded.servers.items():
+        if entry.stdio is not None:
+            how = f"stdio  pool {entry.stdio.pool_min}-{entry.stdio.pool_size}  {' '.join(entry.stdio.command)}"
+        elif entry.http is not None:
+            how = f"http   {entry.http.load_balancing}  {', '.join(i.endpoint for i in entry.http.instances)}"
+        else:
+            how = f"http   {entry.instances} local instance(s)"
+        template = f"  (template {entry.template})" if entry.template else ""
+        print(f"{server_id}  {how}{template}")
+    return 0
+
+
+def show_status(args: argparse.Namespace) -> int:
+    import requests
+
+    url = _gateway_url(args.url)
+    try:
+        response = requests.get(f"{url}/status", headers=_auth(args.token), timeout=30)
+    except requests.RequestException as exc:
+        print(f"cannot reach the gateway at {url}: {exc}", file=sys.stderr)
+        return 1
+    if response.status_code != 200:
+        print(f"{url}/status answered {response.status_code}: {response.text}", file=sys.stderr)
+        return 1
+    status = response.json()
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(f"gateway {url} (worker {status['worker_pid']}, registry {status['registry']})")
+    for server_id, server in status["servers"].items():
+        state = "healthy" if server.get("healthy") else "FAILING"
+        if server["type"] == "stdio":
+            detail = (f"{server['alive']} alive, {server['busy']} busy, {server['waiting']} waiting, "
+                      f"{server['restarts']} restarts")
+        else:
+            detail = f"{server['routable']}/{len(server['instances'])} instances routable, {server['retries']} retries"
+        error = server.get("last_error") or {}
+        print(f"  {server_id}  {server['type']}  {state}  {detail}"
+              + (f"  last error: {error['message']}" if error.get("message") and not server.get("healthy") else ""))
+    return 0
+
+
+def call_server(args: argparse.Namespace) -> int:
+    import requests
+
+    try:
+        params = json.loads(args.params)
+    except ValueError as exc:
+        print(f"params are not JSON: {exc}", file=sys.stderr)
+        return 1
+    message: dict[str, Any] = {"jsonrpc": "2.0", "id": 1, "method": args.method}
+    headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream", **_auth(args.token)}
+    if args.protocol == "2026-07-28":
+        message = protocol.to_modern_request({**message, "params": params})
+        headers.update(protocol.request_headers(message))
+    elif params:
+        message["params"] = params
+    url = f"{_gateway_url(args.url)}/{args.server}/mcp"
+    try:
+        with requests.post(url, data=json.dumps(message), headers=headers, stream=True, timeout=(10, 600)) as response:
+            if response.headers.get("Content-Type", "").startswith("text/event-stream"):
+                final: dict[str, Any] = {}
+                for data in sse.events(response.iter_content(chunk_size=None)):
+                    event = json.loads(data)
+                    print(json.dumps(event), flush=True)  # notifications as they arrive
+                    final = event
+            else:
+                final = response.json() if response.content else {}
+                print(json.dumps(final, indent=2))
+    except (requests.RequestException, ValueError) as exc:
+        print(f"call to {url} failed: {exc}", file=sys.stderr)
+        return 1
+    return 0 if "result" in final else 1
 
 
 def validate(path: str) -> int:

@@ -94,6 +94,16 @@ def encode_header_value(value: str) -> str:
     return "=?base64?" + base64.b64encode(value.encode("utf-8")).decode("ascii") + "?="
 
 
+def request_headers(message: Mapping[str, Any]) -> dict[str, str]:
+    """The 2026-07-28 request metadata headers that mirror `message`."""
+    method = str(message.get("method"))
+    headers = {"MCP-Protocol-Version": LATEST_MODERN, "Mcp-Method": method}
+    field = NAMED_PARAM.get(method)
+    if field is not None:
+        headers["Mcp-Name"] = encode_header_value(str((message.get("params") or {}).get(field, "")))
+    return headers
+
+
 def client_context(headers: Headers, message: Mapping[str, Any], session_version: str | None) -> ClientContext:
     """Decide the era of a request and enforce the 2026-07-28 header rules."""
     header_version = headers.get("MCP-Protocol-Version")

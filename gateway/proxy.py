@@ -393,7 +393,7 @@ class HttpUpstream:
         if era == protocol.MODERN:
             discover = protocol.to_modern_request(
                 {"jsonrpc": "2.0", "id": "mcp-gateway-discover", "method": "server/discover"})
-            answer = self._send(instance, self._gateway_request(discover, _modern_headers(discover)), deadline)
+            answer = self._send(instance, self._gateway_request(discover, protocol.request_headers(discover)), deadline)
             reply = self._response_in(answer, discover["id"])
             result = reply.get("result") if reply else None
             speaks = isinstance(result, dict) and protocol.LATEST_MODERN in (result.get("supportedVersions") or ())
@@ -443,7 +443,7 @@ class HttpUpstream:
         instance = self.balancer.pick()
         for attempt in range(2):
             via: LegacySession | dict[str, str] = (
-                self._legacy_session(instance, deadline) if server_era == protocol.LEGACY else _modern_headers(outgoing)
+                self._legacy_session(instance, deadline) if server_era == protocol.LEGACY else protocol.request_headers(outgoing)
             )
             answer = self._send(instance, self._gateway_request(outgoing, via, request_id), deadline)
             if server_era == protocol.LEGACY and attempt == 0 and _session_lost(answer):
@@ -533,15 +533,6 @@ class BadStatus(errors.UpstreamFailed):
     """The instance answered 502, 503 or 504; `response` is that answer, to pass on if no retry."""
 
     response: ProxyResponse
-
-
-def _modern_headers(message: dict[str, Any]) -> dict[str, str]:
-    """The 2026-07-28 request metadata headers for `message`."""
-    headers = {"MCP-Protocol-Version": protocol.LATEST_MODERN, "Mcp-Method": str(message.get("method"))}
-    field = protocol.NAMED_PARAM.get(str(message.get("method")))
-    if field is not None:
-        headers["Mcp-Name"] = protocol.encode_header_value(str((message.get("params") or {}).get(field, "")))
-    return headers
 
 
 def _session_lost(answer: ProxyResponse) -> bool:
