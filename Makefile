@@ -23,12 +23,13 @@ $(NODE_STAMP): tests/node/package.json $(wildcard tests/node/package-lock.json)
 	touch $(NODE_STAMP)
 
 # Tools the tests use: curl (README examples), unshare and ip (a network namespace
-# for the seed registry test), node and npm (server-everything).
+# for the seed registry test), nginx (in front of the gateway), node and npm (server-everything).
 system-tools:
 	@missing=""; \
 	command -v curl >/dev/null || missing="$$missing curl"; \
 	command -v unshare >/dev/null || missing="$$missing util-linux"; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
+	command -v nginx >/dev/null || test -x /usr/sbin/nginx || missing="$$missing nginx"; \
 	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq $$missing; fi
 
 run: install

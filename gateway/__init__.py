@@ -34,7 +34,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, registry: Registry 
     if registry is None:
         registry = registry_module.load(app.config.get("REGISTRY_PATH"))
     app.config["MAX_CONTENT_LENGTH"] = registry.gateway.max_body_bytes
-    accesslog.init_app(app, registry.gateway.log_format)
+    accesslog.init_app(app, registry.gateway.log_format, registry.gateway.trusted_proxies)
     Gateway(registry).init_app(app)
     from .views import bp
 

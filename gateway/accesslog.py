@@ -1,6 +1,9 @@
 """One access line per request: request id, server, MCP method, upstream, status, duration.
 
-The request id is the client's `X-Request-Id` when it is sane, else a new
+The client is the peer address, or, when the peer is a trusted proxy, the
+nearest untrusted address in its X-Forwarded-For (werkzeug's ProxyFix idea,
+limited to the proxies the registry names). The request id is the client's
+`X-Request-Id` when it is sane, else a new
 one; it is returned in the response and passed to HTTP upstreams. The line
 is written when the response is closed, so a streamed (SSE) answer is timed
 to its end. Plain `key=value` text by default, JSON lines with
@@ -23,7 +26,20 @@ REQUEST_ID_HEADER = "X-Request-Id"
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
-def init_app(app: Flask, log_format: str = "text") -> None:
+def client_address(peer: str | None, forwarded_for: str | None, trusted: frozenset[str]) -> str | None:
+    """Who called: X-Forwarded-For is believed only as far as trusted proxies added to it."""
+    if peer not in trusted or not forwarded_for:
+        return peer
+    hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if hop not in trusted:
+            return hop
+    return hops[0] if hops else peer
+
+
+def init_app(app: Flask, log_format: str = "text", trusted_proxies: tuple[str, ...] = ()) -> None:
+    trusted = frozenset(trusted_proxies)
+
     def start() -> None:
         g.started = time.perf_counter()
         given = request.headers.get(REQUEST_ID_HEADER, "")
@@ -33,6 +49,7 @@ def init_app(app: Flask, log_format: str = "text") -> None:
         response.headers[REQUEST_ID_HEADER] = g.request_id_header
         fields = {
             "request_id": g.request_id_header,
+            "client": client_address(request.remote_addr, request.headers.get("X-Forwarded-For"), trusted),
             "http": f"{request.method} {request.path}",
             "server": (request.view_args or {}).get("server_id"),
             "mcp_method": g.get("mcp_method"),

@@ -116,6 +116,7 @@ class GatewaySettings:
     auth: Mapping[str, Any] = field(default_factory=dict)
     allowed_origins: tuple[str, ...] = ()
     log_format: str = "text"
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -290,6 +291,7 @@ def _build(data: dict[str, Any], source: str) -> Registry:
     gateway = dict(data.get("gateway", {}))
     gateway["template_dirs"] = tuple(gateway.get("template_dirs", ()))
     gateway["allowed_origins"] = tuple(gateway.get("allowed_origins", ()))
+    gateway["trusted_proxies"] = tuple(gateway.get("trusted_proxies", ()))
     return Registry(source=source, servers=servers, gateway=GatewaySettings(**gateway))
 
 

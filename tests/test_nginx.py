@@ -1,0 +1,134 @@
+"""conf/nginx.conf for real: nginx on loopback in front of real gunicorn.
+
+JSON-RPC calls and SSE streams pass through it, and X-Forwarded-For is
+believed only from it (nginx connects from 127.0.0.2, the proxy the registry
+trusts; clients come from 127.0.0.3).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import (
+    ROOT,
+    SHARED_STATE_KEY,
+    TIME_SERVER,
+    Gunicorn,
+    descendants,
+    free_port,
+    server_command,
+    still_running,
+    write_registry,
+)
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+LIST = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    folder = tmp_path_factory.mktemp("nginx")
+    servers = {"time": {"type": "stdio", "command": TIME_SERVER},
+               "sdk": {"type": "stdio", "command": server_command("sdk_server.py", "stdio"),
+                       "env_vars": {"TEST_SERVER_STATE_KEY": SHARED_STATE_KEY}}}
+    gateway = Gunicorn(write_registry(folder, servers, {"trusted_proxies": ["127.0.0.2"]}), workers=2)
+    nginx = None
+    try:
+        gateway.wait_ready()
+        port = free_port()
+        site = (ROOT / "conf/nginx.conf").read_text()
+        site = site.replace("server 127.0.0.1:8000;", f"server 127.0.0.1:{gateway.port};")
+        site = site.replace("listen 80;", f"listen 127.0.0.1:{port};")
+        # Test only: nginx connects from 127.0.0.2, the address the registry trusts.
+        site = site.replace("proxy_pass http://mcp_gateway;", "proxy_pass http://mcp_gateway;\n        proxy_bind 127.0.0.2;")
+        (folder / "site.conf").write_text(site)
+        temp = "".join(f"{kind}_temp_path {folder}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        (folder / "nginx.conf").write_text(
+            f"daemon off;\nworker_processes 1;\npid {folder}/nginx.pid;\nerror_log {folder}/error.log;\n"
+            f"events {{ worker_connections 64; }}\nhttp {{\n access_log off;\n{temp} include {folder}/site.conf;\n}}\n")
+        assert Path(NGINX).exists(), "nginx is needed; `make test` installs it"
+        with open(folder / "nginx.out", "wb") as output:
+            nginx = subprocess.Popen([NGINX, "-p", str(folder), "-c", str(folder / "nginx.conf")],
+                                     stdout=output, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15
+        while True:
+            assert nginx.poll() is None, (folder / "nginx.out").read_text() + (folder / "error.log").read_text()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "nginx did not start listening"
+                time.sleep(0.05)
+        yield {"gateway": gateway, "port": port, "nginx": nginx}
+    finally:
+        if nginx is not None:
+            children = descendants(nginx.pid)
+            nginx.send_signal(signal.SIGTERM)
+            nginx.wait(15)
+            assert not still_running(children), "nginx workers left behind"
+        gateway.stop_and_check()
+
+
+@contextmanager
+def post(port: int, server: str, body: dict[str, Any], headers: dict[str, str] | None = None,
+         source: str = "127.0.0.3") -> Iterator[http.client.HTTPResponse]:
+    """POST from `source` (a loopback address) and close the connection afterwards."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30, source_address=(source, 0))
+    try:
+        connection.request("POST", f"/{server}/mcp", body=json.dumps(body),
+                           headers={"Content-Type": "application/json", **(headers or {})})
+        yield connection.getresponse()
+    finally:
+        connection.close()
+
+
+def test_jsonrpc_calls_pass_through_nginx(stack: dict[str, Any]) -> None:
+    with post(stack["port"], "time", LIST) as response:
+        assert response.status == 200
+        assert {t["name"] for t in json.loads(response.read())["result"]["tools"]} == {"get_current_time", "convert_time"}
+
+
+def test_sse_events_pass_through_nginx_as_they_happen(stack: dict[str, Any]) -> None:
+    body = {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+            "params": {"name": "slow", "arguments": {"steps": 3}, "_meta": {"progressToken": "t"}}}
+    with post(stack["port"], "sdk", body, {"Accept": "application/json, text/event-stream"}) as response:
+        assert response.status == 200 and response.getheader("Content-Type", "").startswith("text/event-stream")
+        first = response.read1(65536)
+        while b"notifications/progress" not in first:
+            first += response.read1(65536)
+        assert b'"result"' not in first, "nginx held the stream back"
+        assert b'"result"' in response.read()
+
+
+def access_clients(gateway: Gunicorn, request_id: str) -> list[str]:
+    return re.findall(rf"request_id={re.escape(request_id)} client=(\S+)", gateway.log())
+
+
+def test_x_forwarded_for_is_believed_only_from_the_trusted_proxy(stack: dict[str, Any]) -> None:
+    gateway: Gunicorn = stack["gateway"]
+    spoof = {"X-Forwarded-For": "203.0.113.9"}
+    with post(stack["port"], "time", LIST, {**spoof, "X-Request-Id": "via-nginx"}) as response:
+        response.read()
+    with post(gateway.port, "time", LIST, {**spoof, "X-Request-Id": "direct"}) as response:
+        response.read()
+    deadline = time.monotonic() + 10
+    while not (access_clients(gateway, "via-nginx") and access_clients(gateway, "direct")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    # Through nginx: the address nginx saw (it appended it), not what the client claimed.
+    assert access_clients(gateway, "via-nginx") == ["127.0.0.3"]
+    # Straight to gunicorn from an untrusted peer: the header is ignored.
+    assert access_clients(gateway, "direct") == ["127.0.0.3"]
+    assert "client=203.0.113.9" not in gateway.log()
