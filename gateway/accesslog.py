@@ -1,4 +1,4 @@
-"""One access line per request: request id, server, MCP method, upstream, status, duration.
+"""One access line per request: request id, client, caller, server, MCP method, upstream, status, time.
 
 The client is the peer address, or, when the peer is a trusted proxy, the
 nearest untrusted address in its X-Forwarded-For (werkzeug's ProxyFix idea,
@@ -43,15 +43,16 @@ def init_app(app: Flask, log_format: str = "text", trusted_proxies: tuple[str, .
     def start() -> None:
         g.started = time.perf_counter()
         given = request.headers.get(REQUEST_ID_HEADER, "")
-        g.request_id_header = given if _SANE_ID.match(given) else uuid.uuid4().hex
+        g.request_id = given if _SANE_ID.match(given) else uuid.uuid4().hex
 
     def finish(response: Response) -> Response:
-        response.headers[REQUEST_ID_HEADER] = g.request_id_header
+        response.headers[REQUEST_ID_HEADER] = g.request_id
         fields = {
-            "request_id": g.request_id_header,
+            "request_id": g.request_id,
             "client": client_address(request.remote_addr, request.headers.get("X-Forwarded-For"), trusted),
             "http": f"{request.method} {request.path}",
             "server": (request.view_args or {}).get("server_id"),
+            "principal": g.get("principal"),  # the token's name, never its value
             "mcp_method": g.get("mcp_method"),
             "upstream": g.get("upstream"),
             "status": response.status_code,
@@ -81,5 +82,5 @@ def _text(value: object) -> str:
 
 
 def request_id() -> str:
-    value: str = g.request_id_header
+    value: str = g.request_id
     return value

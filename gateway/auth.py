@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from . import errors
 from .protocol import Headers
-from .registry import Registry, ServerEntry
+from .registry import Registry
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 
@@ -48,8 +48,9 @@ class Authenticator:
         self.protect_operator = bool(settings.get("protect_operator_endpoints"))
         self.hook: Hook | None = load_hook(settings["hook"]) if settings.get("hook") else None
         self.servers = registry.servers
+        self.server_tokens = {sid: {name: value.encode() for name, value in entry.auth_tokens.items()}
+                              for sid, entry in registry.servers.items()}
         self.allowed_origins = frozenset(registry.gateway.allowed_origins)
-        self.required = bool(self.tokens or self.hook or any(e.auth_tokens for e in registry.servers.values()))
 
     # --- Origin --------------------------------------------------------------------
 
@@ -77,10 +78,11 @@ class Authenticator:
             if (self.tokens or self.hook) and self._match(presented(headers), self.tokens) is None:
                 raise Unauthorized("a valid token is required (Authorization: Bearer <token>)")
             return None
-        if not self._required_for(entry):
-            return None
+        own_tokens = self.server_tokens[server_id]
+        if not (self.tokens or self.hook or own_tokens):
+            return None  # nothing asks for a token here
         token = presented(headers)
-        own = self._match(token, {n: v.encode() for n, v in entry.auth_tokens.items()})
+        own = self._match(token, own_tokens)
         if own is not None:
             return own
         name = self._match(token, self.tokens)
@@ -93,9 +95,6 @@ class Authenticator:
             if principal:
                 return str(principal)
         raise Unauthorized(f"server '{server_id}': a valid token is required (Authorization: Bearer <token>)")
-
-    def _required_for(self, entry: ServerEntry) -> bool:
-        return bool(self.tokens or self.hook or entry.auth_tokens)
 
     @staticmethod
     def _match(token: bytes | None, candidates: Mapping[str, bytes]) -> str | None:

@@ -217,12 +217,19 @@ def serve_forever(registry_file: str | None, bind: str | None, workers: int | No
     os.execv(sys.executable, argv)
 
 
-def _catalog(registry_file: str | None) -> dict[str, templates.Template]:
+def _template_settings(registry_file: str | None) -> tuple[dict[str, Any], Path]:
+    """The `gateway` section naming user template folders, and the folder they are relative to."""
     if not registry_file:
-        return templates.catalog()
+        return {}, Path(".")
     path = Path(registry_file)
     data = yaml.safe_load(path.read_text("utf-8"))
-    return registry.template_catalog(data if isinstance(data, dict) else {}, path.parent)
+    dirs = ((data.get("gateway") or {}) if isinstance(data, dict) else {}).get("template_dirs") or []
+    return {"template_dirs": dirs}, path.parent
+
+
+def _catalog(registry_file: str | None) -> dict[str, templates.Template]:
+    gateway, base = _template_settings(registry_file)
+    return registry.template_catalog({"gateway": gateway}, base)
 
 
 def list_templates(registry_file: str | None, as_json: bool) -> int:
@@ -260,11 +267,8 @@ def from_template(args: argparse.Namespace) -> int:
     if config:
         entry["config"] = config
     document = {"servers": {args.id: entry}}
-    base = Path(args.registry).parent if args.registry else Path(".")
-    data = document if not args.registry else {**document, "gateway": {
-        "template_dirs": ((yaml.safe_load(Path(args.registry).read_text("utf-8")) or {}).get("gateway") or {}).get(
-            "template_dirs", [])}}
-    problems = registry.validate(data, base)
+    gateway, base = _template_settings(args.registry)
+    problems = registry.validate({**document, "gateway": gateway}, base)
     if problems:
         print("\n".join(problems), file=sys.stderr)
         return 1

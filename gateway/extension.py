@@ -1,7 +1,9 @@
 """The gateway's per-worker runtime, attached to the Flask app.
 
-Owns the upstreams built from the registry, the session signer and the
-upkeep thread that keeps pools at their minimum and retires idle processes.
+Owns the upstreams built from the registry, the authenticator, the session
+signer, the upkeep thread (pools kept at their minimum, idle processes
+retired, HTTP health checks run) and, when gunicorn's master runs none, the
+supervisor of http templates' processes.
 Nothing starts at import or in create_app: `start()` runs after gunicorn
 forks (from the post_worker_init hook, or lazily on the first request), and
 `close()` runs when the worker exits, so every child is stopped with it.

@@ -219,6 +219,31 @@ def reply_for_client(reply: dict[str, Any], method: str, client_era: str, server
     return reply
 
 
+def discover_request(request_id: str) -> dict[str, Any]:
+    """The gateway's own `server/discover`, as it asks a server which era it speaks."""
+    return to_modern_request({"jsonrpc": "2.0", "id": request_id, "method": "server/discover"})
+
+
+def initialize_request(request_id: str) -> dict[str, Any]:
+    """The gateway's own `initialize` of a handshake-era server (it declares no capabilities)."""
+    return {"jsonrpc": "2.0", "id": request_id, "method": "initialize",
+            "params": {"protocolVersion": LATEST_LEGACY, "capabilities": {}, "clientInfo": GATEWAY_INFO}}
+
+
+def hello_from_discover(result: Any) -> ServerHello | None:
+    """What a `server/discover` result says, or None unless it offers 2026-07-28."""
+    if not isinstance(result, dict) or LATEST_MODERN not in (result.get("supportedVersions") or ()):
+        return None
+    return ServerHello(MODERN, LATEST_MODERN, result.get("capabilities") or {},
+                       (result.get("_meta") or {}).get(META_SERVER_INFO) or {}, result.get("instructions"))
+
+
+def hello_from_initialize(result: Mapping[str, Any]) -> ServerHello:
+    """What an `initialize` result says."""
+    return ServerHello(LEGACY, str(result.get("protocolVersion", LATEST_LEGACY)), result.get("capabilities") or {},
+                       result.get("serverInfo") or {}, result.get("instructions"))
+
+
 def initialize_result(hello: ServerHello, requested: Any) -> dict[str, Any]:
     """The gateway's own answer to a legacy client's `initialize`."""
     version = requested if requested in LEGACY_VERSIONS else LATEST_LEGACY

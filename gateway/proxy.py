@@ -49,6 +49,8 @@ HOP_BY_HOP = frozenset({
 NOT_FORWARDED = HOP_BY_HOP | {"host", "cookie", "authorization", "content-length", "accept-encoding", "mcp-session-id"}
 NOT_RETURNED = HOP_BY_HOP | {"content-length", "set-cookie", "mcp-session-id", "server", "date"}
 RETRYABLE_STATUS = frozenset({502, 503, 504})
+# What every request of the gateway's own sends (the spec's Accept for Streamable HTTP).
+JSON_RPC_HEADERS = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
 MAX_JSON_BODY = 64 * 1024 * 1024
 STREAM_CHUNK = 64 * 1024
 E = TypeVar("E", bound=errors.UpstreamError)
@@ -80,7 +82,11 @@ class ProxyResponse:
     body: Generator[bytes, None, None] | bytes
     instance: str
     upstream_session: str | None = None
-    streaming: bool = False
+
+    @property
+    def streaming(self) -> bool:
+        """An SSE body, handed on chunk by chunk (a JSON body was read whole)."""
+        return not isinstance(self.body, bytes)
 
 
 @dataclass
@@ -140,9 +146,6 @@ class HttpUpstream:
                     self._session = session
         return self._session
 
-    def start(self) -> None:
-        pass
-
     def close(self) -> None:
         if self._session is not None:
             self._session.close()
@@ -177,12 +180,10 @@ class HttpUpstream:
                 good = 200 <= response.status_code < 300
             else:
                 # Any answer below 500 to an MCP probe means the process is alive.
-                probe = protocol.to_modern_request({"jsonrpc": "2.0", "id": "mcp-gateway-health", "method": "server/discover"})
+                probe = protocol.discover_request("mcp-gateway-health")
                 response = self.session.post(
                     instance.endpoint + self.settings.mcp_path, data=jsonrpc.encode(probe), timeout=timeout,
-                    headers={"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
-                             "MCP-Protocol-Version": protocol.LATEST_MODERN, "Mcp-Method": "server/discover",
-                             **self.settings.headers},
+                    headers={**JSON_RPC_HEADERS, **protocol.request_headers(probe), **self.settings.headers},
                 )
                 good = response.status_code < 500
             response.close()
@@ -275,7 +276,6 @@ class HttpUpstream:
             )
             sse = response.headers.get("Content-Type", "").startswith("text/event-stream")
             if sse and response.status_code not in RETRYABLE_STATUS:
-                result.streaming = True
                 result.body = self._stream(instance, response)
                 handed_over = True
             else:
@@ -391,16 +391,12 @@ class HttpUpstream:
     def _probe_era(self, instance: Instance, era: str) -> bool:
         deadline = time.monotonic() + self.settings.request_timeout
         if era == protocol.MODERN:
-            discover = protocol.to_modern_request(
-                {"jsonrpc": "2.0", "id": "mcp-gateway-discover", "method": "server/discover"})
+            discover = protocol.discover_request("mcp-gateway-discover")
             answer = self._send(instance, self._gateway_request(discover, protocol.request_headers(discover)), deadline)
             reply = self._response_in(answer, discover["id"])
-            result = reply.get("result") if reply else None
-            speaks = isinstance(result, dict) and protocol.LATEST_MODERN in (result.get("supportedVersions") or ())
-            if speaks and isinstance(result, dict):
-                self._hello = self._hello or ServerHello(
-                    protocol.MODERN, protocol.LATEST_MODERN, result.get("capabilities") or {},
-                    (result.get("_meta") or {}).get(protocol.META_SERVER_INFO) or {}, result.get("instructions"))
+            hello = protocol.hello_from_discover(reply.get("result") if reply else None)
+            speaks = hello is not None
+            self._hello = self._hello or hello
         else:
             try:
                 self._legacy_session(instance, deadline)
@@ -417,18 +413,15 @@ class HttpUpstream:
         cached = self._legacy_sessions.get(instance.endpoint)
         if cached is not None:
             return cached
-        initialize = {"jsonrpc": "2.0", "id": "mcp-gateway-initialize", "method": "initialize",
-                      "params": {"protocolVersion": protocol.LATEST_LEGACY, "capabilities": {},
-                                 "clientInfo": protocol.GATEWAY_INFO}}
+        initialize = protocol.initialize_request("mcp-gateway-initialize")
         answer = self._send(instance, self._gateway_request(initialize, {}), deadline)
         reply = self._response_in(answer, initialize["id"])
         result = reply.get("result") if reply else None
         if not isinstance(result, dict):
             raise errors.UpstreamRefused(f"server '{self.server_id}': instance {instance.endpoint} refused initialize")
-        version = str(result.get("protocolVersion", protocol.LATEST_LEGACY))
-        session = LegacySession(answer.upstream_session, version)
-        self._hello = self._hello or ServerHello(protocol.LEGACY, version, result.get("capabilities") or {},
-                                                 result.get("serverInfo") or {}, result.get("instructions"))
+        hello = protocol.hello_from_initialize(result)
+        session = LegacySession(answer.upstream_session, hello.protocol_version)
+        self._hello = self._hello or hello
         initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
         _close(self._send(instance, self._gateway_request(initialized, session), deadline))
         self._legacy_sessions[instance.endpoint] = session
@@ -447,6 +440,7 @@ class HttpUpstream:
             )
             answer = self._send(instance, self._gateway_request(outgoing, via, request_id), deadline)
             if server_era == protocol.LEGACY and attempt == 0 and _session_lost(answer):
+                _close(answer)
                 self._legacy_sessions.pop(instance.endpoint, None)  # it expired: open a new one, once
                 continue
             break
@@ -471,7 +465,7 @@ class HttpUpstream:
     def _gateway_request(self, message: dict[str, Any], via: LegacySession | Mapping[str, str],
                          request_id: str | None = None) -> ProxyRequest:
         """A request of the gateway's own: in a legacy session, or with the given headers."""
-        headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+        headers = dict(JSON_RPC_HEADERS)
         if isinstance(via, LegacySession):
             headers["MCP-Protocol-Version"] = via.version
             upstream_session = via.session_id
@@ -491,7 +485,7 @@ class HttpUpstream:
 
     def _messages(self, answer: ProxyResponse) -> Iterator[dict[str, Any]]:
         """Every JSON-RPC message of an answer, JSON or SSE, as it arrives."""
-        datas = sse.events(answer.body) if isinstance(answer.body, Iterator) else iter([answer.body])
+        datas = sse.events(answer.body) if not isinstance(answer.body, bytes) else iter([answer.body])
         for data in datas:
             try:
                 message = json.loads(data)
@@ -543,7 +537,7 @@ def _session_lost(answer: ProxyResponse) -> bool:
 
 def _close(answer: ProxyResponse) -> None:
     """Release a streamed answer's connection (a no-op for one read whole)."""
-    if isinstance(answer.body, Generator):
+    if not isinstance(answer.body, bytes):
         answer.body.close()
 
 

@@ -229,9 +229,7 @@ def _template_problems(data: dict[str, Any], base: Path) -> list[str]:
         transport = entry.get("transport", template.transport)
         if transport not in template.run:
             problems.append(f"servers.{server_id}.transport: template '{template.name}' has no '{transport}' run")
-        config = entry.get("config", {})
-        problems.extend(f"servers.{server_id}.config.{p}" if not p.startswith("(config)") else f"servers.{server_id}.config{p[8:]}"
-                        for p in template.config_problems(config))
+        problems.extend(template.config_problems(entry.get("config", {}), f"servers.{server_id}.config"))
     return problems
 
 

@@ -70,25 +70,12 @@ class StdioProcess:
 
     def handshake(self, deadline: float) -> protocol.ServerHello:
         """Learn the era with server/discover, else initialize once."""
-        discover = protocol.to_modern_request({"jsonrpc": "2.0", "id": _DISCOVER_ID, "method": "server/discover"})
-        self.send(jsonrpc.encode(discover), deadline)
+        self.send(jsonrpc.encode(protocol.discover_request(_DISCOVER_ID)), deadline)
         reply = self._await(_DISCOVER_ID, min(deadline, time.monotonic() + DISCOVER_TIMEOUT), silence_ok=True)
-        result = reply.get("result") if reply else None
-        if isinstance(result, dict) and protocol.LATEST_MODERN in (result.get("supportedVersions") or ()):
-            meta = result.get("_meta") or {}
-            self.hello = protocol.ServerHello(
-                era=protocol.MODERN,
-                protocol_version=protocol.LATEST_MODERN,
-                capabilities=result.get("capabilities") or {},
-                server_info=meta.get(protocol.META_SERVER_INFO) or {},
-                instructions=result.get("instructions"),
-            )
+        self.hello = protocol.hello_from_discover(reply.get("result") if reply else None)
+        if self.hello is not None:
             return self.hello
-        initialize = {
-            "jsonrpc": "2.0", "id": _INITIALIZE_ID, "method": "initialize",
-            "params": {"protocolVersion": protocol.LATEST_LEGACY, "capabilities": {}, "clientInfo": protocol.GATEWAY_INFO},
-        }
-        self.send(jsonrpc.encode(initialize), deadline)
+        self.send(jsonrpc.encode(protocol.initialize_request(_INITIALIZE_ID)), deadline)
         reply = self._await(_INITIALIZE_ID, deadline, silence_ok=False)
         result = reply.get("result") if reply else None
         if not isinstance(result, dict):
@@ -96,13 +83,7 @@ class StdioProcess:
                 f"server '{self.server_id}': process {self.pid} refused initialize: {json.dumps(reply.get('error') if reply else None)}"
             )
         self.send(b'{"jsonrpc":"2.0","method":"notifications/initialized"}', deadline)
-        self.hello = protocol.ServerHello(
-            era=protocol.LEGACY,
-            protocol_version=str(result.get("protocolVersion", protocol.LATEST_LEGACY)),
-            capabilities=result.get("capabilities") or {},
-            server_info=result.get("serverInfo") or {},
-            instructions=result.get("instructions"),
-        )
+        self.hello = protocol.hello_from_initialize(result)
         return self.hello
 
     def _await(self, request_id: str, deadline: float, silence_ok: bool) -> dict[str, Any] | None:

@@ -50,7 +50,6 @@ class Instance:
     port: int
     popen: subprocess.Popen[bytes] | None = None
     failures: int = 0
-    restarts: int = 0
     next_start: float = 0.0
 
     @property
@@ -147,7 +146,6 @@ class Supervisor:
                         processes.stop(instance.popen, 0)  # reap it, and any stray of its group
                         self._failed(instance, f"exited with code {code}")
                     if time.monotonic() >= instance.next_start:
-                        instance.restarts += 1
                         self._start(instance)
 
     def stop(self, grace: float = 5.0) -> None:

@@ -51,11 +51,11 @@ class Template:
         properties = self.config_schema.get("properties") or {}
         return {key: spec["default"] for key, spec in properties.items() if isinstance(spec, dict) and "default" in spec}
 
-    def config_problems(self, config: Any) -> list[str]:
-        """Problems of `config` against this template's schema, as `key: problem`."""
+    def config_problems(self, config: Any, where: str) -> list[str]:
+        """Problems of `config` against this template's schema, as `where.key: problem`."""
         validator = jsonschema.Draft202012Validator(self.config_schema or {"type": "object"})
         return [
-            f"{'.'.join(str(p) for p in error.absolute_path) or '(config)'}: {error.message}"
+            f"{'.'.join([where, *(str(p) for p in error.absolute_path)])}: {error.message}"
             for error in sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path])
         ]
 

@@ -1,9 +1,11 @@
 """Upstreams: what a registry entry becomes, and the one interface views use.
 
-An upstream turns one client JSON-RPC request into the stream of messages
-that answers it (notifications first, the response last), whatever transport
-and protocol era sits behind it. `StdioUpstream` serves `stdio` entries from
-a process pool; HTTP and template upstreams plug into the same interface.
+A message upstream turns one client JSON-RPC request into the stream of
+messages that answers it (notifications first, the response last), whatever
+transport and protocol era sits behind it. `StdioUpstream` serves `stdio`
+entries (stdio templates included) from a process pool; `proxy.HttpUpstream`
+serves `http` entries (http templates included), passing requests through and
+answering like a message upstream only for traffic it bridges between eras.
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ class Upstream(Protocol):
     server_id: str
     type: str
 
-    def start(self) -> None: ...
     def maintain(self) -> None: ...
     def close(self) -> None: ...
     def status(self) -> dict[str, Any]: ...
@@ -68,9 +69,6 @@ class StdioUpstream:
             process.close(0)
             raise errors.SpawnFailed(f"{exc.message} (during start-up)") from None
         return process
-
-    def start(self) -> None:
-        self.pool.maintain()
 
     def maintain(self) -> None:
         self.pool.maintain()
@@ -126,8 +124,8 @@ class StdioUpstream:
             except errors.ProcessFailed as exc:
                 exc.retry_safe = True  # the request never reached the process
                 raise
+            origin = f"pid {process.pid}"
             for reply, raw in process.messages(request_id, deadline):
-                origin = f"pid {process.pid}"
                 if "method" in reply:
                     yield Reply(reply, raw, final=False, origin=origin)
                     continue

@@ -73,15 +73,14 @@ def post(server_id: str, path: str) -> Response:
     upstream = gateway.upstream(server_id)
     body = request.get_data(cache=False)
     message = jsonrpc.parse(body, server_id)
-    g.request_id = message.get("id")
-    g.mcp_method = message.get("method")
+    g.rpc_id = message.get("id")
+    g.mcp_method = method = message.get("method")
     session = _session(server_id)
     client = protocol.client_context(request.headers, message, session.protocol_version if session else None)
     if isinstance(upstream, HttpUpstream) and not upstream.bridges(client, session, message):
         return _proxy(upstream, path, body, message, session)
     # From here the gateway ends MCP HTTP itself: a stdio server, or an HTTP
     # server of the other protocol era than the client's.
-    method = message.get("method")
     if not jsonrpc.is_request(message):
         # Notifications (initialized, cancelled) and responses to server->client
         # requests have nowhere to go: a pooled or bridged server never asks the client.
@@ -148,7 +147,7 @@ def _proxy(upstream: HttpUpstream, path: str, body: bytes, message: dict[str, An
         response.headers[SESSION_HEADER] = current_gateway().signer.mint(
             upstream.server_id, str(version), instance=answer.instance, upstream_session=answer.upstream_session
         )
-    elif session is not None and request.headers.get(SESSION_HEADER):
+    elif session is not None:
         response.headers[SESSION_HEADER] = request.headers[SESSION_HEADER]
     return response
 
@@ -211,14 +210,13 @@ def _json(payload: dict[str, Any], status: int = 200) -> Response:
 def gateway_error(exc: errors.GatewayError) -> Response:
     if exc.http_status >= 500:
         log.warning("%s %s -> %s: %s", request.method, request.path, exc.http_status, exc.message)
-    response = _json(jsonrpc.error(g.get("request_id"), exc.code, exc.message, exc.data), exc.http_status)
+    response = _json(jsonrpc.error(g.get("rpc_id"), exc.code, exc.message, exc.data), exc.http_status)
     if exc.retry_after is not None:
         response.headers["Retry-After"] = str(max(1, round(exc.retry_after)))
     if isinstance(exc, errors.MethodNotAllowed):
         response.headers["Allow"] = "POST, DELETE"
     if exc.http_status == 401:
         response.headers["WWW-Authenticate"] = 'Bearer realm="mcp-gateway"'
-
     return response
 
 
@@ -242,4 +240,4 @@ def unexpected_error(exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.path)
     server_id = (request.view_args or {}).get("server_id")
     message = f"internal gateway error{f' serving server {server_id!r}' if server_id else ''}: {type(exc).__name__}"
-    return _json(jsonrpc.error(g.get("request_id"), errors.INTERNAL_ERROR, message), 500)
+    return _json(jsonrpc.error(g.get("rpc_id"), errors.INTERNAL_ERROR, message), 500)

@@ -400,3 +400,10 @@ def test_era_probe_asks_another_instance_when_one_is_down(good: GoodServer) -> N
     upstream = make_upstream([refused, good.url])
     assert upstream._speaks_era("2026-07-28") is False  # GoodServer answers no supportedVersions
     assert good.requests == 1
+
+
+def test_keep_alive_pool_size_is_set_per_server(good: GoodServer) -> None:
+    upstream = make_upstream([good.url], max_connections=3)
+    adapter = upstream.session.get_adapter(good.url)
+    assert adapter._pool_maxsize == 3 and upstream.session.trust_env is False  # type: ignore[attr-defined]
+    assert upstream.forward(request("tools/list")).status == 200
