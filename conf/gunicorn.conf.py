@@ -12,13 +12,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gateway import registry as _registry
+# First thing, before prometheus_client is imported anywhere: the runtime directory
+# (metrics of every worker, their status, the last good registry). Exits on an
+# invalid registry at start; on HUP an invalid one is refused and the old one kept.
+from gateway import master as _master
 
-try:
-    _settings = _registry.load().gateway
-except _registry.RegistryError as _error:  # stop before any worker starts, with the reason
-    sys.stderr.write(f"mcp-gateway: invalid registry, not starting:\n{_error}\n")
-    sys.exit(1)
+_settings = _master.load_settings()
 
 bind = [os.environ.get("MCP_GATEWAY_BIND", f"{_settings.host}:{_settings.port}")]
 worker_class = "gthread"
@@ -37,24 +36,11 @@ errorlog = "-"
 loglevel = os.environ.get("MCP_GATEWAY_LOG_LEVEL", "info")
 
 
-_supervisor = None
-
-
-def on_starting(server):  # type: ignore[no-untyped-def]
-    """Start http templates' processes once, in the master, before workers fork."""
-    global _supervisor
-    from gateway import configure_logging
-    from gateway.supervisor import Supervisor
-
-    configure_logging()
-    _supervisor = Supervisor(_registry.load())
-    _supervisor.export()  # workers inherit where the instances listen
-    _supervisor.start()
-
-
-def on_exit(server):  # type: ignore[no-untyped-def]
-    if _supervisor is not None:
-        _supervisor.stop()
+# The master's part: http templates' processes (once per gateway), HUP, exited workers.
+on_starting = _master.on_starting
+on_reload = _master.on_reload
+child_exit = _master.child_exit
+on_exit = _master.on_exit
 
 
 def post_worker_init(worker):  # type: ignore[no-untyped-def]

@@ -2,21 +2,22 @@
 
 `create_app()` is the application factory (gunicorn loads `wsgi:app`). It
 reads and validates the registry and wires the blueprint; it starts no
-process, thread or socket, so it is safe before gunicorn forks.
+process, thread or socket, so it is safe before gunicorn forks. The package
+imports nothing heavy at its top, so gunicorn's master can read its config
+(conf/gunicorn.conf.py imports gateway.master) before prometheus_client is
+loaded and told where the workers' metrics go.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flask import Flask
+if TYPE_CHECKING:
+    from flask import Flask
 
-from . import accesslog
-from . import registry as registry_module
-from .extension import Gateway
-from .registry import Registry
+    from .registry import Registry
 
 
 def configure_logging() -> None:
@@ -26,15 +27,21 @@ def configure_logging() -> None:
 
 
 def create_app(test_config: Mapping[str, Any] | None = None, registry: Registry | None = None) -> Flask:
-    """Build the app from `registry` (default: the file named by MCP_GATEWAY_REGISTRY)."""
+    """Build the app from `registry` (default: the registry this gateway runs, see extension.boot_registry)."""
+    from flask import Flask
+
+    from . import accesslog, metrics
+    from .extension import Gateway, boot_registry
+
     configure_logging()
     app = Flask(__name__)
     if test_config:
         app.config.update(test_config)
     if registry is None:
-        registry = registry_module.load(app.config.get("REGISTRY_PATH"))
+        registry = boot_registry(app.config.get("REGISTRY_PATH"))
     app.config["MAX_CONTENT_LENGTH"] = registry.gateway.max_body_bytes
     accesslog.init_app(app, registry.gateway.log_format, registry.gateway.trusted_proxies)
+    metrics.init_app(app)
     Gateway(registry).init_app(app)
     from .views import bp
 

@@ -37,8 +37,16 @@ def client_address(peer: str | None, forwarded_for: str | None, trusted: frozens
     return hops[0] if hops else peer
 
 
+EXTENSION_KEY = "mcp_gateway_access_log"
+
+
+def configure(app: Flask, log_format: str = "text", trusted_proxies: tuple[str, ...] = ()) -> None:
+    """Set (or, on a registry reload, change) the line's format and the proxies believed."""
+    app.extensions[EXTENSION_KEY] = (log_format, frozenset(trusted_proxies))
+
+
 def init_app(app: Flask, log_format: str = "text", trusted_proxies: tuple[str, ...] = ()) -> None:
-    trusted = frozenset(trusted_proxies)
+    configure(app, log_format, trusted_proxies)
 
     def start() -> None:
         g.started = time.perf_counter()
@@ -47,6 +55,7 @@ def init_app(app: Flask, log_format: str = "text", trusted_proxies: tuple[str, .
 
     def finish(response: Response) -> Response:
         response.headers[REQUEST_ID_HEADER] = g.request_id
+        log_format, trusted = app.extensions[EXTENSION_KEY]
         fields = {
             "request_id": g.request_id,
             "client": client_address(request.remote_addr, request.headers.get("X-Forwarded-For"), trusted),

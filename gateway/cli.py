@@ -142,7 +142,10 @@ def show_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
-    print(f"gateway {url} (worker {status['worker_pid']}, registry {status['registry']})")
+    registry = status["registry"]
+    versions = {worker["registry_digest"] for worker in status["workers"]}
+    print(f"gateway {url}: {len(status['workers'])} workers, registry {registry['source']} ({registry['digest']}, "
+          f"loaded {registry['loaded']}){'' if len(versions) == 1 else ' - workers disagree, a reload is under way'}")
     for server_id, server in status["servers"].items():
         state = "healthy" if server.get("healthy") else "FAILING"
         if server["type"] == "stdio":

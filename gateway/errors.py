@@ -2,7 +2,8 @@
 
 Each class carries the HTTP status and JSON-RPC error code it maps to, and says
 whether the request that failed may be sent to another process or instance
-(`retry_safe`): True only when the request never reached an upstream. The one
+(`retry_safe`): True only when the request never reached an upstream. Upstream
+failures also name their `kind`, the label they are counted under in /metrics. The one
 error handler in views.py turns any of them into a JSON-RPC error response.
 """
 
@@ -112,6 +113,7 @@ class NotSupported(ClientError):
 class UpstreamError(GatewayError):
     """Something went wrong between the gateway and an MCP server."""
 
+    kind = "failed"  # the metrics label
     http_status = 502
     code = UPSTREAM_ERROR
 
@@ -122,6 +124,7 @@ class Overloaded(UpstreamError):
     Nothing was sent upstream, so a retry (after Retry-After) is safe.
     """
 
+    kind = "overloaded"
     http_status = 503
     code = OVERLOADED
     retry_safe = True
@@ -130,6 +133,7 @@ class Overloaded(UpstreamError):
 class SpawnFailed(UpstreamError):
     """No process could be started; nothing was sent, so a retry is safe."""
 
+    kind = "start_failed"
     http_status = 503
     retry_safe = True
 
@@ -140,16 +144,20 @@ class ProcessFailed(UpstreamError):
     The request reached the process, so it is not safe to replay blindly.
     """
 
+    kind = "process_failed"
+
 
 class UpstreamTimeout(ProcessFailed):
     """The process did not answer within the request timeout."""
 
+    kind = "timeout"
     http_status = 504
 
 
 class NoInstance(UpstreamError):
     """Every instance of an HTTP server was tried or is out; nothing more was sent."""
 
+    kind = "no_instance"
     http_status = 503
     retry_safe = True
 
@@ -157,6 +165,7 @@ class NoInstance(UpstreamError):
 class UpstreamUnreachable(UpstreamError):
     """The instance could not be connected to; the request never left, so a retry is safe."""
 
+    kind = "unreachable"
     retry_safe = True
 
 
@@ -166,12 +175,17 @@ class UpstreamFailed(UpstreamError):
     Only methods that change nothing by protocol may be sent again.
     """
 
+    kind = "failed"
+
 
 class UpstreamRefused(UpstreamFailed):
     """The instance answered, but refused what the gateway asked (e.g. a handshake)."""
+
+    kind = "refused"
 
 
 class UpstreamReadTimeout(UpstreamFailed):
     """The instance took the request and did not answer within read_timeout."""
 
+    kind = "timeout"
     http_status = 504

@@ -1,9 +1,20 @@
 """The gateway's per-worker runtime, attached to the Flask app.
 
 Owns the upstreams built from the registry, the authenticator, the session
-signer, the upkeep thread (pools kept at their minimum, idle processes
-retired, HTTP health checks run) and, when gunicorn's master runs none, the
-supervisor of http templates' processes.
+signer and the upkeep thread. Every second upkeep keeps pools at their
+minimum, retires idle processes, runs HTTP health checks, publishes this
+worker's status (for the whole-gateway /status and /metrics) and, with
+`gateway.reload_registry: true`, looks at the registry file.
+
+A reload keeps the upstream of every server whose entry did not change (its
+pool, connections, health and sessions go on) and builds new ones for added
+and changed servers. The replaced upstreams drain: requests no longer reach
+them, and each is closed, its processes stopped, once the requests that
+hold it are done (at the latest after DRAIN_TIMEOUT). A file that fails
+validation is refused in one log line (one per gateway, not per worker) and
+the running registry goes on. http templates' processes belong to gunicorn's
+master, so a change to one asks it for a graceful reload (HUP) instead.
+
 Nothing starts at import or in create_app: `start()` runs after gunicorn
 forks (from the post_worker_init hook, or lazily on the first request), and
 `close()` runs when the worker exits, so every child is stopped with it.
@@ -14,21 +25,52 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
 import threading
+import time
+from dataclasses import dataclass
+from typing import Any
 
-from flask import Flask, current_app
+from flask import Flask, Response, current_app, g
 
-from . import errors, supervisor, upstreams
+from . import accesslog, errors, metrics, runtime, supervisor, upstreams
+from . import registry as registry_module
 from .auth import Authenticator
 from .proxy import HttpUpstream
-from .registry import Registry
+from .registry import Registry, RegistryError, ServerEntry
 from .sessions import SessionSigner, load_secret
+from .supervisor import Supervisor
 from .upstreams import MessageUpstream
 
 log = logging.getLogger(__name__)
 
 EXTENSION_KEY = "mcp_gateway"
 UPKEEP_INTERVAL = 1.0
+DRAIN_TIMEOUT = 30.0  # gunicorn's graceful_timeout: what a request may still take after a reload
+
+AnyUpstream = MessageUpstream | HttpUpstream
+
+
+def boot_registry(path: str | None = None) -> Registry:
+    """What a starting worker serves: the registry this gateway last accepted, else the file itself."""
+    source = str(registry_module.registry_path(path))
+    saved = runtime.saved_registry(source)
+    if saved is not None:
+        try:
+            return registry_module.parse(saved, source)
+        except RegistryError:
+            pass  # the environment it referred to changed; read the file
+    return registry_module.load(source)
+
+
+@dataclass
+class Draining:
+    """An upstream a reload replaced, closed when the requests holding it end."""
+
+    server_id: str
+    upstream: AnyUpstream
+    supervisor: Supervisor | None
+    deadline: float
 
 
 class Gateway:
@@ -36,35 +78,73 @@ class Gateway:
         self.registry = registry
         self.auth = Authenticator(registry)
         self.signer = SessionSigner(load_secret(registry.gateway.session_secret), registry.gateway.session_ttl)
-        # http templates: the gunicorn master's supervisor runs their processes and
-        # publishes where they listen; without one, this gateway process runs its own.
-        published = supervisor.inherited_endpoints()
-        entries = dict(registry.servers)
-        templated = [sid for sid, entry in entries.items() if entry.launch is not None]
-        self.supervisor: supervisor.Supervisor | None = None
-        if any(sid not in published for sid in templated):
-            self.supervisor = supervisor.Supervisor(registry)
-            published = self.supervisor.endpoints()
-        for sid in templated:
-            entries[sid] = supervisor.as_http(entries[sid], published[sid])
-        interval = registry.gateway.health_check_interval
-        self.upstreams: dict[str, MessageUpstream | HttpUpstream] = {
-            sid: upstreams.build(entry, interval) for sid, entry in entries.items()
-        }
-        self._lock = threading.Lock()
+        # http templates: gunicorn's master runs their processes and publishes where they
+        # listen; without it, this gateway process runs its own supervisor per template.
+        self._master_runs_templates = supervisor.ENDPOINTS_ENV in os.environ
+        self._published = supervisor.inherited_endpoints()
+        self._supervisors: dict[str, Supervisor] = {}
         self._started_in: int | None = None
+        self.upstreams: dict[str, AnyUpstream] = {
+            sid: self._build(entry, registry.gateway.health_check_interval) for sid, entry in registry.servers.items()
+        }
+        self._app: Flask | None = None
+        self._lock = threading.Lock()
+        self._leases: dict[AnyUpstream, int] = {}  # requests holding each upstream
+        self._draining: list[Draining] = []
+        self._started_at = time.time()
+        self._loaded_at = time.time()
         self._stopping = threading.Event()
         self._upkeep: threading.Thread | None = None
+        # The registry file as upkeep last saw it, and as it last acted on it.
+        self._seen_file: tuple[int, int, int] | None = None
+        self._handled_file: tuple[int, int, int] | None = None
 
     def init_app(self, app: Flask) -> None:
+        self._app = app
         app.extensions[EXTENSION_KEY] = self
         app.before_request(self.start)
+        app.after_request(self._hand_back)
 
-    def upstream(self, server_id: str) -> MessageUpstream | HttpUpstream:
-        try:
-            return self.upstreams[server_id]
-        except KeyError:
-            raise errors.UnknownServer(f"no MCP server '{server_id}' in this gateway's registry") from None
+    def _build(self, entry: ServerEntry, check_interval: float) -> AnyUpstream:
+        if entry.launch is not None:
+            endpoints = self._published.get(entry.id)
+            if endpoints is None:
+                own = self._supervisors[entry.id] = Supervisor([entry])
+                endpoints = own.endpoints()[entry.id]
+                if self._started_in == os.getpid():
+                    own.start()  # added by a reload: the worker is running already
+            entry = supervisor.as_http(entry, endpoints)
+        return upstreams.build(entry, check_interval)
+
+    # --- requests hold upstreams ----------------------------------------------------
+
+    def checkout(self, server_id: str) -> AnyUpstream:
+        """The upstream serving `server_id`, held by this request until its response closes."""
+        upstream = self.upstreams.get(server_id)
+        if upstream is None:
+            raise errors.UnknownServer(f"no MCP server '{server_id}' in this gateway's registry")
+        with self._lock:
+            self._leases[upstream] = self._leases.get(upstream, 0) + 1
+        g.server_id = server_id
+        g.lease = upstream
+        return upstream
+
+    def _hand_back(self, response: Response) -> Response:
+        upstream = g.pop("lease", None)
+        if upstream is not None:
+            # Closed after the last byte of a stream, not when the view returns.
+            response.call_on_close(lambda: self._release(upstream))
+        return response
+
+    def _release(self, upstream: AnyUpstream) -> None:
+        with self._lock:
+            held = self._leases[upstream] - 1
+            if held:
+                self._leases[upstream] = held
+            else:
+                del self._leases[upstream]
+
+    # --- lifecycle -----------------------------------------------------------------
 
     def start(self) -> None:
         """Start upkeep in this process; cheap and idempotent (called per request)."""
@@ -75,23 +155,31 @@ class Gateway:
                 return
             self._started_in = os.getpid()
             self._stopping.clear()
+            for own in self._supervisors.values():
+                own.start()
             self._upkeep = threading.Thread(target=self._run_upkeep, name="mcp-gateway-upkeep", daemon=True)
             self._upkeep.start()
-            if self.supervisor is not None:
-                self.supervisor.start()
             atexit.register(self.close)
         log.info("gateway started in pid %s with %d servers from %s", os.getpid(), len(self.upstreams), self.registry.source)
 
     def _run_upkeep(self) -> None:
         while not self._stopping.is_set():
-            for upstream in self.upstreams.values():
+            for upstream in list(self.upstreams.values()):
                 if self._stopping.is_set():
-                    break
-                try:
-                    upstream.maintain()
-                except Exception:  # upkeep must survive anything one server does
-                    log.exception("upkeep of server %s failed", upstream.server_id)
+                    return
+                self._guarded(upstream.maintain, f"upkeep of server {upstream.server_id}")
+            self._guarded(self._finish_draining, "draining replaced servers")
+            if self.registry.gateway.reload_registry:
+                self._guarded(self._look_at_registry, "reading the registry")
+            self._guarded(lambda: runtime.publish_status(self.worker_status()), "publishing status")
             self._stopping.wait(UPKEEP_INTERVAL)
+
+    @staticmethod
+    def _guarded(step: Any, what: str) -> None:
+        try:
+            step()
+        except Exception:  # upkeep must survive anything one server or file does
+            log.exception("%s failed", what)
 
     def close(self) -> None:
         """Stop upkeep and every child process this worker started."""
@@ -100,15 +188,128 @@ class Gateway:
             self._upkeep.join(timeout=30)
         for upstream in self.upstreams.values():
             upstream.close()
-        if self.supervisor is not None:
-            self.supervisor.stop()
+        for item in self._draining:
+            item.upstream.close()
+            if item.supervisor is not None:
+                item.supervisor.stop()
+        for own in self._supervisors.values():
+            own.stop()
 
-    def status(self) -> dict[str, object]:
+    # --- reloading the registry ------------------------------------------------------
+
+    def _look_at_registry(self) -> None:
+        source = self.registry.source
+        try:
+            stat = os.stat(source)
+            seen: tuple[int, int, int] | None = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        except OSError:
+            seen = None
+        if seen != self._seen_file:
+            self._seen_file = seen  # act once it has stayed the same for a tick: not mid-write
+            return
+        if seen == self._handled_file:
+            return
+        self._handled_file = seen
+        try:
+            text = registry_module.read(source)
+            new = registry_module.parse(text, source)
+        except RegistryError as error:
+            self._refuse(source, error)
+            return
+        if new.digest != self.registry.digest:
+            self.reload(new, text)
+
+    def _refuse(self, source: str, error: RegistryError) -> None:
+        metrics.RELOADS.labels("rejected").inc()
+        # Every worker sees the bad file; the first one to claim it says so.
+        stamp = "-".join(map(str, self._seen_file)) if self._seen_file else "unreadable"
+        if runtime.claim(f"refused-{stamp}"):
+            log.error("registry %s changed but is invalid, still serving the version loaded %s: %s", source,
+                      time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self._loaded_at)), error.one_line())
+
+    def reload(self, new: Registry, text: str) -> None:
+        """Serve `new`: keep unchanged servers as they are, drain replaced ones."""
+        old = self.registry
+        changed = {sid for sid, entry in new.servers.items() if old.servers.get(sid) != entry}
+        removed = set(old.servers) - set(new.servers)
+        templates = {sid for sid in changed | removed
+                     if any(e is not None and e.launch is not None for e in (old.servers.get(sid), new.servers.get(sid)))}
+        if templates and self._master_runs_templates:
+            if runtime.claim(f"hup-{new.digest}"):
+                log.warning("registry %s changes http templates %s: asking gunicorn for a graceful reload (HUP)",
+                            new.source, ", ".join(sorted(templates)))
+                os.kill(os.getppid(), signal.SIGHUP)
+            return
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        draining = [Draining(sid, self.upstreams[sid], self._supervisors.pop(sid, None), deadline)
+                    for sid in sorted((changed & set(old.servers)) | removed)]
+        interval = new.gateway.health_check_interval
+        fresh = {sid: self._build(entry, interval) if sid in changed else self.upstreams[sid]
+                 for sid, entry in new.servers.items()}
+        for upstream in fresh.values():
+            if isinstance(upstream, HttpUpstream):
+                upstream.check_interval = interval
+        with self._lock:
+            self.registry, self.upstreams = new, fresh
+            self.auth = Authenticator(new)
+            self.signer = SessionSigner(load_secret(new.gateway.session_secret), new.gateway.session_ttl)
+            self._draining.extend(draining)
+            self._loaded_at = time.time()
+        if self._app is not None:
+            self._app.config["MAX_CONTENT_LENGTH"] = new.gateway.max_body_bytes
+            accesslog.configure(self._app, new.gateway.log_format, new.gateway.trusted_proxies)
+        runtime.save_registry(new.source, text)  # workers started from now on serve this one
+        metrics.RELOADS.labels("applied").inc()
+        added = sorted(changed - set(old.servers))
+        log.info("registry %s reloaded (%s): added %s, changed %s, removed %s, %d unchanged", new.source, new.digest,
+                 added or "none", sorted(changed - set(added)) or "none", sorted(removed) or "none",
+                 len(new.servers) - len(changed))
+        if (old.gateway.host, old.gateway.port) != (new.gateway.host, new.gateway.port):
+            log.warning("gateway.host/port changed in %s: the listening address moves on HUP or restart", new.source)
+
+    def _finish_draining(self) -> None:
+        now = time.monotonic()
+        for item in list(self._draining):
+            with self._lock:
+                holding = self._leases.get(item.upstream, 0)
+            if holding and now < item.deadline:
+                continue
+            if holding:
+                log.warning("server %s: %d requests still hold the replaced upstream after %.0fs; closing it",
+                            item.server_id, holding, DRAIN_TIMEOUT)
+            self._draining.remove(item)
+            item.upstream.close()
+            if item.supervisor is not None:
+                item.supervisor.stop()
+            log.info("server %s: the replaced upstream is drained and closed", item.server_id)
+
+    # --- reporting ---------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            registry, current = self.registry, self.upstreams
         return {
             sid: {"description": entry.description, **({"template": entry.template} if entry.template else {}),
-                  **self.upstreams[sid].status()}
-            for sid, entry in self.registry.servers.items()
+                  **current[sid].status()}
+            for sid, entry in registry.servers.items()
         }
+
+    def worker_status(self) -> dict[str, Any]:
+        """This worker's view, as status.combine expects it."""
+        with self._lock:
+            draining = [{"server": item.server_id, "in_flight": self._leases.get(item.upstream, 0)}
+                        for item in self._draining]
+        return {
+            "pid": os.getpid(),
+            "started": _iso(self._started_at),
+            "registry": {"source": self.registry.source, "digest": self.registry.digest, "loaded": _iso(self._loaded_at)},
+            "draining": draining,
+            "servers": self.status(),
+        }
+
+
+def _iso(at: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
 
 
 def current_gateway() -> Gateway:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Generic, Protocol, TypeVar
 
-from . import errors
+from . import errors, metrics
 from .backoff import Backoff
 from .protocol import ServerHello
 from .registry import StdioSettings
@@ -137,6 +137,7 @@ class StdioPool(Generic[P]):
     def _forget_locked(self, process: P, failure: str | None) -> None:
         if failure:
             self.restarts += 1
+            metrics.PROCESS_RESTARTS.labels(self.server_id).inc()
             self._record_error_locked(failure)
             log.warning("server %s: replacing process %s: %s", self.server_id, process.pid, failure)
 
@@ -154,6 +155,7 @@ class StdioPool(Generic[P]):
                 self._next_spawn_at = self._clock() + delay
                 self._record_error_locked(exc.message)
                 self._cond.notify_all()
+            metrics.PROCESS_START_FAILURES.labels(self.server_id).inc()
             log.error("server %s: %s (attempt %d, next in %.1fs)", self.server_id, exc.message, self.spawn_failures, delay)
             raise errors.SpawnFailed(exc.message, retry_after=max(1.0, delay)) from None
         with self._cond:
@@ -163,6 +165,7 @@ class StdioPool(Generic[P]):
             self._next_spawn_at = 0.0
             if self.hello is None:
                 self.hello = process.hello
+        metrics.PROCESS_STARTS.labels(self.server_id).inc()
         return process
 
     def _record_error_locked(self, message: str) -> None:

@@ -29,7 +29,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from werkzeug.datastructures import Headers
 
-from . import errors, jsonrpc, protocol, sse
+from . import errors, jsonrpc, metrics, protocol, sse
 from .backoff import Backoff
 from .balancer import Balancer, Instance
 from .health import HealthPolicy, InstanceHealth
@@ -221,6 +221,7 @@ class HttpUpstream:
                         return exc.response  # the instance's own answer, unchanged
                     raise
                 self.retries += 1
+                metrics.RETRIES.labels(self.server_id).inc()
                 log.info("server %s: retrying %s on another instance after: %s",
                          self.server_id, request.rpc_method or request.method, exc.message)
 
@@ -341,7 +342,9 @@ class HttpUpstream:
         return self._failed(instance, error)
 
     def _failed(self, instance: Instance, error: E) -> E:
+        metrics.UPSTREAM_ERRORS.labels(self.server_id, metrics.error_kind(error)).inc()
         if instance.health.request_failed(error.message, self.balancer.may_eject(instance)):
+            metrics.EJECTIONS.labels(self.server_id, instance.endpoint).inc()
             log.warning("server %s: ejected instance %s for %.0fs after %d failures: %s", self.server_id, instance.endpoint,
                         instance.health.ejected_until - time.monotonic(), self.settings.max_fails, error.message)
         return error
@@ -526,6 +529,7 @@ class HttpUpstream:
 class BadStatus(errors.UpstreamFailed):
     """The instance answered 502, 503 or 504; `response` is that answer, to pass on if no retry."""
 
+    kind = "bad_status"
     response: ProxyResponse
 
 

@@ -8,6 +8,7 @@ in. Every problem is reported as `file: path.inside.it: problem`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -40,6 +41,9 @@ class RegistryError(Exception):
         self.source = source
         self.problems = problems
         super().__init__("\n".join(f"{source}: {p}" for p in problems))
+
+    def one_line(self) -> str:
+        return "; ".join(self.problems)
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,7 @@ class Registry:
     source: str
     servers: Mapping[str, ServerEntry]
     gateway: GatewaySettings
+    digest: str = ""  # of the text it was read from: which version a worker serves
 
 
 @cache
@@ -139,13 +144,15 @@ def registry_path(explicit: str | os.PathLike[str] | None = None) -> Path:
 
 def load(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Registry:
     """Read, expand, validate and build the registry at `path`."""
-    file = registry_path(path)
-    source = str(file)
+    source = str(registry_path(path))
+    return parse(read(source), source, environ)
+
+
+def read(source: str) -> str:
     try:
-        text = file.read_text("utf-8")
+        return Path(source).read_text("utf-8")
     except OSError as exc:
         raise RegistryError(source, [f"cannot read: {exc.strerror or exc}"]) from None
-    return parse(text, source, environ)
 
 
 def parse(text: str, source: str, environ: Mapping[str, str] | None = None) -> Registry:
@@ -164,7 +171,12 @@ def parse(text: str, source: str, environ: Mapping[str, str] | None = None) -> R
     problems.extend(validate(data, Path(source).parent))
     if problems:
         raise RegistryError(source, problems)
-    return _build(data, source)
+    return replace(_build(data, source), digest=text_digest(text))
+
+
+def text_digest(text: str) -> str:
+    """Short and stable: tells which version of a registry file a worker serves."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def template_catalog(data: Mapping[str, Any], base: Path) -> dict[str, templates.Template]:

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 # Era detection: a server that stays silent this long after server/discover is legacy.
 DISCOVER_TIMEOUT = 3.0
 _DISCOVER_ID = "mcp-gateway-discover"
+_REDISCOVER_ID = "mcp-gateway-discover-again"
 _INITIALIZE_ID = "mcp-gateway-initialize"
 
 
@@ -79,6 +80,13 @@ class StdioProcess:
         reply = self._await(_INITIALIZE_ID, deadline, silence_ok=False)
         result = reply.get("result") if reply else None
         if not isinstance(result, dict):
+            # A 2026-07-28 server slow to start (a loaded machine) answers discover after
+            # the silence timeout, then refuses initialize: now that it is up, ask again.
+            self.send(jsonrpc.encode(protocol.discover_request(_REDISCOVER_ID)), deadline)
+            again = self._await(_REDISCOVER_ID, min(deadline, time.monotonic() + DISCOVER_TIMEOUT), silence_ok=True)
+            self.hello = protocol.hello_from_discover(again.get("result") if again else None)
+            if self.hello is not None:
+                return self.hello
             raise errors.SpawnFailed(
                 f"server '{self.server_id}': process {self.pid} refused initialize: {json.dumps(reply.get('error') if reply else None)}"
             )
@@ -139,6 +147,8 @@ class StdioProcess:
             elif message.get("id") == request_id:
                 yield message, raw
                 return
+            elif message.get("id") == _DISCOVER_ID:  # the late answer handshake() asks for again
+                log.info("server %s pid %s: answered server/discover after %.0fs", self.server_id, self.pid, DISCOVER_TIMEOUT)
             else:
                 log.warning("server %s pid %s: dropped a response to unknown id %r", self.server_id, self.pid, message.get("id"))
 

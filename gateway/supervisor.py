@@ -3,11 +3,11 @@
 An http template with `instances: N` becomes N local processes, each on its
 own free loopback port, balanced over as an ordinary HTTP server. They must
 exist once per gateway, not once per gunicorn worker, so gunicorn's master
-starts the supervisor (conf/gunicorn.conf.py, `on_starting`) and tells the
-workers where the instances listen through MCP_GATEWAY_TEMPLATE_ENDPOINTS,
-which the workers inherit. A process that exits is restarted on the same
-port after an exponential back-off; all of them stop with the master. Without
-that hook (plain `gunicorn wsgi:app`, tests) each gateway process runs one.
+runs one supervisor per template (master.py) and tells the workers where the
+instances listen through MCP_GATEWAY_TEMPLATE_ENDPOINTS, which the workers
+inherit. A process that exits is restarted on the same port after an
+exponential back-off; all of them stop with the master. Without the master's
+hooks (plain `gunicorn wsgi:app`, tests) each gateway process runs its own.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from . import errors, processes
 from .backoff import Backoff
-from .registry import HttpInstanceSettings, HttpSettings, Registry, ServerEntry
+from .registry import HttpInstanceSettings, HttpSettings, ServerEntry
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +58,13 @@ class Instance:
 
 
 class Supervisor:
-    def __init__(self, registry: Registry, ports: Mapping[str, list[int]] | None = None):
-        self.instances: list[Instance] = []
-        for server_id, entry in registry.servers.items():
-            if entry.launch is None:
-                continue
-            chosen = list((ports or {}).get(server_id) or [free_port() for _ in range(entry.instances)])
-            self.instances += [Instance(server_id, entry, port) for port in chosen]
+    """The processes of the http templates among `entries` (other entries are ignored)."""
+
+    def __init__(self, entries: Iterable[ServerEntry]):
+        self.instances: list[Instance] = [
+            Instance(entry.id, entry, free_port())
+            for entry in entries if entry.launch is not None for _ in range(entry.instances)
+        ]
         self._backoff = Backoff()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -75,10 +75,6 @@ class Supervisor:
         for instance in self.instances:
             planned.setdefault(instance.server_id, []).append(instance.endpoint)
         return planned
-
-    def export(self) -> None:
-        """Tell gateway processes forked after this where the instances listen."""
-        os.environ[ENDPOINTS_ENV] = json.dumps(self.endpoints())
 
     def start(self) -> None:
         if not self.instances or self._thread is not None:
@@ -157,6 +153,11 @@ class Supervisor:
                 if instance.popen is not None:
                     processes.stop(instance.popen, grace)
                     instance.popen = None
+
+
+def export(endpoints: Mapping[str, list[str]]) -> None:
+    """Tell gateway processes forked after this where the instances listen."""
+    os.environ[ENDPOINTS_ENV] = json.dumps(endpoints)
 
 
 def inherited_endpoints() -> dict[str, list[str]]:

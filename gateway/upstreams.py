@@ -16,7 +16,7 @@ from collections.abc import Generator
 from contextlib import closing
 from typing import Any, Protocol
 
-from . import errors, jsonrpc, protocol
+from . import errors, jsonrpc, metrics, protocol
 from .jsonrpc import Reply
 from .pool import StdioPool
 from .protocol import ClientContext, ServerHello
@@ -106,6 +106,7 @@ class StdioUpstream:
                 safe = exc.retry_safe or message["method"] in protocol.READ_ONLY_METHODS
                 if started or not tries_left or not safe or time.monotonic() >= deadline:
                     raise
+                metrics.RETRIES.labels(self.server_id).inc()
                 log.info("server %s: retrying %s on another process after: %s", self.server_id, message["method"], exc.message)
 
     def _call_once(
@@ -135,6 +136,7 @@ class StdioUpstream:
                 return
         except errors.GatewayError as exc:
             failure = exc.message
+            metrics.UPSTREAM_ERRORS.labels(self.server_id, metrics.error_kind(exc)).inc()
             raise
         finally:
             if failure == "abandoned":

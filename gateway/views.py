@@ -17,7 +17,8 @@ from typing import Any
 from flask import Blueprint, Response, g, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from . import accesslog, errors, jsonrpc, protocol, sse
+from . import accesslog, errors, jsonrpc, metrics, protocol, runtime, sse
+from . import status as status_module
 from .extension import current_gateway
 from .jsonrpc import Reply
 from .protocol import ClientContext
@@ -31,6 +32,7 @@ bp = Blueprint("mcp", __name__)
 
 SESSION_HEADER = "Mcp-Session-Id"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+OPERATOR_ENDPOINTS = frozenset({"mcp.status", "mcp.metrics"})  # /healthz stays open for probes
 # Answered on a pooled stdio server this way would pin a process for hours.
 LONG_LIVED = {"subscriptions/listen"}
 
@@ -43,7 +45,7 @@ def guard() -> None:
     """Origin on every request; a token where the registry asks for one."""
     auth = current_gateway().auth
     auth.check_origin(request.headers)
-    if request.endpoint == "mcp.status":
+    if request.endpoint in OPERATOR_ENDPOINTS:
         auth.check_operator(request.headers)
     elif request.view_args and "server_id" in request.view_args:
         g.principal = auth.check_server(request.view_args["server_id"], request.headers)
@@ -59,8 +61,17 @@ def healthz() -> Response:
 
 @bp.get("/status")
 def status() -> Response:
-    gateway = current_gateway()
-    return _json({"worker_pid": os.getpid(), "registry": gateway.registry.source, "servers": gateway.status()})
+    """The whole gateway: every worker's view, combined (see status.py)."""
+    return _json(_gateway_status())
+
+
+@bp.get("/metrics", endpoint="metrics")
+def metrics_page() -> Response:
+    return metrics.render(_gateway_status())
+
+
+def _gateway_status() -> dict[str, Any]:
+    return status_module.combine(current_gateway().worker_status(), runtime.sibling_statuses())
 
 
 # --- MCP routes --------------------------------------------------------------
@@ -70,7 +81,7 @@ def status() -> Response:
 @bp.post("/<server_id>/<path:path>")
 def post(server_id: str, path: str) -> Response:
     gateway = current_gateway()
-    upstream = gateway.upstream(server_id)
+    upstream = gateway.checkout(server_id)
     body = request.get_data(cache=False)
     message = jsonrpc.parse(body, server_id)
     g.rpc_id = message.get("id")
@@ -100,7 +111,7 @@ def post(server_id: str, path: str) -> Response:
 @bp.get("/<server_id>", defaults={"path": ""})
 @bp.get("/<server_id>/<path:path>")
 def get(server_id: str, path: str) -> Response:
-    upstream = current_gateway().upstream(server_id)
+    upstream = current_gateway().checkout(server_id)
     session = _session(server_id)
     if isinstance(upstream, HttpUpstream) and not _bridged(session):
         return _proxy(upstream, path, b"", None, session)
@@ -112,7 +123,7 @@ def get(server_id: str, path: str) -> Response:
 @bp.delete("/<server_id>", defaults={"path": ""})
 @bp.delete("/<server_id>/<path:path>")
 def delete(server_id: str, path: str) -> Response:
-    upstream = current_gateway().upstream(server_id)
+    upstream = current_gateway().checkout(server_id)
     session = _session(server_id)
     if isinstance(upstream, HttpUpstream) and not _bridged(session):
         return _proxy(upstream, path, b"", None, session)
@@ -180,6 +191,7 @@ def _forward(upstream: MessageUpstream | HttpUpstream, message: dict[str, Any], 
         raise errors.UpstreamError(f"server '{upstream.server_id}' ended the exchange without a response") from None
     finally:
         replies.close()
+    g.rpc_error = "error" in final.message
     return Response(final.encoded(), mimetype="application/json")
 
 

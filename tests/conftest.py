@@ -104,6 +104,7 @@ class Gunicorn:
                  log_dir: Path | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.registry = registry
         self.log_path = (log_dir or registry.parent) / f"gunicorn-{self.port}.log"
         environ = {
             **os.environ,
@@ -127,10 +128,10 @@ class Gunicorn:
         while time.monotonic() < deadline:
             assert self.process.poll() is None, f"gunicorn exited early:\n{self.log()}"
             try:
-                if requests.get(f"{self.url}/healthz", timeout=1).ok and len(self.worker_pids()) == self.workers:
+                if requests.get(f"{self.url}/healthz", timeout=2).ok and len(self.worker_pids()) == self.workers:
                     self.remember()
                     return
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or a worker still booting
                 pass
             time.sleep(0.1)
         raise AssertionError(f"gunicorn did not become ready:\n{self.log()}")
@@ -178,6 +179,34 @@ class Gunicorn:
                 pass
         assert not left, f"processes left behind after gunicorn stopped: {sorted(left)}"
         assert code == 0, f"gunicorn exited with {code}:\n{self.log()}"
+
+
+ACCEPT_BOTH = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+CURL_HEADERS = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "*/*", "User-Agent": "curl/8"}
+
+
+def curl(gateway: Gunicorn, server: str, method: str, params: dict[str, Any] | None = None,
+         headers: dict[str, str] | None = None, request_id: int = 1) -> requests.Response:
+    body: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id, "method": method}
+    if params is not None:
+        body["params"] = params
+    return requests.post(f"{gateway.url}/{server}/mcp", data=json.dumps(body), headers={**CURL_HEADERS, **(headers or {})},
+                         timeout=30)
+
+
+def wait_for(condition: Any, seconds: float = 15.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def sse_or_json(response: requests.Response) -> Any:
+    """The last message of an answer, whether it came as JSON or as SSE events."""
+    if response.headers["Content-Type"].startswith("text/event-stream"):
+        events = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: ") and line[6:]]
+        return events[-1]
+    return response.json()
 
 
 @pytest.fixture

@@ -31,8 +31,10 @@ def main(folder: str) -> int:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # let checks and start attempts repeat a few times
             status = gateway.status()["servers"]
-            github = status["github-server"]["instances"]
-            if status["filesystem-server"]["spawn_failures"] >= 3 and all(i["failed_checks"] >= 3 for i in github):
+            github = status["github-server"]
+            # The whole gateway's view: every worker has taken both instances down.
+            if (status["filesystem-server"]["spawn_failures"] >= 3 and github["routable"] == 0
+                    and all(not i["healthy"] and i["failed_checks"] >= 3 for i in github["instances"])):
                 break
             time.sleep(0.2)
         report["status"] = status

@@ -56,6 +56,8 @@ def test_request_id_reaches_http_upstreams(make_app: Any, caplog: pytest.LogCapt
     client = make_app({"web": {"type": "http", "instances": [{"endpoint": "http://up.test"}]}}).test_client()
     with caplog.at_level(logging.INFO, logger="gateway.access"):
         client.post("/web/mcp", json=LIST, headers={"X-Request-Id": "abc-123"}).close()
-    sent = [call.request for call in responses.calls if call.request.url == "http://up.test/mcp"]
-    assert sent and sent[-1].headers["X-Request-Id"] == "abc-123"
+    # (the upkeep thread's health probe may also reach the instance, without an id)
+    sent = [call.request for call in responses.calls
+            if call.request.url == "http://up.test/mcp" and b'"tools/list"' in (call.request.body or b"")]
+    assert len(sent) == 1 and sent[0].headers["X-Request-Id"] == "abc-123"
     assert "upstream=http://up.test" in access_lines(caplog)[0]

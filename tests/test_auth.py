@@ -60,8 +60,9 @@ def test_unknown_server_ids_cannot_be_probed_without_a_token(client: Any) -> Non
 
 
 def test_operator_endpoints_can_be_protected_but_liveness_stays_open(client: Any) -> None:
-    assert client.get("/status").status_code == 401
-    assert client.get("/status", headers={"Authorization": f"Bearer {CI}"}).status_code == 200
+    for endpoint in ("/status", "/metrics"):
+        assert client.get(endpoint).status_code == 401
+        assert client.get(endpoint, headers={"Authorization": f"Bearer {CI}"}).status_code == 200
     assert client.get("/healthz").status_code == 200
 
 

@@ -56,3 +56,6 @@ def test_unit_runs_gunicorn_hardened_with_reload_and_restart() -> None:
     assert service["ProtectSystem"] == "strict" and service["KillMode"] == "mixed"
     assert int(service["TimeoutStopSec"]) > 30, "above gunicorn's graceful_timeout"
     assert unit["Install"]["WantedBy"] == "multi-user.target"
+    # Metrics and status of every worker meet in a directory systemd makes and empties.
+    assert service["RuntimeDirectory"] == "mcp-gateway"
+    assert "\nEnvironment=MCP_GATEWAY_RUNTIME_DIR=/run/mcp-gateway\n" in UNIT.read_text()

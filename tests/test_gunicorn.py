@@ -7,7 +7,6 @@ exit 0, and must leave no process behind (see conftest.Gunicorn).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -33,11 +32,13 @@ from .conftest import (
     SHARED_STATE_KEY,
     TIME_SERVER,
     Gunicorn,
+    curl,
     descendants,
     free_port,
     parent_of,
     server_command,
     still_running,
+    wait_for,
     write_registry,
 )
 
@@ -51,7 +52,6 @@ SERVERS = {
     "die": {"type": "stdio", "command": server_command("faulty_server.py", "die")},
     "nostart": {"type": "stdio", "command": server_command("faulty_server.py", "exit-at-start")},
 }
-CURL_HEADERS = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "*/*", "User-Agent": "curl/8"}
 
 
 @pytest.fixture(scope="module")
@@ -63,22 +63,6 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
         yield instance
     finally:
         instance.stop_and_check()
-
-
-def curl(gateway: Gunicorn, server: str, method: str, params: dict[str, Any] | None = None,
-         headers: dict[str, str] | None = None, request_id: int = 1) -> requests.Response:
-    body: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id, "method": method}
-    if params is not None:
-        body["params"] = params
-    return requests.post(f"{gateway.url}/{server}/mcp", data=json.dumps(body), headers={**CURL_HEADERS, **(headers or {})},
-                         timeout=30)
-
-
-def wait_for(condition: Any, seconds: float = 15.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def run(coroutine_function: Any, *args: Any) -> Any:

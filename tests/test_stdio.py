@@ -128,6 +128,15 @@ def test_server_silent_on_discover_is_treated_as_legacy(upstreams: Any, monkeypa
     assert upstream.pool.hello is not None and upstream.pool.hello.era == protocol.LEGACY
 
 
+def test_a_modern_server_slow_to_start_is_still_detected_as_modern(upstreams: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # It answers discover after the silence timeout, then refuses initialize: the gateway asks again.
+    monkeypatch.setattr("gateway.stdio.DISCOVER_TIMEOUT", 0.3)
+    upstream = upstreams(server_command("faulty_server.py", "slow-start"))
+    reply = tool(upstream, "work", client=MODERN)
+    assert "result" in reply
+    assert upstream.pool.hello is not None and upstream.pool.hello.era == protocol.MODERN
+
+
 def test_notifications_stream_before_the_response(upstreams: Any) -> None:
     upstream = upstreams(server_command("legacy_server.py"))
     replies = call(upstream, "tools/call", {"name": "progress", "arguments": {"steps": 3}, "_meta": {"progressToken": "t1"}},

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from typing import Any, NoReturn
 
 JsonDict = dict[str, Any]
@@ -37,6 +38,7 @@ MODES = (
     "ok",
     "discover-silent",
     "die-on-list",
+    "slow-start",
 )
 
 LONG_LINE_BYTES = 50 * 1024 * 1024
@@ -221,6 +223,8 @@ def main(argv: list[str]) -> int:
     if mode == "exit-at-start":
         print("fatal: cannot start", file=sys.stderr, flush=True)
         return 2
+    if mode == "slow-start":  # a 2026-07-28 server that takes its time to start reading
+        time.sleep(1.0)
     for raw in iter(sys.stdin.buffer.readline, b""):
         text = raw.decode("utf-8", errors="replace").strip()
         if not text:

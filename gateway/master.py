@@ -1,0 +1,129 @@
+"""What the gateway does in gunicorn's master process (hooks of conf/gunicorn.conf.py).
+
+The master validates the registry before any worker starts and keeps the
+last version that passed in the runtime directory, so workers, including
+ones started later, serve what the master accepted. On HUP (gunicorn's own
+reload: config read again, new workers, old ones finish their requests) a
+registry that fails validation is refused in one log line and the running
+one goes on. The master also runs http templates' processes, once per
+gateway: on HUP, templates whose entry did not change keep theirs, and the
+processes of changed or removed ones stop once the old workers are gone.
+State that must outlive a re-read of the config file lives on gunicorn's
+arbiter object.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import configure_logging, runtime, supervisor
+from . import registry as registry_module
+from .registry import GatewaySettings, Registry, ServerEntry
+
+log = logging.getLogger(__name__)
+
+MASTER_ENV = "MCP_GATEWAY_MASTER_PID"
+
+
+def load_settings() -> GatewaySettings:
+    """Read the registry as the config file is read: at start (invalid: exit 1) and on HUP.
+
+    Called before anything imports prometheus_client, so that the runtime
+    directory (and its metrics folder) is named first.
+    """
+    configure_logging()
+    first = os.environ.get(MASTER_ENV) != str(os.getpid())
+    if first:
+        runtime.prepare()
+        os.environ[MASTER_ENV] = str(os.getpid())
+    source = str(registry_module.registry_path())
+    try:
+        text = registry_module.read(source)
+        registry = registry_module.parse(text, source)
+    except registry_module.RegistryError as error:
+        saved = None if first else runtime.saved_registry(source)
+        if saved is None:  # nothing to fall back on: stop before any worker starts, with the reason
+            sys.stderr.write(f"mcp-gateway: invalid registry, not starting:\n{error}\n")
+            sys.exit(1)
+        log.error("registry %s not reloaded, the running one stays: %s", source, error.one_line())
+        return registry_module.parse(saved, source).gateway
+    runtime.save_registry(source, text)
+    return registry.gateway
+
+
+@dataclass
+class Templates:
+    """The master's supervisors of http templates, one per server, kept across HUPs."""
+
+    running: dict[str, tuple[ServerEntry, supervisor.Supervisor]] = field(default_factory=dict)
+    # Supervisors replaced by a HUP, each stopped when the workers that used them are gone.
+    retiring: list[tuple[set[int], supervisor.Supervisor]] = field(default_factory=list)
+
+    def reconcile(self, registry: Registry) -> list[supervisor.Supervisor]:
+        """Run what `registry` asks for; return the supervisors it no longer wants."""
+        wanted = {sid: entry for sid, entry in registry.servers.items() if entry.launch is not None}
+        retired = [self.running.pop(sid)[1] for sid, (entry, _) in list(self.running.items()) if wanted.get(sid) != entry]
+        for sid, entry in wanted.items():
+            if sid not in self.running:
+                started = supervisor.Supervisor([entry])
+                started.start()
+                self.running[sid] = (entry, started)
+        supervisor.export({sid: sup.endpoints()[sid] for sid, (_, sup) in self.running.items()})
+        return retired
+
+    def worker_gone(self, pid: int) -> None:
+        for waiting_for, retired in list(self.retiring):
+            waiting_for.discard(pid)
+            if not waiting_for:
+                self.retiring.remove((waiting_for, retired))
+                retired.stop()
+
+    def stop(self) -> None:
+        for _, retired in self.retiring:
+            retired.stop()
+        for _, running in self.running.values():
+            running.stop()
+        self.retiring.clear()
+        self.running.clear()
+
+
+def _templates(server: Any) -> Templates:
+    if not hasattr(server, "mcp_templates"):
+        server.mcp_templates = Templates()
+    templates: Templates = server.mcp_templates
+    return templates
+
+
+def _running_registry() -> Registry:
+    source = str(registry_module.registry_path())
+    saved = runtime.saved_registry(source)
+    return registry_module.parse(saved, source) if saved is not None else registry_module.load(source)
+
+
+def on_starting(server: Any) -> None:
+    _templates(server).reconcile(_running_registry())
+
+
+def on_reload(server: Any) -> None:
+    """HUP: run the registry now in force (the new one, or the old if the new failed) before new workers fork."""
+    templates = _templates(server)
+    old_workers = set(server.WORKERS)
+    for retired in templates.reconcile(_running_registry()):
+        if old_workers:
+            templates.retiring.append((set(old_workers), retired))
+        else:
+            retired.stop()
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    runtime.forget_worker(worker.pid)
+    _templates(server).worker_gone(worker.pid)
+
+
+def on_exit(server: Any) -> None:
+    _templates(server).stop()
+    runtime.remove()

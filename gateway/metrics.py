@@ -1,0 +1,185 @@
+"""Prometheus metrics: what the gateway counts, and the /metrics page.
+
+Counters and histograms are recorded where things happen (a request ends, a
+process is replaced, an instance is ejected). Under gunicorn every worker
+writes them to prometheus_client's multiprocess files in the runtime
+directory (see runtime.py), so the worker that answers /metrics adds up the
+whole gateway, dead workers' counts included. Gauges (pool processes, waiting
+requests, instance health) are not kept in those files: they are read at
+scrape time from the whole-gateway status, the same numbers /status shows,
+so a server removed by a reload leaves no stale series behind.
+
+Label values are bounded: `server` is a registry id ("unknown" for others),
+`method` is a known MCP method, "other", or the HTTP verb of a GET/DELETE.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from flask import Flask, Response, g, request
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from .runtime import METRICS_ENV
+
+REQUESTS = Counter(
+    "mcp_gateway_requests_total", "Requests to MCP servers, by server, MCP method and outcome.",
+    ["server", "method", "outcome"],
+)
+REQUEST_SECONDS = Histogram(
+    "mcp_gateway_request_duration_seconds", "Time from request to the end of its answer (a stream to its last byte).",
+    ["server", "method"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+UPSTREAM_ERRORS = Counter(
+    "mcp_gateway_upstream_errors_total", "Failures of upstream processes and instances, by kind.", ["server", "kind"],
+)
+RETRIES = Counter("mcp_gateway_retries_total", "Requests tried again on another process or instance.", ["server"])
+EJECTIONS = Counter(
+    "mcp_gateway_ejections_total", "Instances ejected after consecutive failures of real traffic.", ["server", "instance"],
+)
+PROCESS_STARTS = Counter("mcp_gateway_process_starts_total", "stdio processes started.", ["server"])
+PROCESS_START_FAILURES = Counter(
+    "mcp_gateway_process_start_failures_total", "stdio processes that failed to start or to answer the handshake.",
+    ["server"],
+)
+PROCESS_RESTARTS = Counter(
+    "mcp_gateway_process_restarts_total", "stdio processes replaced because they exited, hung or misbehaved.", ["server"],
+)
+RELOADS = Counter(
+    "mcp_gateway_registry_reloads_total", "Registry changes seen by a worker, applied or rejected.", ["outcome"],
+)
+
+KNOWN_METHODS = frozenset({
+    "initialize", "ping", "server/discover", "tools/list", "tools/call", "resources/list",
+    "resources/templates/list", "resources/read", "resources/subscribe", "resources/unsubscribe", "prompts/list",
+    "prompts/get", "completion/complete", "logging/setLevel", "subscriptions/listen", "tasks/get", "tasks/list",
+    "tasks/result", "tasks/cancel", "notifications/initialized", "notifications/cancelled",
+    "notifications/progress", "notifications/roots/list_changed",
+})
+
+
+def method_label(http_method: str, mcp_method: str | None) -> str:
+    if http_method != "POST":
+        return http_method
+    if mcp_method is None:
+        return "none"  # a client's reply to a server's request, or a body that did not parse
+    return mcp_method if mcp_method in KNOWN_METHODS else "other"
+
+
+def outcome(status: int, rpc_error: bool = False) -> str:
+    if status < 400:
+        return "rpc_error" if rpc_error else "ok"
+    if status in (401, 403):
+        return "denied"
+    if status < 500:
+        return "rejected"
+    return {502: "upstream_error", 503: "unavailable", 504: "timeout"}.get(status, "error")
+
+
+def error_kind(exc: BaseException) -> str:
+    """A bounded label for an upstream failure: its class's `kind`."""
+    return str(getattr(exc, "kind", "failed"))
+
+
+def init_app(app: Flask) -> None:
+    """Time and count every request to an MCP server (not the operator endpoints)."""
+
+    def start() -> None:
+        g.metrics_started = time.perf_counter()
+
+    def finish(response: Response) -> Response:
+        if not (request.view_args or {}).get("server_id"):
+            return response
+        server = g.get("server_id") or "unknown"
+        method = method_label(request.method, g.get("mcp_method"))
+        result = outcome(response.status_code, g.get("rpc_error", False))
+        started = g.metrics_started
+
+        def record() -> None:
+            REQUESTS.labels(server, method, result).inc()
+            REQUEST_SECONDS.labels(server, method).observe(time.perf_counter() - started)
+
+        response.call_on_close(record)
+        return response
+
+    app.before_request(start)
+    app.after_request(finish)
+
+
+# --- the page ------------------------------------------------------------------
+
+
+class StatusGauges:
+    """Gauges read from a whole-gateway status (see status.py) at scrape time."""
+
+    def __init__(self, gateway_status: Mapping[str, Any]):
+        self.status = gateway_status
+
+    def collect(self) -> Iterator[Metric]:
+        workers = GaugeMetricFamily("mcp_gateway_workers", "gunicorn workers serving this gateway.")
+        workers.add_metric([], len(self.status["workers"]))
+        up = GaugeMetricFamily("mcp_gateway_server_up", "1 when the server can serve (in every worker).", labels=["server"])
+        processes = GaugeMetricFamily(
+            "mcp_gateway_pool_processes", "stdio processes, by state, over all workers.", labels=["server", "state"],
+        )
+        limit = GaugeMetricFamily(
+            "mcp_gateway_pool_max_processes", "Most stdio processes the pools may hold, over all workers.",
+            labels=["server"],
+        )
+        waiting = GaugeMetricFamily(
+            "mcp_gateway_pool_waiting_requests", "Requests waiting for a free stdio process.", labels=["server"],
+        )
+        instance_up = GaugeMetricFamily(
+            "mcp_gateway_instance_up", "1 when an HTTP instance is up and not ejected in every worker.",
+            labels=["server", "instance"],
+        )
+        in_flight = GaugeMetricFamily(
+            "mcp_gateway_instance_in_flight_requests", "Requests an HTTP instance is answering now.",
+            labels=["server", "instance"],
+        )
+        for server_id, server in self.status["servers"].items():
+            up.add_metric([server_id], 1.0 if server.get("healthy") else 0.0)
+            if "pool_size" in server:
+                for state in ("idle", "busy", "starting"):
+                    processes.add_metric([server_id, state], server[state])
+                limit.add_metric([server_id], server["capacity"])
+                waiting.add_metric([server_id], server["waiting"])
+            for instance in server.get("instances", ()):
+                routable = instance["healthy"] and not instance["ejected"]
+                instance_up.add_metric([server_id, instance["endpoint"]], 1.0 if routable else 0.0)
+                in_flight.add_metric([server_id, instance["endpoint"]], instance["in_flight"])
+        yield from (workers, up, processes, limit, waiting, instance_up, in_flight)
+
+
+def render(gateway_status: Mapping[str, Any]) -> Response:
+    if os.environ.get(METRICS_ENV):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    else:
+        registry = CollectorRegistry()
+        registry.register(_Forwarding(REGISTRY))
+    registry.register(StatusGauges(gateway_status))
+    return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
+
+
+class _Forwarding:
+    """This process's own samples (no multiprocess directory: outside gunicorn's master)."""
+
+    def __init__(self, source: CollectorRegistry):
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.source.collect()
