@@ -49,14 +49,9 @@ def _server(views: list[dict[str, Any]], found: list[tuple[int, dict[str, Any]]]
 
 
 def _pool(views: list[dict[str, Any]]) -> dict[str, Any]:
-    merged = dict(views[0])
-    for key in POOL_TOTALS:
-        merged[key] = sum(view[key] for view in views)
-    for key in POOL_WORST:
-        merged[key] = max(view[key] for view in views)
+    merged = _added_up(views, POOL_TOTALS, POOL_WORST)
     merged["capacity"] = sum(view["pool_size"] for view in views)  # pool_size is per worker
     merged["pids"] = sorted(pid for view in views for pid in view["pids"])
-    merged["last_error"] = _latest(view["last_error"] for view in views)
     merged["healthy"] = all(view["healthy"] for view in views)
     return merged
 
@@ -75,16 +70,22 @@ def _http(views: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _instance(views: list[dict[str, Any]]) -> dict[str, Any]:
-    merged = dict(views[0])
-    for key in INSTANCE_TOTALS:
-        merged[key] = sum(view[key] for view in views)
-    for key in INSTANCE_WORST:
-        values = [view[key] for view in views if key in view]
-        if values:
-            merged[key] = max(values)
+    merged = _added_up(views, INSTANCE_TOTALS, INSTANCE_WORST)
     merged["healthy"] = all(view["healthy"] for view in views)
     merged["checked"] = all(view["checked"] for view in views)
     merged["ejected"] = any(view["ejected"] for view in views)
+    return merged
+
+
+def _added_up(views: list[dict[str, Any]], totals: Sequence[str], worst: Sequence[str]) -> dict[str, Any]:
+    """The first view, with `totals` summed, the largest of `worst`, and the latest error."""
+    merged = dict(views[0])
+    for key in totals:
+        merged[key] = sum(view[key] for view in views)
+    for key in worst:
+        values = [view[key] for view in views if key in view]
+        if values:
+            merged[key] = max(values)
     merged["last_error"] = _latest(view["last_error"] for view in views)
     return merged
 
