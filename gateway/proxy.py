@@ -27,6 +27,8 @@ from typing import Any, TypeVar
 import requests
 import urllib3
 from requests.adapters import HTTPAdapter
+from requests.structures import CaseInsensitiveDict
+from requests.utils import requote_uri
 from werkzeug.datastructures import Headers
 
 from . import errors, jsonrpc, metrics, protocol, sse
@@ -122,6 +124,7 @@ class HttpUpstream:
         self._last_check = {i.endpoint: (float("-inf"), 1.0) for i in self.balancer.instances}
         self._lock = threading.Lock()
         self._session: requests.Session | None = None
+        self._adapter: HTTPAdapter | None = None
         self.retries = 0
         # Era bridging, learned once per worker: which eras the instances speak.
         self._speaks: dict[str, bool] = {}
@@ -143,8 +146,16 @@ class HttpUpstream:
                     session.mount("http://", adapter)
                     session.mount("https://", adapter)
                     session.headers.clear()
+                    self._adapter = adapter
                     self._session = session
         return self._session
+
+    def _transport(self) -> HTTPAdapter:
+        """The session's adapter: forwarding sends through it directly (see _send)."""
+        if self._adapter is None:
+            self.session  # noqa: B018 - makes the session, and the adapter with it
+        assert self._adapter is not None
+        return self._adapter
 
     def close(self) -> None:
         if self._session is not None:
@@ -257,15 +268,22 @@ class HttpUpstream:
             headers["X-Request-Id"] = request.request_id
         url = instance.endpoint + request.path + (f"?{request.query.decode('latin-1')}" if request.query else "")
         timeout = (min(self.settings.connect_timeout, remaining), min(self.settings.read_timeout, remaining))
+        # Built by hand and handed to the adapter: Session.request's merging of cookies,
+        # hooks, auth and environment settings (none of which a proxy wants) cost about
+        # 140 us of CPU per call, a third of the forwarding path (README, Performance).
+        prepared = requests.PreparedRequest()
+        prepared.method = request.method
+        prepared.url = requote_uri(url)  # the path arrives decoded; quote it again
+        prepared.headers = CaseInsensitiveDict(headers)
+        prepared.body = request.body or None
+        if request.body or request.method not in ("GET", "HEAD"):
+            prepared.headers["Content-Length"] = str(len(request.body))
         with self._lock:
             instance.in_flight += 1
         handed_over = False
         try:
             try:
-                response = self.session.request(
-                    request.method, url, data=request.body or None, headers=headers, stream=True,
-                    timeout=timeout, allow_redirects=False,
-                )
+                response = self._transport().send(prepared, stream=True, timeout=timeout)
             except requests.RequestException as exc:
                 raise self._failure(instance, exc) from None
             result = ProxyResponse(

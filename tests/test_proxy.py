@@ -119,6 +119,16 @@ def test_request_and_response_headers_are_cleaned() -> None:
 
 
 @responses.activate
+def test_the_path_and_query_reach_the_instance_quoted_and_the_body_with_its_length() -> None:
+    responses.post(f"{A}/mcp/a%20b", json=OK_BODY)
+    upstream = make_upstream([A])
+    answer = upstream.forward(request("tools/list", path="/mcp/a b", query=b"x=1"))
+    sent = responses.calls[0].request
+    assert answer.status == 200 and sent.url == f"{A}/mcp/a%20b?x=1"
+    assert sent.headers["Content-Length"] == str(len(sent.body)) and b'"tools/list"' in sent.body
+
+
+@responses.activate
 def test_session_pinned_to_an_ejected_instance_is_404() -> None:
     upstream = make_upstream([A, B])
     upstream.balancer.instances[0].health.ejected_until = float("inf")
