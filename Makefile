@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 NODE_STAMP := tests/node/node_modules/.installed
 
-.PHONY: install run test lint clean system-tools bench bench-tools
+.PHONY: install run test lint clean system-tools bench bench-tools bench-profile
 
 install: $(STAMP)
 
@@ -44,6 +44,11 @@ bench-tools:
 # see tests/bench/__main__.py (e.g. BENCH_SECONDS=5, BENCH_ONLY=stdio,http).
 bench: install $(NODE_STAMP) bench-tools
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m tests.bench
+
+# Where a gateway worker's time goes under that load (py-spy; report in .bench/profile.md).
+bench-profile: install $(NODE_STAMP) bench-tools
+	test -x $(BIN)/py-spy || $(BIN)/python -m pip install --quiet 'py-spy>=0.4'
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m tests.bench.profile
 
 run: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/gunicorn --config conf/gunicorn.conf.py wsgi:app
