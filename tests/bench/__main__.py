@@ -10,6 +10,7 @@ Settings come from the environment (defaults in brackets):
   BENCH_ONLY [direct,stdio,peers,http,sdk,rss,scaling]   sections to run
   BENCH_MAX_REQUESTS [1000000]  count bound of every measured run
   BENCH_WRK_THREADS [1]  wrk threads             BENCH_OUT [.bench]  where results.json and table.md go
+  BENCH_README [0]       1: also put table.md into README.md between its bench:table markers
 Exit status: 0 when the run completed and left no process behind (goals are reported, not enforced).
 """
 
@@ -96,6 +97,7 @@ class Bench:
         before, started = procs.foreign_cpu(), time.monotonic()
         row = make()
         row.extra["other_cpu_percent"] = round(procs.foreign_cpu_percent(before, time.monotonic() - started), 1)
+        row.extra["load_average"] = os.getloadavg()[0]
         return self.keep(row, into)
 
     def keep(self, row: Row, into: list[Row] | None = None) -> Row:
@@ -337,6 +339,10 @@ def main() -> int:
     report.write(settings.out, bench.rows, goal_list, bench.memory, bench.scaling, info, settings.summary(),
                  [list(item) for item in leftovers])
     print(f"\nwrote {settings.out / 'results.json'} and {settings.out / 'table.md'} ({info['duration_s']} s)")
+    if os.environ.get("BENCH_README") == "1" and failed is None:
+        readme = servers.ROOT / "README.md"
+        table = (settings.out / "table.md").read_text()
+        print(f"README.md {'updated' if report.update_readme(readme, table) else 'has no bench:table markers'}")
     if leftovers:
         print(f"processes left behind (killed now, by PID): {leftovers}")
     else:

@@ -212,6 +212,20 @@ def _cell(row: Row | None) -> str:
     return text + (f" ({row.failures} failed)" if row.failures else "")
 
 
+README_START = "<!-- bench:table:start -->"
+README_END = "<!-- bench:table:end -->"
+
+
+def update_readme(readme: Path, table: str) -> bool:
+    """Put `table` between the README's bench markers; False if the README has none."""
+    text = readme.read_text()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        return False
+    readme.write_text(text[: start + len(README_START)] + "\n" + table + text[end:])
+    return True
+
+
 def write(folder: Path, rows: Sequence[Row], goal_list: Sequence[Goal], memory: dict[str, Any],
           scaling: Sequence[Row], info: dict[str, Any], settings: dict[str, Any], leftovers: list[Any]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
