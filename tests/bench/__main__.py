@@ -10,6 +10,7 @@ Settings come from the environment (defaults in brackets):
   BENCH_ONLY [direct,stdio,peers,http,sdk,rss,scaling]   sections to run
   BENCH_MAX_REQUESTS [1000000]  count bound of every measured run
   BENCH_WRK_THREADS [1]  wrk threads             BENCH_OUT [.bench]  where results.json and table.md go
+  BENCH_REPEAT [1]       runs per row; the row shows the run with the median req/s (others in its JSON)
   BENCH_README [0]       1: also put table.md into README.md between its bench:table markers
 Exit status: 0 when the run completed and left no process behind (goals are reported, not enforced).
 """
@@ -49,6 +50,7 @@ class Settings:
     rss_seconds: float = float(os.environ.get("BENCH_RSS_SECONDS", "300"))
     max_requests: int = int(os.environ.get("BENCH_MAX_REQUESTS", "1000000"))
     wrk_threads: int = int(os.environ.get("BENCH_WRK_THREADS", "1"))
+    repeat: int = max(1, int(os.environ.get("BENCH_REPEAT", "1")))
     out: Path = Path(os.environ.get("BENCH_OUT", str(servers.BENCH_DIR)))
 
     @property
@@ -69,7 +71,8 @@ class Settings:
 
     def summary(self) -> dict[str, Any]:
         return {"seconds": self.seconds, "warmup": self.warmup, "workers": self.workers, "threads": self.threads,
-                "pool_per_worker": self.pool, "rss_requests": self.rss_requests, "wrk_threads": self.wrk_threads}
+                "pool_per_worker": self.pool, "rss_requests": self.rss_requests, "wrk_threads": self.wrk_threads,
+                "repeat": self.repeat}
 
 
 # What may keep a peer from installing or running here; reported in its row.
@@ -94,10 +97,21 @@ class Bench:
 
     def timed(self, make: Callable[[], Row], into: list[Row] | None = None) -> Row:
         """Run one row, note how busy the rest of the machine was meanwhile, print and keep it."""
-        before, started = procs.foreign_cpu(), time.monotonic()
-        row = make()
-        row.extra["other_cpu_percent"] = round(procs.foreign_cpu_percent(before, time.monotonic() - started), 1)
-        row.extra["load_average"] = os.getloadavg()[0]
+        runs = []
+        for _ in range(self.settings.repeat):
+            before, started = procs.foreign_cpu(), time.monotonic()
+            run = make()
+            run.extra["other_cpu_percent"] = round(procs.foreign_cpu_percent(before, time.monotonic() - started), 1)
+            run.extra["load_average"] = os.getloadavg()[0]
+            runs.append(run)
+        runs.sort(key=lambda run: run.rps)
+        row = runs[len(runs) // 2]
+        if len(runs) > 1:
+            row.extra["runs"] = [{"rps": round(r.rps, 1), "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "failures": r.failures}
+                                 for r in runs]
+            others = sum(r.failures for r in runs) - row.failures
+            if others:
+                row.note = f"{row.note}; {others} failures in the other runs".lstrip("; ")
         return self.keep(row, into)
 
     def keep(self, row: Row, into: list[Row] | None = None) -> Row:
