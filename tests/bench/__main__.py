@@ -7,7 +7,7 @@ Settings come from the environment (defaults in brackets):
   BENCH_RSS_REQUESTS [100000]  requests of the memory loop, BENCH_RSS_SECONDS [300] its time bound
   BENCH_SCALING_WORKERS [1,2,4], BENCH_SCALING_POOLS [1,2,4]   the scaling grid
   BENCH_PEERS [mcp-proxy,supergateway]   peers to run (empty: none)
-  BENCH_ONLY [direct,stdio,peers,http,sdk,rss,scaling]   sections to run
+  BENCH_ONLY [direct,stdio,peers,http,floor,sdk,rss,scaling]   sections to run
   BENCH_MAX_REQUESTS [1000000]  count bound of every measured run
   BENCH_WRK_THREADS [1]  wrk threads             BENCH_OUT [.bench]  where results.json and table.md go
   BENCH_REPEAT [1]       runs per row; the row shows the run with the median req/s (others in its JSON)
@@ -67,7 +67,7 @@ class Settings:
 
     @property
     def sections(self) -> set[str]:
-        return set(_env_list("BENCH_ONLY", "direct,stdio,peers,http,sdk,rss,scaling"))
+        return set(_env_list("BENCH_ONLY", "direct,stdio,peers,http,floor,sdk,rss,scaling"))
 
     def summary(self) -> dict[str, Any]:
         return {"seconds": self.seconds, "warmup": self.warmup, "workers": self.workers, "threads": self.threads,
@@ -187,6 +187,19 @@ class Bench:
         for concurrency in (1, 8):
             self.wrk_row("http", "gateway, 2026-07-28 client (bridged to the handshake era)", url, ECHO_CALL_MODERN,
                          load.modern_headers(ECHO_CALL_MODERN), concurrency)
+
+    def floor(self) -> None:
+        """A constant-answering Flask app under the same gunicorn config: what the stack costs before forwarding."""
+        s = self.settings
+        gateway = servers.Gateway(self.folder, "gunicorn-floor", {}, s.workers, s.threads,
+                                  app="tests.bench.floor_app:app")
+        try:
+            gateway.wait_ready()
+            for concurrency in (1, 8):
+                self.wrk_row("http", "floor: Flask constant answer, same gunicorn config (tests/bench/floor_app.py)",
+                             f"{gateway.url}/mcp", ECHO_CALL, {}, concurrency)
+        finally:
+            gateway.stop()
 
     def sdk(self) -> None:
         """tests/servers/sdk_server.py over HTTP: a 2026-07-28 client passes straight through the gateway."""
@@ -325,6 +338,8 @@ class Bench:
             self.memory["end"] = gateway.memory()
         finally:
             gateway.stop()
+        if "floor" in sections:
+            self.section("http", self.floor)
         if "sdk" in sections:
             self.section("http", self.sdk)
         if "scaling" in sections:

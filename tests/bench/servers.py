@@ -58,7 +58,8 @@ def open_session(url: str, version: str = LEGACY_VERSION) -> dict[str, str]:
 class Gateway:
     """The project's gateway: `.venv/bin/gunicorn --config conf/gunicorn.conf.py wsgi:app` on a free port."""
 
-    def __init__(self, folder: Path, name: str, servers: Mapping[str, Any], workers: int, threads: int):
+    def __init__(self, folder: Path, name: str, servers: Mapping[str, Any], workers: int, threads: int,
+                 app: str = "wsgi:app"):
         self.port = procs.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.workers_wanted = workers
@@ -73,7 +74,7 @@ class Gateway:
             "MCP_GATEWAY_THREADS": str(threads),
             "MCP_GATEWAY_SESSION_SECRET": "bench-secret-shared-by-all-workers",
         }
-        self.child = procs.Child(name, [str(VENV_BIN / "gunicorn"), "--config", "conf/gunicorn.conf.py", "wsgi:app"],
+        self.child = procs.Child(name, [str(VENV_BIN / "gunicorn"), "--config", "conf/gunicorn.conf.py", app],
                                  folder, env=env, cwd=ROOT)
 
     def wait_ready(self, pooled: int = 0, timeout: float = 60.0) -> None:
@@ -83,7 +84,7 @@ class Gateway:
             if not self.child.alive():
                 raise RuntimeError(f"gunicorn exited at start:\n{self.child.log_tail()}")
             try:
-                healthy = requests.get(f"{self.url}/healthz", timeout=1).ok
+                healthy = requests.get(f"{self.url}/healthz", timeout=1).status_code < 500
             except requests.RequestException:
                 healthy = False
             if healthy and len(self.worker_pids()) == self.workers_wanted and len(self.pooled_pids()) >= pooled:
