@@ -92,6 +92,15 @@ class Bench:
         self.rows: list[Row] = []
         self.scaling: list[Row] = []
         self.memory: dict[str, Any] = {}
+        self.log_problems: dict[str, dict[str, Any]] = {}  # gunicorn name -> warnings/errors in its log
+
+    def stop_gateway(self, gateway: servers.Gateway) -> None:
+        """Stop a gunicorn and keep what its log says went wrong."""
+        gateway.stop()
+        problems = gateway.problems()
+        if problems:
+            self.log_problems[gateway.child.name] = problems
+            print(f"  {gateway.child.name}: {problems['count']} warnings/errors in its log, first: {problems['first'][0]}")
 
     # --- running rows ------------------------------------------------------------
 
@@ -199,7 +208,7 @@ class Bench:
                 self.wrk_row("http", "floor: Flask constant answer, same gunicorn config (tests/bench/floor_app.py)",
                              f"{gateway.url}/mcp", ECHO_CALL, {}, concurrency)
         finally:
-            gateway.stop()
+            self.stop_gateway(gateway)
 
     def sdk(self) -> None:
         """tests/servers/sdk_server.py over HTTP: a 2026-07-28 client passes straight through the gateway."""
@@ -224,7 +233,7 @@ class Bench:
             self.keep(Row("http", "SDK server", 1, "wrk", note=f"not measured: {exc}"))
         finally:
             if gateway is not None:
-                gateway.stop()
+                self.stop_gateway(gateway)
             sdk.stop()
 
     def rss_loop(self, gateway: servers.Gateway) -> None:
@@ -292,7 +301,7 @@ class Bench:
                     self.keep(Row("scaling stdio", f"gateway, {workers} workers x {pool} processes", 8, "wrk",
                                   note=f"not measured: {exc}", extra={"workers": workers, "pool": pool}), self.scaling)
                 finally:
-                    gateway.stop()
+                    self.stop_gateway(gateway)
 
     # --- the whole run -------------------------------------------------------------
 
@@ -337,7 +346,7 @@ class Bench:
                 self.rss_loop(gateway)
             self.memory["end"] = gateway.memory()
         finally:
-            gateway.stop()
+            self.stop_gateway(gateway)
         if "floor" in sections:
             self.section("http", self.floor)
         if "sdk" in sections:
@@ -365,8 +374,14 @@ def main() -> int:
     goal_list = report.goals(bench.rows, bench.memory)
     print()
     print(report.console(bench.rows, goal_list, bench.memory, bench.scaling))
+    if bench.log_problems:
+        print("\nwarnings and errors in the gateways' logs:")
+        for name, problems in bench.log_problems.items():
+            print(f"  {name}: {problems['count']}")
+            for line in problems["first"]:
+                print(f"    {line[:300]}")
     report.write(settings.out, bench.rows, goal_list, bench.memory, bench.scaling, info, settings.summary(),
-                 [list(item) for item in leftovers])
+                 [list(item) for item in leftovers], bench.log_problems)
     print(f"\nwrote {settings.out / 'results.json'} and {settings.out / 'table.md'} ({info['duration_s']} s)")
     if os.environ.get("BENCH_README") == "1" and failed is None:
         readme = servers.ROOT / "README.md"

@@ -227,7 +227,8 @@ def update_readme(readme: Path, table: str) -> bool:
 
 
 def write(folder: Path, rows: Sequence[Row], goal_list: Sequence[Goal], memory: dict[str, Any],
-          scaling: Sequence[Row], info: dict[str, Any], settings: dict[str, Any], leftovers: list[Any]) -> None:
+          scaling: Sequence[Row], info: dict[str, Any], settings: dict[str, Any], leftovers: list[Any],
+          log_problems: dict[str, dict[str, Any]]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     data = {
         "machine": info, "settings": settings,
@@ -235,6 +236,11 @@ def write(folder: Path, rows: Sequence[Row], goal_list: Sequence[Goal], memory: 
         "memory": memory,
         "goals": [{"goal": g.goal, "measured": g.measured, "verdict": g.verdict} for g in goal_list],
         "processes_left": leftovers,
+        "gateway_log_problems": log_problems,
     }
     (folder / "results.json").write_text(json.dumps(data, indent=2) + "\n")
-    (folder / "table.md").write_text(markdown(rows, goal_list, memory, scaling, info, settings))
+    table = markdown(rows, goal_list, memory, scaling, info, settings)
+    if log_problems:
+        table += "\nWarnings and errors in the gateways' logs during the run:\n\n" + "".join(
+            f"- {name}: {p['count']}, first: `{p['first'][0][:240]}`\n" for name, p in log_problems.items())
+    (folder / "table.md").write_text(table)

@@ -123,6 +123,16 @@ class Gateway:
         # gunicorn's graceful_timeout is 30 s; nothing is in flight when the bench stops it.
         self.child.stop(grace=40)
 
+    def problems(self, keep: int = 5) -> dict[str, Any]:
+        """Warnings, errors and tracebacks in this gunicorn's log (the gateway's own and gunicorn's)."""
+        try:
+            lines = self.child.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return {}
+        found = [line for line in lines if " WARNING " in line or " ERROR " in line or "[ERROR]" in line
+                 or "[CRITICAL]" in line or line.startswith("Traceback")]
+        return {"count": len(found), "first": found[:keep]} if found else {}
+
 
 def stdio_time_server(pool: int) -> dict[str, Any]:
     """Registry entry: mcp-server-time, `pool` processes per worker, all kept warm."""
