@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 NODE_STAMP := tests/node/node_modules/.installed
 
-.PHONY: install run test lint clean system-tools
+.PHONY: install run test lint clean system-tools bench bench-tools bench-profile
 
 install: $(STAMP)
 
@@ -32,6 +32,24 @@ system-tools:
 	command -v nginx >/dev/null || test -x /usr/sbin/nginx || missing="$$missing nginx"; \
 	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq $$missing; fi
 
+# The benchmark's load generator (wrk) and the proxy it compares with (nginx).
+bench-tools:
+	@missing=""; \
+	command -v wrk >/dev/null || missing="$$missing wrk"; \
+	command -v nginx >/dev/null || test -x /usr/sbin/nginx || missing="$$missing nginx"; \
+	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq $$missing; fi
+
+# Side-by-side benchmark (issue 6): the gateway under real gunicorn vs. the servers alone,
+# nginx and peer gateways; writes .bench/results.json and .bench/table.md. BENCH_* settings:
+# see tests/bench/__main__.py (e.g. BENCH_SECONDS=5, BENCH_ONLY=stdio,http).
+bench: install $(NODE_STAMP) bench-tools
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m tests.bench
+
+# Where a gateway worker's time goes under that load (py-spy; report in .bench/profile.md).
+bench-profile: install $(NODE_STAMP) bench-tools
+	test -x $(BIN)/py-spy || $(BIN)/python -m pip install --quiet 'py-spy>=0.4'
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m tests.bench.profile
+
 run: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/gunicorn --config conf/gunicorn.conf.py wsgi:app
 
@@ -43,4 +61,4 @@ lint: install
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache tests/node/node_modules
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache tests/node/node_modules .bench
