@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
-import uuid
 
 from flask import Flask, Response, g, request
 
@@ -51,7 +51,7 @@ def init_app(app: Flask, log_format: str = "text", trusted_proxies: tuple[str, .
     def start() -> None:
         g.started = time.perf_counter()
         given = request.headers.get(REQUEST_ID_HEADER, "")
-        g.request_id = given if _SANE_ID.match(given) else uuid.uuid4().hex
+        g.request_id = given if _SANE_ID.match(given) else os.urandom(16).hex()  # as unique as uuid4, cheaper
 
     def finish(response: Response) -> Response:
         response.headers[REQUEST_ID_HEADER] = g.request_id
