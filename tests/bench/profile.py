@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,7 @@ class Profile:
     by_function: Counter[str] = field(default_factory=Counter)  # inclusive
     self_by_function: Counter[str] = field(default_factory=Counter)
     by_layer: Counter[str] = field(default_factory=Counter)  # exclusive, see layer_of
+    by_centre: Counter[str] = field(default_factory=Counter)  # inclusive, see COST_CENTRES
     failures: int = 0
 
     @property
@@ -107,7 +108,44 @@ def analyse(scenario: str, raw: str, requests: int, seconds: float, cpu_s: float
         profile.self_by_function[frames[-1][0]] += count
         profile.self_by_area[frames[-1][1]] += count
         profile.by_layer[layer_of(frames)] += count
+        for label, matches in COST_CENTRES:
+            if any(matches(name) for name, _ in frames):
+                profile.by_centre[label] += count
     return profile
+
+
+# Named pieces of the hot path, counted inclusively (a sample counts if any frame of its stack matches).
+COST_CENTRES: tuple[tuple[str, Callable[[str], bool]], ...] = (
+    ("gunicorn main loop (ThreadWorker.run: epoll, hand-off, keep-alive)", lambda f: f.startswith("ThreadWorker.run ")),
+    ("gunicorn request parsing", lambda f: f.startswith(("Request.__init__ (gunicorn", "Message.__init__ (gunicorn"))),
+    ("gunicorn environ (wsgi.create)", lambda f: f.startswith("create (gunicorn/http/wsgi")),
+    ("gunicorn response writing", lambda f: f.startswith(("Response.write (gunicorn", "Response.close (gunicorn",
+                                                           "Response.send_headers", "write_chunk"))),
+    ("Flask request/app context push+pop", lambda f: f.startswith(("RequestContext.push", "RequestContext.pop",
+                                                                    "AppContext.push", "AppContext.pop"))),
+    ("Flask before_request hooks (access log start, Gateway.start, guard)", lambda f: f.startswith("Flask.preprocess_request")),
+    ("Flask after_request hooks (access log finish)", lambda f: f.startswith("Flask.process_response")),
+    ("werkzeug Response building and WSGI headers", lambda f: f.startswith((
+        "Response.__init__", "Response.__call__", "Response.get_wsgi_response", "Response.get_wsgi_headers",
+        "Response.get_app_iter"))),
+    ("werkzeug request body read", lambda f: f.startswith(("Request.get_data", "get_input_stream", "LimitedStream"))),
+    ("access log, all of it (gateway/accesslog.py and its logging)", lambda f: "gateway/accesslog.py" in f),
+    ("logging, all of it", lambda f: "(logging/" in f),
+    ("json, all of it", lambda f: "(json/" in f),
+    ("view: views.post", lambda f: f.startswith("post (gateway/views")),
+    ("jsonrpc.parse", lambda f: f.startswith("parse (gateway/jsonrpc")),
+    ("signed session check (gateway/sessions.py)", lambda f: "gateway/sessions.py" in f),
+    ("stdio pool acquire+release", lambda f: f.startswith(("StdioPool.acquire", "StdioPool.release"))),
+    ("stdio read and parse the answer", lambda f: f.startswith("StdioProcess.messages")),
+    ("requests Session.request, all of it", lambda f: f.startswith("Session.request (requests")),
+    ("requests: environment merge and request preparation", lambda f: f.startswith((
+        "Session.merge_environment_settings", "Session.prepare_request", "PreparedRequest.prepare"))),
+    ("urllib3 urlopen, all of it", lambda f: f.startswith("HTTPConnectionPool.urlopen")),
+    ("http.client status line and header parsing (email parser)", lambda f: f.startswith((
+        "parse_headers (http/client", "HTTPResponse.begin (http/client"))),
+    ("urllib3 new upstream connection", lambda f: f.startswith("create_connection (urllib3")),
+    ("gateway header filter (proxy.forwardable)", lambda f: f.startswith("forwardable")),
+)
 
 
 # Helpers a layer calls that are charged to that layer (uuid4 to the access log, hmac to sessions, ...).
@@ -199,6 +237,11 @@ def describe(profile: Profile, top: int = 25) -> str:
     lines = [title, "", "| layer (exclusive: innermost non-helper frame) | % | µs/request |", "|---|---|---|"]
     for name, count in profile.by_layer.most_common():
         lines.append(f"| {name} | {100 * count / profile.samples:.1f} | {profile.us(count):,.0f} |")
+    lines += ["", "| cost centre (inclusive; they overlap) | % | µs/request |", "|---|---|---|"]
+    for label, _ in COST_CENTRES:
+        if profile.by_centre[label]:
+            count = profile.by_centre[label]
+            lines.append(f"| {label} | {100 * count / profile.samples:.1f} | {profile.us(count):,.0f} |")
     lines += ["", "| area | inclusive % | µs/request | self % |", "|---|---|---|---|"]
     for name, count in profile.by_area.most_common():
         lines.append(f"| {name} | {100 * count / profile.samples:.1f} | {profile.us(count):,.0f} | "
