@@ -55,6 +55,9 @@ RETRYABLE_STATUS = frozenset({502, 503, 504})
 JSON_RPC_HEADERS = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
 MAX_JSON_BODY = 64 * 1024 * 1024
 STREAM_CHUNK = 64 * 1024
+# What is left of a stream after the response the bridge wanted: read if it comes this soon.
+DRAIN_SECONDS = 0.05
+DRAIN_BYTES = 64 * 1024
 E = TypeVar("E", bound=errors.UpstreamError)
 
 
@@ -330,17 +333,25 @@ class HttpUpstream:
 
     def _stream(self, instance: Instance, response: requests.Response) -> Generator[bytes, None, None]:
         raw = response.raw
+        chunks: Iterator[bytes] = (
+            raw.read_chunked(STREAM_CHUNK, decode_content=False) if raw.chunked and raw.supports_chunked_reads()
+            else iter(lambda: raw.read1(STREAM_CHUNK, decode_content=False), b"")
+        )
+        ended = False
         try:
-            if raw.chunked and raw.supports_chunked_reads():
-                yield from raw.read_chunked(STREAM_CHUNK, decode_content=False)
-            else:
-                while chunk := raw.read1(STREAM_CHUNK, decode_content=False):
-                    yield chunk
+            # Not `yield from`: that would close `chunks` with this generator, and
+            # _finish_briefly must be able to read on after the client's side closed.
+            for chunk in chunks:  # noqa: UP028
+                yield chunk
+            ended = True
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            ended = True  # nothing left worth reading
             # Bytes already reached the client: no retry, the stream just ends.
             log.warning("server %s: stream from %s broke: %s", self.server_id, instance.endpoint, _describe(exc))
             self._failed(instance, errors.UpstreamFailed(_describe(exc)))
         finally:
+            if not ended:
+                _finish_briefly(raw, chunks)
             response.close()
             with self._lock:
                 instance.in_flight -= 1
@@ -561,6 +572,28 @@ def _close(answer: ProxyResponse) -> None:
     """Release a streamed answer's connection (a no-op for one read whole)."""
     if not isinstance(answer.body, bytes):
         answer.body.close()
+
+
+def _finish_briefly(raw: urllib3.BaseHTTPResponse, chunks: Iterator[bytes]) -> None:
+    """Read the rest of a stream left early, if it ends at once, so its connection is reused.
+
+    The bridge stops reading an SSE answer at the response it wants, and the
+    server ends the stream right after it, as the spec asks. Left unread, the
+    end of the stream would stay in the socket and the pool would have to
+    drop the connection: a new TCP connection for every bridged request.
+    """
+    sock = getattr(getattr(raw, "connection", None), "sock", None)
+    if sock is None:
+        return
+    try:
+        sock.settimeout(DRAIN_SECONDS)  # the next request on this connection sets its own
+        left = DRAIN_BYTES
+        for chunk in chunks:
+            left -= len(chunk)
+            if left <= 0:
+                return  # a long stream: dropping the connection is cheaper
+    except (urllib3.exceptions.HTTPError, OSError):
+        return
 
 
 def _never_connected(exc: requests.ConnectionError) -> bool:

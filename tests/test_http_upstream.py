@@ -7,6 +7,7 @@ round-robin, stickiness and sessions pinned to one instance across workers.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -276,3 +277,20 @@ def test_dead_upstream_session_is_404_even_when_the_server_says_400(eras_gateway
     after = requests.post(url, headers=session, timeout=30, data='{"jsonrpc":"2.0","id":2,"method":"tools/list"}')
     assert after.status_code == 404
     assert "no longer knows this session" in after.json()["error"]["message"]
+
+
+def test_bridged_requests_reuse_their_upstream_connection(tmp_path: Any, make_app: Any,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    # server-everything answers in SSE; the bridge stops at the response, then must read the
+    # stream's end rather than drop the connection (which cost a TCP connect per request).
+    everything = McpHttpServer(tmp_path, "everything")
+    try:
+        client = make_app({"web": {"type": "http", "instances": [{"endpoint": everything.url}]}}).test_client()
+        with caplog.at_level(logging.DEBUG, logger="urllib3.connectionpool"):
+            for n in range(12):
+                answer = client.post("/web/mcp", data=json.dumps({"jsonrpc": "2.0", "id": n, "method": "tools/list"}))
+                assert answer.status_code == 200 and "tools" in answer.get_json()["result"]
+        opened = [r for r in caplog.records if r.getMessage().startswith(("Starting new", "Resetting dropped"))]
+        assert len(opened) <= 3, f"{len(opened)} connections for 12 requests"  # a health probe may add one
+    finally:
+        everything.stop()
