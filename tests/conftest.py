@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +166,15 @@ class Gunicorn:
                 self.process.wait()
         self._log.close()
         return self.process.returncode
+
+    @contextmanager
+    def serving(self) -> Iterator[Gunicorn]:
+        """Ready on entry; stopped, and checked for leftovers, on exit whatever happened."""
+        try:
+            self.wait_ready()
+            yield self
+        finally:
+            self.stop_and_check()
 
     def stop_and_check(self) -> None:
         code = self.stop()

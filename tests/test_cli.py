@@ -35,12 +35,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
                 "env_vars": {"TEST_SERVER_STATE_KEY": SHARED_STATE_KEY}},
         "broken": {"type": "stdio", "command": ["/nonexistent/server"]},
     }
-    instance = Gunicorn(write_registry(tmp_path_factory.mktemp("cli"), servers), workers=2)
-    try:
-        instance.wait_ready()
+    with Gunicorn(write_registry(tmp_path_factory.mktemp("cli"), servers), workers=2).serving() as instance:
         yield instance
-    finally:
-        instance.stop_and_check()
 
 
 @pytest.mark.parametrize("command", [[], ["validate"], ["serve"], ["templates"], ["servers"], ["status"], ["call"],

@@ -57,12 +57,8 @@ SERVERS = {
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
     registry = write_registry(tmp_path_factory.mktemp("gw"), SERVERS)
-    instance = Gunicorn(registry, workers=2, threads=4)
-    try:
-        instance.wait_ready()
+    with Gunicorn(registry, workers=2, threads=4).serving() as instance:
         yield instance
-    finally:
-        instance.stop_and_check()
 
 
 def run(coroutine_function: Any, *args: Any) -> Any:

@@ -45,12 +45,8 @@ def gateway(http_servers: list[McpHttpServer], tmp_path_factory: pytest.TempPath
         "pinned": {"type": "http", "instances": instances, "sticky_header": "X-Client-Id"},
         "least": {"type": "http", "instances": instances, "load_balancing": "least_connections"},
     }
-    instance = Gunicorn(write_registry(tmp_path_factory.mktemp("http-gw"), servers), workers=2, threads=4)
-    try:
-        instance.wait_ready()
+    with Gunicorn(write_registry(tmp_path_factory.mktemp("http-gw"), servers), workers=2, threads=4).serving() as instance:
         yield instance
-    finally:
-        instance.stop_and_check()
 
 
 def modern_call(http: requests.Session | Any, gateway: Gunicorn, server: str, tool: str,

@@ -49,12 +49,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, http_servers: list[McpHttp
         "web": {"type": "http", "max_fails": 2, "ejection_time": 300,
                 "instances": [{"endpoint": http_servers[0].url}, {"endpoint": f"http://127.0.0.1:{dead_port}"}]},
     }
-    instance = Gunicorn(write_registry(tmp_path_factory.mktemp("metrics"), servers), workers=2, threads=4)
-    try:
-        instance.wait_ready()
+    with Gunicorn(write_registry(tmp_path_factory.mktemp("metrics"), servers), workers=2, threads=4).serving() as instance:
         yield instance
-    finally:
-        instance.stop_and_check()
 
 
 def scrape(gateway: Gunicorn) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

@@ -25,12 +25,8 @@ def readme_curls() -> list[str]:
 @pytest.fixture(scope="module")
 def default_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
     """gunicorn with conf/gunicorn.conf.py and the default conf/registry.yaml, as `make run` starts it."""
-    instance = Gunicorn(ROOT / "conf/registry.yaml", log_dir=tmp_path_factory.mktemp("readme"))
-    try:
-        instance.wait_ready()
+    with Gunicorn(ROOT / "conf/registry.yaml", log_dir=tmp_path_factory.mktemp("readme")).serving() as instance:
         yield instance
-    finally:
-        instance.stop_and_check()
 
 
 def test_readme_shows_the_two_commands_and_ci_runs_make_test() -> None:

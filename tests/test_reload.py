@@ -63,6 +63,15 @@ def running(gateway: Gunicorn, pids: list[int]) -> set[int]:
     return set(pids) & below
 
 
+def hup(gateway: Gunicorn) -> None:
+    """gunicorn's own reload; returns when only new workers serve."""
+    old_workers = gateway.worker_pids()
+    gateway.remember()
+    gateway.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: not (gateway.worker_pids() & old_workers) and len(gateway.worker_pids()) == gateway.workers, 60)
+    gateway.wait_ready()
+
+
 def call_ok(gateway: Gunicorn, server: str, request_id: int = 1) -> bool:
     answer = curl(gateway, server, "tools/call", NOW, request_id=request_id)
     return answer.status_code == 200 and "result" in answer.json()
@@ -73,9 +82,7 @@ def test_a_changed_file_reaches_every_worker_and_unchanged_servers_keep_their_st
     web = {"type": "http", "instances": [{"endpoint": http_servers[0].url}]}
     first = {"keep": time_server(pool_min=1), "change": time_server(pool_min=1),
              "remove": time_server(pool_min=1), "web": web}
-    gateway = Gunicorn(write_registry(tmp_path, first, WATCH), workers=2)
-    try:
-        gateway.wait_ready()
+    with Gunicorn(write_registry(tmp_path, first, WATCH), workers=2).serving() as gateway:
         wait_for(lambda: all(gateway.status()["servers"][sid]["processes"] == 2 for sid in ("keep", "change", "remove")))
         before = gateway.status()["servers"]
         # A session held by the HTTP instance, through the gateway.
@@ -100,14 +107,10 @@ def test_a_changed_file_reaches_every_worker_and_unchanged_servers_keep_their_st
                                data=json.dumps({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}))
         assert listed.status_code == 200 and "tools" in sse_or_json(listed)["result"], "the session survived"
         assert gateway.log().count("reloaded (") == 2, "each worker reloaded once"
-    finally:
-        gateway.stop_and_check()
 
 
 def test_an_invalid_file_is_refused_in_one_line_and_the_old_registry_serves_on(tmp_path: Path) -> None:
-    gateway = Gunicorn(write_registry(tmp_path, {"time": time_server()}, WATCH), workers=2)
-    try:
-        gateway.wait_ready()
+    with Gunicorn(write_registry(tmp_path, {"time": time_server()}, WATCH), workers=2).serving() as gateway:
         digest = served_digests(gateway).pop()
         rewrite(gateway, {"time": {"type": "stdio"}}, WATCH)  # no command
 
@@ -125,15 +128,11 @@ def test_an_invalid_file_is_refused_in_one_line_and_the_old_registry_serves_on(t
         # Fixing the file is picked up as usual.
         every_worker_serves(gateway, rewrite(gateway, {"time": time_server(), "more": time_server()}, WATCH))
         assert call_ok(gateway, "more")
-    finally:
-        gateway.stop_and_check()
 
 
 def test_in_flight_calls_of_a_changed_server_finish_before_its_processes_stop(tmp_path: Path) -> None:
     slow = {"type": "stdio", "command": server_command("sdk_server.py", "stdio"), "pool_size": 2}
-    gateway = Gunicorn(write_registry(tmp_path, {"slow": slow}, WATCH), workers=1)
-    try:
-        gateway.wait_ready()
+    with Gunicorn(write_registry(tmp_path, {"slow": slow}, WATCH), workers=1).serving() as gateway:
         answers: list[requests.Response] = []
         call = threading.Thread(target=lambda: answers.append(
             curl(gateway, "slow", "tools/call", {"name": "sleep", "arguments": {"seconds": 4}})))
@@ -147,8 +146,6 @@ def test_in_flight_calls_of_a_changed_server_finish_before_its_processes_stop(tm
         call.join(30)
         assert answers and answers[0].status_code == 200 and "result" in answers[0].json()
         wait_for(lambda: not running(gateway, busy) and not gateway.status()["workers"][0]["draining"])
-    finally:
-        gateway.stop_and_check()
 
 
 def test_reloads_and_hup_under_steady_load_fail_no_request(tmp_path: Path) -> None:
@@ -180,11 +177,7 @@ def test_reloads_and_hup_under_steady_load_fail_no_request(tmp_path: Path) -> No
         wait_for(lambda: done[0] >= 50, 30)
         every_worker_serves(gateway, rewrite(gateway, {**servers, "moving": time_server("v2", pool_min=1)}, WATCH))
         every_worker_serves(gateway, rewrite(gateway, {**servers, "moving": time_server("v3", pool_min=2)}, WATCH))
-        old_workers = gateway.worker_pids()
-        gateway.remember()
-        gateway.process.send_signal(signal.SIGHUP)  # gunicorn's own reload: new workers, old ones drain
-        wait_for(lambda: not (gateway.worker_pids() & old_workers) and len(gateway.worker_pids()) == 2, 60)
-        gateway.wait_ready()
+        hup(gateway)  # gunicorn's own reload: new workers, old ones drain
         settled = done[0]
         wait_for(lambda: done[0] >= settled + 50, 30)  # the new workers carry the load
         stop.set()
@@ -198,30 +191,19 @@ def test_reloads_and_hup_under_steady_load_fail_no_request(tmp_path: Path) -> No
 
 
 def test_hup_reloads_the_file_and_refuses_an_invalid_one(tmp_path: Path) -> None:
-    gateway = Gunicorn(write_registry(tmp_path, {"time": time_server()}), workers=2)  # no file watching
-    try:
-        gateway.wait_ready()
+    # No file watching: only HUP reloads.
+    with Gunicorn(write_registry(tmp_path, {"time": time_server()}), workers=2).serving() as gateway:
         digest = rewrite(gateway, {"time": time_server(), "added": time_server()})
-        first_workers = gateway.worker_pids()
-        gateway.remember()
-        gateway.process.send_signal(signal.SIGHUP)
-        wait_for(lambda: not (gateway.worker_pids() & first_workers) and len(gateway.worker_pids()) == 2, 60)
-        gateway.wait_ready()
+        hup(gateway)
         every_worker_serves(gateway, digest)
         assert call_ok(gateway, "added")
 
         gateway.registry.write_text("servers: [this is not a registry")
-        second_workers = gateway.worker_pids()
-        gateway.remember()
-        gateway.process.send_signal(signal.SIGHUP)
-        wait_for(lambda: not (gateway.worker_pids() & second_workers) and len(gateway.worker_pids()) == 2, 60)
-        gateway.wait_ready()
+        hup(gateway)
         assert gateway.process.poll() is None, "the master lives on"
         assert gateway.log().count("not reloaded, the running one stays") == 1
         every_worker_serves(gateway, digest)  # the new workers booted from the last good registry
         assert call_ok(gateway, "added")
-    finally:
-        gateway.stop_and_check()
 
 
 def test_changing_an_http_template_restarts_workers_and_its_processes(tmp_path: Path) -> None:
@@ -233,9 +215,7 @@ def test_changing_an_http_template_restarts_workers_and_its_processes(tmp_path: 
         answer = curl(gateway, "demo-http", "tools/call", {"name": "say_hello", "arguments": {"name": "Ada"}})
         return str(sse_or_json(answer)["result"]["content"][0]["text"]) if answer.status_code == 200 else ""
 
-    gateway = Gunicorn(write_registry(tmp_path, demo("First"), WATCH), workers=2)
-    try:
-        gateway.wait_ready()
+    with Gunicorn(write_registry(tmp_path, demo("First"), WATCH), workers=2).serving() as gateway:
         assert greeting() == "Hello, Ada! Greetings from First."
         workers = gateway.worker_pids()
         template_pids = [pid for pid, _ in descendants(gateway.process.pid) if pid not in workers]
@@ -245,5 +225,3 @@ def test_changing_an_http_template_restarts_workers_and_its_processes(tmp_path: 
         wait_for(lambda: greeting() == "Hello, Ada! Greetings from Second.", 30)
         wait_for(lambda: not running(gateway, template_pids), 40)  # once the old workers are gone
         assert gateway.log().count("asking gunicorn for a graceful reload (HUP)") == 1
-    finally:
-        gateway.stop_and_check()
