@@ -55,18 +55,17 @@ def _app_class() -> type[Flask]:
 
 
 def create_app(test_config: Mapping[str, Any] | None = None, registry: Registry | None = None) -> Flask:
-    """Build the app from `registry` (default: the registry this gateway runs, see extension.boot_registry)."""
-    from . import accesslog, metrics
-    from .extension import Gateway, boot_registry
+    """Build the app from `registry` (default: the one this gateway serves, see runtime.serving_registry)."""
+    from . import accesslog, metrics, runtime
+    from .extension import Gateway
 
     configure_logging()
     app = _app_class()(__name__)
     if test_config:
         app.config.update(test_config)
     if registry is None:
-        registry = boot_registry(app.config.get("REGISTRY_PATH"))
-    app.config["MAX_CONTENT_LENGTH"] = registry.gateway.max_body_bytes
-    accesslog.init_app(app, registry.gateway.log_format, registry.gateway.trusted_proxies)
+        registry = runtime.serving_registry(app.config.get("REGISTRY_PATH"))
+    accesslog.init_app(app)
     metrics.init_app(app)
     Gateway(registry).init_app(app)
     from .views import bp

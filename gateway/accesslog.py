@@ -45,8 +45,9 @@ def configure(app: Flask, log_format: str = "text", trusted_proxies: tuple[str, 
     app.extensions[EXTENSION_KEY] = (log_format, frozenset(trusted_proxies))
 
 
-def init_app(app: Flask, log_format: str = "text", trusted_proxies: tuple[str, ...] = ()) -> None:
-    configure(app, log_format, trusted_proxies)
+def init_app(app: Flask) -> None:
+    """Write the line for every request; text with no proxies believed until `configure` says otherwise."""
+    configure(app)
 
     def start() -> None:
         g.started = time.perf_counter()

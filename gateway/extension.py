@@ -51,18 +51,6 @@ DRAIN_TIMEOUT = 30.0  # gunicorn's graceful_timeout: what a request may still ta
 AnyUpstream = MessageUpstream | HttpUpstream
 
 
-def boot_registry(path: str | None = None) -> Registry:
-    """What a starting worker serves: the registry this gateway last accepted, else the file itself."""
-    source = str(registry_module.registry_path(path))
-    saved = runtime.saved_registry(source)
-    if saved is not None:
-        try:
-            return registry_module.parse(saved, source)
-        except RegistryError:
-            pass  # the environment it referred to changed; read the file
-    return registry_module.load(source)
-
-
 @dataclass
 class Draining:
     """An upstream a reload replaced, closed when the requests holding it end."""
@@ -76,8 +64,7 @@ class Draining:
 class Gateway:
     def __init__(self, registry: Registry):
         self.registry = registry
-        self.auth = Authenticator(registry)
-        self.signer = SessionSigner(load_secret(registry.gateway.session_secret), registry.gateway.session_ttl)
+        self.auth, self.signer = _guards(registry)
         # http templates: gunicorn's master runs their processes and publishes where they
         # listen; without it, this gateway process runs its own supervisor per template.
         self._master_runs_templates = supervisor.ENDPOINTS_ENV in os.environ
@@ -102,6 +89,7 @@ class Gateway:
     def init_app(self, app: Flask) -> None:
         self._app = app
         app.extensions[EXTENSION_KEY] = self
+        _configure(app, self.registry)
         app.before_request(self.start)
         app.after_request(self._hand_back)
 
@@ -225,7 +213,7 @@ class Gateway:
         stamp = "-".join(map(str, self._seen_file)) if self._seen_file else "unreadable"
         if runtime.claim(f"refused-{stamp}"):
             log.error("registry %s changed but is invalid, still serving the version loaded %s: %s", source,
-                      time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self._loaded_at)), error.one_line())
+                      _iso(self._loaded_at), error.one_line())
 
     def reload(self, new: Registry, text: str) -> None:
         """Serve `new`: keep unchanged servers as they are, drain replaced ones."""
@@ -249,15 +237,14 @@ class Gateway:
         for upstream in fresh.values():
             if isinstance(upstream, HttpUpstream):
                 upstream.check_interval = interval
+        guards = _guards(new)
         with self._lock:
             self.registry, self.upstreams = new, fresh
-            self.auth = Authenticator(new)
-            self.signer = SessionSigner(load_secret(new.gateway.session_secret), new.gateway.session_ttl)
+            self.auth, self.signer = guards
             self._draining.extend(draining)
             self._loaded_at = time.time()
         if self._app is not None:
-            self._app.config["MAX_CONTENT_LENGTH"] = new.gateway.max_body_bytes
-            accesslog.configure(self._app, new.gateway.log_format, new.gateway.trusted_proxies)
+            _configure(self._app, new)
         runtime.save_registry(new.source, text)  # workers started from now on serve this one
         metrics.RELOADS.labels("applied").inc()
         added = sorted(changed - set(old.servers))
@@ -306,6 +293,18 @@ class Gateway:
             "draining": draining,
             "servers": self.status(),
         }
+
+
+def _guards(registry: Registry) -> tuple[Authenticator, SessionSigner]:
+    """Who may call, and the signer of session ids, as `registry` says."""
+    settings = registry.gateway
+    return Authenticator(registry), SessionSigner(load_secret(settings.session_secret), settings.session_ttl)
+
+
+def _configure(app: Flask, registry: Registry) -> None:
+    """The app-wide settings of `registry`: body limit and access line (at start and on reload)."""
+    app.config["MAX_CONTENT_LENGTH"] = registry.gateway.max_body_bytes
+    accesslog.configure(app, registry.gateway.log_format, registry.gateway.trusted_proxies)
 
 
 def _iso(at: float) -> str:

@@ -98,21 +98,15 @@ def _templates(server: Any) -> Templates:
     return templates
 
 
-def _running_registry() -> Registry:
-    source = str(registry_module.registry_path())
-    saved = runtime.saved_registry(source)
-    return registry_module.parse(saved, source) if saved is not None else registry_module.load(source)
-
-
 def on_starting(server: Any) -> None:
-    _templates(server).reconcile(_running_registry())
+    _templates(server).reconcile(runtime.serving_registry())
 
 
 def on_reload(server: Any) -> None:
     """HUP: run the registry now in force (the new one, or the old if the new failed) before new workers fork."""
     templates = _templates(server)
     old_workers = set(server.WORKERS)
-    for retired in templates.reconcile(_running_registry()):
+    for retired in templates.reconcile(runtime.serving_registry()):
         if old_workers:
             templates.retiring.append((set(old_workers), retired))
         else:

@@ -165,21 +165,11 @@ class StatusGauges:
 
 
 def render(gateway_status: Mapping[str, Any]) -> Response:
-    if os.environ.get(METRICS_ENV):
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-    else:
-        registry = CollectorRegistry()
-        registry.register(_Forwarding(REGISTRY))
-    registry.register(StatusGauges(gateway_status))
-    return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
-
-
-class _Forwarding:
-    """This process's own samples (no multiprocess directory: outside gunicorn's master)."""
-
-    def __init__(self, source: CollectorRegistry):
-        self.source = source
-
-    def collect(self) -> Iterator[Metric]:
-        yield from self.source.collect()
+    gauges = CollectorRegistry()
+    gauges.register(StatusGauges(gateway_status))
+    if os.environ.get(METRICS_ENV):  # every worker's files, dead ones included
+        multiprocess.MultiProcessCollector(gauges)  # type: ignore[no-untyped-call]
+        page = generate_latest(gauges)
+    else:  # outside gunicorn's master: this process's own samples
+        page = generate_latest(REGISTRY) + generate_latest(gauges)
+    return Response(page, content_type=CONTENT_TYPE_LATEST)

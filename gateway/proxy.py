@@ -127,7 +127,6 @@ class HttpUpstream:
         self._last_check = {i.endpoint: (float("-inf"), 1.0) for i in self.balancer.instances}
         self._lock = threading.Lock()
         self._session: requests.Session | None = None
-        self._adapter: HTTPAdapter | None = None
         self.retries = 0
         # Era bridging, learned once per worker: which eras the instances speak.
         self._speaks: dict[str, bool] = {}
@@ -149,16 +148,8 @@ class HttpUpstream:
                     session.mount("http://", adapter)
                     session.mount("https://", adapter)
                     session.headers.clear()
-                    self._adapter = adapter
                     self._session = session
         return self._session
-
-    def _transport(self) -> HTTPAdapter:
-        """The session's adapter: forwarding sends through it directly (see _send)."""
-        if self._adapter is None:
-            self.session  # noqa: B018 - makes the session, and the adapter with it
-        assert self._adapter is not None
-        return self._adapter
 
     def close(self) -> None:
         if self._session is not None:
@@ -286,7 +277,7 @@ class HttpUpstream:
         handed_over = False
         try:
             try:
-                response = self._transport().send(prepared, stream=True, timeout=timeout)
+                response = self.session.get_adapter(prepared.url).send(prepared, stream=True, timeout=timeout)
             except requests.RequestException as exc:
                 raise self._failure(instance, exc) from None
             result = ProxyResponse(

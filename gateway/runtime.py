@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import registry as registry_module
+from .registry import Registry, RegistryError
+
 RUNTIME_ENV = "MCP_GATEWAY_RUNTIME_DIR"
 OWNED_ENV = "MCP_GATEWAY_RUNTIME_DIR_OWNED"  # set when the gateway made the directory, and removes it
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -92,6 +95,18 @@ def saved_registry(source: str) -> str | None:
         return None
     text: str | None = saved.get("text") if saved.get("source") == source else None
     return text
+
+
+def serving_registry(path: str | None = None) -> Registry:
+    """The registry this gateway serves: the last one it accepted (saved here), else the file."""
+    source = str(registry_module.registry_path(path))
+    saved = saved_registry(source)
+    if saved is not None:
+        try:
+            return registry_module.parse(saved, source)
+        except RegistryError:
+            pass  # the environment it referred to changed; read the file
+    return registry_module.load(source)
 
 
 # --- one worker, not all of them --------------------------------------------------

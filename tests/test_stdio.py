@@ -120,21 +120,18 @@ def test_modern_client_reaches_a_legacy_server_with_the_envelope_stripped(upstre
     assert reply["result"]["content"][0]["text"] == "bridged" and reply["result"]["resultType"] == "complete"
 
 
-def test_server_silent_on_discover_is_treated_as_legacy(upstreams: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("gateway.stdio.DISCOVER_TIMEOUT", 0.5)
-    upstream = upstreams(server_command("faulty_server.py", "discover-silent"))
-    reply = tool(upstream, "work", client=LEGACY)
-    assert "result" in reply
-    assert upstream.pool.hello is not None and upstream.pool.hello.era == protocol.LEGACY
-
-
-def test_a_modern_server_slow_to_start_is_still_detected_as_modern(upstreams: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    # It answers discover after the silence timeout, then refuses initialize: the gateway asks again.
+@pytest.mark.parametrize("mode, client, era", [
+    ("discover-silent", LEGACY, protocol.LEGACY),  # never answers discover: a handshake-era server
+    # Answers discover after the silence window (slow to start), then refuses initialize:
+    # the gateway asks again instead of killing it.
+    ("slow-start", MODERN, protocol.MODERN),
+])
+def test_era_detection_after_a_silent_discover(upstreams: Any, monkeypatch: pytest.MonkeyPatch, mode: str,
+                                               client: ClientContext, era: str) -> None:
     monkeypatch.setattr("gateway.stdio.DISCOVER_TIMEOUT", 0.3)
-    upstream = upstreams(server_command("faulty_server.py", "slow-start"))
-    reply = tool(upstream, "work", client=MODERN)
-    assert "result" in reply
-    assert upstream.pool.hello is not None and upstream.pool.hello.era == protocol.MODERN
+    upstream = upstreams(server_command("faulty_server.py", mode))
+    assert "result" in tool(upstream, "work", client=client)
+    assert upstream.pool.hello is not None and upstream.pool.hello.era == era
 
 
 def test_notifications_stream_before_the_response(upstreams: Any) -> None:
