@@ -196,11 +196,13 @@ CURL_HEADERS = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "
 
 
 def curl(gateway: Gunicorn, server: str, method: str, params: dict[str, Any] | None = None,
-         headers: dict[str, str] | None = None, request_id: int = 1) -> requests.Response:
+         headers: dict[str, str] | None = None, request_id: int = 1,
+         client: requests.Session | None = None) -> requests.Response:
+    """A JSON-RPC POST as curl sends it; on `client`'s kept-alive connection if given."""
     body: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id, "method": method}
     if params is not None:
         body["params"] = params
-    return requests.post(f"{gateway.url}/{server}/mcp", data=json.dumps(body), headers={**CURL_HEADERS, **(headers or {})},
+    return (client or requests).post(f"{gateway.url}/{server}/mcp", data=json.dumps(body), headers={**CURL_HEADERS, **(headers or {})},
                          timeout=30)
 
 

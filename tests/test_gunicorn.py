@@ -7,13 +7,16 @@ exit 0, and must leave no process behind (see conftest.Gunicorn).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -167,15 +170,24 @@ def test_elicitation_for_a_legacy_client_is_a_clear_error_not_a_hang(gateway: Gu
 
 def test_a_legacy_session_is_honoured_by_every_worker(gateway: Gunicorn) -> None:
     init = curl(gateway, "sdk", "initialize", {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "c", "version": "1"}})
-    session = {"Mcp-Session-Id": init.headers["Mcp-Session-Id"], "MCP-Protocol-Version": "2025-11-25", "Connection": "close"}
+    session = {"Mcp-Session-Id": init.headers["Mcp-Session-Id"], "MCP-Protocol-Version": "2025-11-25"}
     workers_seen: set[int] = set()
-    for attempt in range(100):  # fresh connections land on random workers
-        response = curl(gateway, "sdk", "tools/call", {"name": "whoami", "arguments": {}}, session, request_id=attempt)
-        assert response.status_code == 200, response.text
-        pid = int(response.json()["result"]["structuredContent"]["result"])
-        workers_seen.add(parent_of(pid))
-        if len(workers_seen) == 2:
-            break
+    clients: list[requests.Session] = []
+    try:
+        # Each client keeps its connection, and the workers share new connections out
+        # evenly (gateway/worker.py), so a few clients reach every worker.
+        for attempt in range(8):
+            clients.append(requests.Session())
+            response = curl(gateway, "sdk", "tools/call", {"name": "whoami", "arguments": {}}, session,
+                            request_id=attempt, client=clients[-1])
+            assert response.status_code == 200, response.text
+            pid = int(response.json()["result"]["structuredContent"]["result"])
+            workers_seen.add(parent_of(pid))
+            if len(workers_seen) == 2:
+                break
+    finally:
+        for client in clients:
+            client.close()
     assert workers_seen == gateway.worker_pids()
     forged = curl(gateway, "sdk", "tools/list", headers={**session, "Mcp-Session-Id": session["Mcp-Session-Id"][:-2] + "xx"})
     assert forged.status_code == 404
@@ -261,6 +273,62 @@ def test_killed_worker_takes_its_children_with_it(gateway: Gunicorn) -> None:
 
 
 # --- separate gunicorns ---------------------------------------------------------
+
+
+# No process starts, so nothing competes with the workers for the CPU while they accept.
+NO_PROCESSES = {"time": {"type": "stdio", "command": TIME_SERVER, "pool_min": 0}}
+
+
+def open_kept_alive(instance: Gunicorn, count: int) -> tuple[list[socket.socket], list[int]]:
+    """Open `count` keep-alive connections one after another; which worker answered on each (by /healthz's pid)."""
+    sockets, pids = [], []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", instance.port), timeout=10)
+        sockets.append(sock)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < _content_length(answer):
+            chunk = sock.recv(65536)
+            assert chunk, f"the gateway closed a kept-alive connection: {answer!r}"
+            answer += chunk
+        pids.append(json.loads(answer.partition(b"\r\n\r\n")[2])["pid"])
+    return sockets, pids
+
+
+def _content_length(answer: bytes) -> int:
+    for line in answer.partition(b"\r\n\r\n")[0].split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 1 << 30
+
+
+def test_kept_alive_connections_are_shared_evenly_by_the_workers(gunicorn: Any) -> None:
+    # Plain gthread lets whichever worker wakes first take each new connection:
+    # one worker often ends up with most of a client's pool (gateway/worker.py).
+    instance = gunicorn(NO_PROCESSES, workers=2)
+    sockets, pids = open_kept_alive(instance, 8)
+    try:
+        per_worker = Counter(pids)
+        assert set(per_worker) == instance.worker_pids()
+        assert max(per_worker.values()) - min(per_worker.values()) <= 1, per_worker
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_a_stopped_worker_does_not_keep_new_connections_waiting(gunicorn: Any) -> None:
+    # The other worker steps back for a moment (it holds more connections), then takes them itself.
+    instance = gunicorn(NO_PROCESSES, workers=2)
+    stopped, running = sorted(instance.worker_pids())
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        sockets, pids = open_kept_alive(instance, 4)
+        for sock in sockets:
+            sock.close()
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    assert pids == [running] * 4
 
 
 def test_full_pool_answers_503_with_retry_after_at_once(gunicorn: Any) -> None:

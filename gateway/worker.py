@@ -1,0 +1,148 @@
+"""gunicorn's threaded worker, taking only its fair share of new connections.
+
+gunicorn's workers share one listening socket, and whichever wakes first
+accepts. A client that opens a burst of keep-alive connections (a load
+generator, nginx filling its upstream keepalive pool, an AI client's HTTP
+pool) can land most of them on one worker. That worker then does all the
+work on one core while its siblings idle: the benchmark saw all 8 of wrk's
+connections on one of 2 workers in about one run in five, at half the
+throughput of an even split.
+
+Each worker publishes how many connections it holds in a small table of
+memory shared with the master and every sibling (an anonymous shared mmap
+made in the master, inherited through fork). A worker asked to accept while
+it holds more connections than its least loaded sibling steps back from the
+listening socket for `ACCEPT_PAUSE`, so that sibling takes the connection;
+then it takes whatever connection is still waiting. So a sibling that is
+busy, hung or full never leaves a client waiting longer than that.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import time
+from typing import Any
+
+from gunicorn.workers.gthread import ThreadWorker
+
+# Long enough for a sibling to be scheduled and accept even on a saturated
+# machine (20 ms was not, with two CPU hogs on 2 cores); it is only ever
+# waited out when no sibling takes the connection. nginx's accept_mutex_delay,
+# for the same purpose, is 500 ms.
+ACCEPT_PAUSE = 0.05
+
+FREE, BOOTING, STOPPING = 0, -1, -2  # a slot's owner field; a pid when it is accepting
+
+
+class ConnectionTable:
+    """Slots of (owner, open connections), shared by the master and the workers it forks.
+
+    The master claims a slot for each worker before forking it and frees it
+    when gunicorn reaps the worker (`release`, from the child_exit hook), so a
+    slot is never reused while its worker lives. Reads race with writes by
+    design: each cell is one aligned 8-byte word, and a stale count only
+    makes a worker step back once more or once less.
+    """
+
+    SLOTS = 256  # workers of two generations during a HUP, with room to spare
+
+    def __init__(self) -> None:
+        self._memory = mmap.mmap(-1, self.SLOTS * 2 * 8)  # MAP_SHARED | MAP_ANONYMOUS
+        self._cells = memoryview(self._memory).cast("q")
+
+    def claim(self) -> int | None:
+        """A free slot for a worker about to be forked (None: all taken, so no balancing)."""
+        for slot in range(self.SLOTS):
+            if self._cells[2 * slot] == FREE:
+                self._cells[2 * slot] = BOOTING
+                self._cells[2 * slot + 1] = 0
+                return slot
+        return None
+
+    def release(self, slot: int) -> None:
+        self._cells[2 * slot] = FREE
+
+    def set_owner(self, slot: int, owner: int) -> None:
+        self._cells[2 * slot] = owner
+
+    def set_connections(self, slot: int, count: int) -> None:
+        self._cells[2 * slot + 1] = count
+
+    def fewest_elsewhere(self, slot: int) -> int | None:
+        """The fewest connections any other accepting worker holds (None: there is none)."""
+        cells = self._cells
+        fewest: int | None = None
+        for other in range(self.SLOTS):
+            if other != slot and cells[2 * other] > 0:
+                count = cells[2 * other + 1]
+                if fewest is None or count < fewest:
+                    fewest = count
+        return fewest
+
+
+TABLE = ConnectionTable()
+
+
+class BalancedThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships no type hints
+    """`worker_class = "gateway.worker.BalancedThreadWorker"`: gthread plus the accept balancing above."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # runs in the master, before the fork
+        self.balance_slot = TABLE.claim()
+        self._resume_accept_at = 0.0
+
+    def init_process(self) -> None:
+        if self.balance_slot is not None:
+            TABLE.set_owner(self.balance_slot, os.getpid())
+        super().init_process()
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        # A stopping worker accepts nothing more, so siblings must not wait for it.
+        if self.balance_slot is not None:
+            TABLE.set_owner(self.balance_slot, STOPPING)
+        super().handle_exit(sig, frame)
+
+    def accept(self, listener: Any) -> None:
+        slot = self.balance_slot
+        if slot is not None:
+            fewest = TABLE.fewest_elsewhere(slot)
+            if fewest is not None and self.nr_conns > fewest:
+                self._resume_accept_at = time.monotonic() + ACCEPT_PAUSE
+                super().set_accept_enabled(False)
+                return
+        self._accept_one(listener)
+
+    def _accept_one(self, listener: Any) -> None:
+        super().accept(listener)  # the listener is non-blocking: nothing waiting is no error
+        if self.balance_slot is not None:
+            TABLE.set_connections(self.balance_slot, self.nr_conns)
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        # gunicorn's loop re-enables accepting whenever there is room; not while stepped back.
+        if enabled and self._resume_accept_at:
+            return
+        super().set_accept_enabled(enabled)
+
+    def wait_for_and_dispatch_events(self, timeout: float) -> None:
+        if self._resume_accept_at:
+            left = self._resume_accept_at - time.monotonic()
+            if left > 0:
+                timeout = min(timeout, left)
+            else:
+                self._resume_accept_at = 0.0
+                if self.alive and self.nr_conns < self.worker_connections:
+                    super().set_accept_enabled(True)
+                    for listener in self.sockets:  # what the siblings left waiting is this worker's
+                        self._accept_one(listener)
+        super().wait_for_and_dispatch_events(timeout)
+        if self.balance_slot is not None:
+            # Connections also end in this loop (closed, timed out); keep the count current.
+            TABLE.set_connections(self.balance_slot, self.nr_conns)
+
+
+def release(worker: Any) -> None:
+    """From the master's child_exit hook: the worker is gone, its slot is free again."""
+    slot = getattr(worker, "balance_slot", None)
+    if slot is not None:
+        TABLE.release(slot)
