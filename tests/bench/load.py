@@ -67,7 +67,7 @@ def rpc_result(response: requests.Response) -> dict[str, Any]:
     if response.headers.get("Content-Type", "").startswith("text/event-stream"):
         found: dict[str, Any] | None = None
         for line in response.text.splitlines():
-            if line.startswith("data:"):
+            if line.startswith("data:") and line[5:].strip():  # 2025-11-25 servers prime streams with empty data
                 event = json.loads(line[5:])
                 if "result" in event or "error" in event:
                     found = event
