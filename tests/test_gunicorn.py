@@ -7,10 +7,10 @@ exit 0, and must leave no process behind (see conftest.Gunicorn).
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -279,42 +279,31 @@ def test_killed_worker_takes_its_children_with_it(gateway: Gunicorn) -> None:
 NO_PROCESSES = {"time": {"type": "stdio", "command": TIME_SERVER, "pool_min": 0}}
 
 
-def open_kept_alive(instance: Gunicorn, count: int) -> tuple[list[socket.socket], list[int]]:
+def open_kept_alive(instance: Gunicorn, count: int) -> tuple[list[http.client.HTTPConnection], list[int]]:
     """Open `count` keep-alive connections one after another; which worker answered on each (by /healthz's pid)."""
-    sockets, pids = [], []
+    connections, pids = [], []
     for _ in range(count):
-        sock = socket.create_connection(("127.0.0.1", instance.port), timeout=10)
-        sockets.append(sock)
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        answer = b""
-        while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < _content_length(answer):
-            chunk = sock.recv(65536)
-            assert chunk, f"the gateway closed a kept-alive connection: {answer!r}"
-            answer += chunk
-        pids.append(json.loads(answer.partition(b"\r\n\r\n")[2])["pid"])
-    return sockets, pids
-
-
-def _content_length(answer: bytes) -> int:
-    for line in answer.partition(b"\r\n\r\n")[0].split(b"\r\n"):
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            return int(value)
-    return 1 << 30
+        connection = http.client.HTTPConnection("127.0.0.1", instance.port, timeout=10)
+        connections.append(connection)
+        connection.request("GET", "/healthz")
+        answer = connection.getresponse()
+        assert not answer.will_close, "the gateway did not keep the connection alive"
+        pids.append(json.loads(answer.read())["pid"])
+    return connections, pids
 
 
 def test_kept_alive_connections_are_shared_evenly_by_the_workers(gunicorn: Any) -> None:
     # Plain gthread lets whichever worker wakes first take each new connection:
     # one worker often ends up with most of a client's pool (gateway/worker.py).
     instance = gunicorn(NO_PROCESSES, workers=2)
-    sockets, pids = open_kept_alive(instance, 8)
+    connections, pids = open_kept_alive(instance, 8)
     try:
         per_worker = Counter(pids)
         assert set(per_worker) == instance.worker_pids()
         assert max(per_worker.values()) - min(per_worker.values()) <= 1, per_worker
     finally:
-        for sock in sockets:
-            sock.close()
+        for connection in connections:
+            connection.close()
 
 
 def test_a_stopped_worker_does_not_keep_new_connections_waiting(gunicorn: Any) -> None:
@@ -323,9 +312,9 @@ def test_a_stopped_worker_does_not_keep_new_connections_waiting(gunicorn: Any) -
     stopped, running = sorted(instance.worker_pids())
     os.kill(stopped, signal.SIGSTOP)
     try:
-        sockets, pids = open_kept_alive(instance, 4)
-        for sock in sockets:
-            sock.close()
+        connections, pids = open_kept_alive(instance, 4)
+        for connection in connections:
+            connection.close()
     finally:
         os.kill(stopped, signal.SIGCONT)
     assert pids == [running] * 4

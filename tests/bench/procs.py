@@ -69,20 +69,19 @@ def cmdline(pid: int) -> str:
 
 def rss_kb(pid: int) -> int:
     """Resident set size from /proc/<pid>/status (0 if the process is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    return _proc_kb(pid, "status", "VmRSS:")
 
 
 def pss_kb(pid: int) -> int:
     """Proportional set size (shared pages split between sharers), from smaps_rollup."""
+    return _proc_kb(pid, "smaps_rollup", "Pss:")
+
+
+def _proc_kb(pid: int, name: str, key: str) -> int:
+    """The kB figure on the line of /proc/<pid>/<name> starting with `key` (0 if the process is gone)."""
     try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
+        for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
+            if line.startswith(key):
                 return int(line.split()[1])
     except OSError:
         pass
