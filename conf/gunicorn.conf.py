@@ -20,8 +20,9 @@ from gateway import master as _master
 _settings = _master.load_settings()
 
 bind = [os.environ.get("MCP_GATEWAY_BIND", f"{_settings.host}:{_settings.port}")]
-# gthread, taking only its fair share of new connections (gateway/worker.py).
-worker_class = "gateway.worker.BalancedThreadWorker"
+# gthread, taking only its fair share of new connections and serving a kept-alive
+# connection's next request on the same thread (gateway/worker.py).
+worker_class = "gateway.worker.GatewayThreadWorker"
 workers = int(os.environ.get("MCP_GATEWAY_WORKERS") or min(4, max(2, multiprocessing.cpu_count())))
 threads = int(os.environ.get("MCP_GATEWAY_THREADS") or 8)
 # gthread workers heartbeat from their main loop, so a long tool call does not trip this.

@@ -11,6 +11,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -318,6 +319,46 @@ def test_a_stopped_worker_does_not_keep_new_connections_waiting(gunicorn: Any) -
     finally:
         os.kill(stopped, signal.SIGCONT)
     assert pids == [running] * 4
+
+
+def test_a_kept_alive_connection_never_holds_the_thread_another_needs(gunicorn: Any) -> None:
+    # One thread: after each answer it waits briefly for its connection's next
+    # request (gateway/worker.py), which must never keep the other connection waiting.
+    instance = gunicorn(NO_PROCESSES, workers=1, threads=1)
+    first, second = (http.client.HTTPConnection("127.0.0.1", instance.port, timeout=10) for _ in range(2))
+    try:
+        for connection in (first, second, first, second, second, first):
+            connection.request("GET", "/healthz")
+            answer = connection.getresponse()
+            assert answer.status == 200 and not answer.will_close
+            answer.read()
+    finally:
+        first.close()
+        second.close()
+
+
+def test_pipelined_requests_are_answered_in_order(gunicorn: Any) -> None:
+    instance = gunicorn(NO_PROCESSES, workers=1)
+    calls = [json.dumps({"jsonrpc": "2.0", "id": n, "method": "ping"}).encode() for n in (1, 2, 3)]
+    wire = b"".join(b"POST /time/mcp HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(call), call) for call in calls)
+    with socket.create_connection(("127.0.0.1", instance.port), timeout=10) as sock, sock.makefile("rb") as reader:
+        sock.sendall(wire)  # all three at once: the worker reads past the first
+        answers = [_read_answer(reader) for _ in calls]
+    assert [status for status, _ in answers] == [200, 200, 200]
+    ids = [json.loads(body)["id"] for _, body in answers]
+    assert ids == [1, 2, 3]
+
+
+def _read_answer(reader: Any) -> tuple[int, bytes]:
+    """One HTTP answer with a Content-Length off a connection's reader (http.client cannot pipeline)."""
+    status = int(reader.readline().split()[1])
+    length = 0
+    while (line := reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return status, reader.read(length)
 
 
 def test_full_pool_answers_503_with_retry_after_at_once(gunicorn: Any) -> None:
