@@ -56,8 +56,9 @@ def _app_class() -> type[Flask]:
 
 def create_app(test_config: Mapping[str, Any] | None = None, registry: Registry | None = None) -> Flask:
     """Build the app from `registry` (default: the one this gateway serves, see runtime.serving_registry)."""
-    from . import accesslog, metrics, runtime
+    from . import exchange, runtime
     from .extension import Gateway
+    from .route import McpPostRoute
 
     configure_logging()
     app = _app_class()(__name__)
@@ -65,10 +66,10 @@ def create_app(test_config: Mapping[str, Any] | None = None, registry: Registry 
         app.config.update(test_config)
     if registry is None:
         registry = runtime.serving_registry(app.config.get("REGISTRY_PATH"))
-    accesslog.init_app(app)
-    metrics.init_app(app)
+    exchange.init_app(app)
     Gateway(registry).init_app(app)
     from .views import bp
 
     app.register_blueprint(bp)
+    app.wsgi_app = McpPostRoute(app, app.wsgi_app)  # type: ignore[method-assign]
     return app

@@ -2,9 +2,9 @@
 
 The client is the peer address, or, when the peer is a trusted proxy, the
 nearest untrusted address in its X-Forwarded-For (werkzeug's ProxyFix idea,
-limited to the proxies the registry names). The request id is the client's
-`X-Request-Id` when it is sane, else a new
-one; it is returned in the response and passed to HTTP upstreams. The line
+limited to the proxies the registry names). The request id (exchange.py) is
+the client's `X-Request-Id` when it is sane, else a new one; it is returned
+in the response and passed to HTTP upstreams. The line
 is written when the response is closed, so a streamed (SSE) answer is timed
 to its end. Plain `key=value` text by default, JSON lines with
 `gateway.log_format: json`. Header values other than the id are never logged.
@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import re
 import time
+from typing import TYPE_CHECKING
 
-from flask import Flask, Response, g, request
+from flask import Flask
+
+if TYPE_CHECKING:
+    from .exchange import Exchange
 
 log = logging.getLogger("gateway.access")
-
-REQUEST_ID_HEADER = "X-Request-Id"
-_SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 def client_address(peer: str | None, forwarded_for: str | None, trusted: frozenset[str]) -> str | None:
@@ -45,42 +44,26 @@ def configure(app: Flask, log_format: str = "text", trusted_proxies: tuple[str, 
     app.extensions[EXTENSION_KEY] = (log_format, frozenset(trusted_proxies))
 
 
-def init_app(app: Flask) -> None:
-    """Write the line for every request; text with no proxies believed until `configure` says otherwise."""
-    configure(app)
-
-    def start() -> None:
-        g.started = time.perf_counter()
-        given = request.headers.get(REQUEST_ID_HEADER, "")
-        g.request_id = given if _SANE_ID.match(given) else os.urandom(16).hex()  # as unique as uuid4, cheaper
-
-    def finish(response: Response) -> Response:
-        response.headers[REQUEST_ID_HEADER] = g.request_id
-        log_format, trusted = app.extensions[EXTENSION_KEY]
-        fields = {
-            "request_id": g.request_id,
-            "client": client_address(request.remote_addr, request.headers.get("X-Forwarded-For"), trusted),
-            "http": f"{request.method} {request.path}",
-            "server": (request.view_args or {}).get("server_id"),
-            "principal": g.get("principal"),  # the token's name, never its value
-            "mcp_method": g.get("mcp_method"),
-            "upstream": g.get("upstream"),
-            "status": response.status_code,
-        }
-        started = g.started
-
-        def write() -> None:
-            fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 2)
-            if log_format == "json":
-                log.info(json.dumps(fields))
-            else:
-                log.info(" ".join(f"{key}={_text(value)}" for key, value in fields.items()))
-
-        response.call_on_close(write)
-        return response
-
-    app.before_request(start)
-    app.after_request(finish)
+def write(app: Flask, exchange: Exchange, status: int) -> None:
+    """The line of a finished exchange (exchange.py calls this when its response closes)."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    log_format, trusted = app.extensions[EXTENSION_KEY]
+    fields = {
+        "request_id": exchange.request_id,
+        "client": client_address(exchange.peer, exchange.headers.get("X-Forwarded-For"), trusted),
+        "http": f"{exchange.method} {exchange.path}",
+        "server": exchange.server_id,
+        "principal": exchange.principal,
+        "mcp_method": exchange.mcp_method,
+        "upstream": exchange.upstream,
+        "status": status,
+        "duration_ms": round((time.perf_counter() - exchange.started) * 1000, 2),
+    }
+    if log_format == "json":
+        log.info(json.dumps(fields))
+    else:
+        log.info(" ".join(f"{key}={_text(value)}" for key, value in fields.items()))
 
 
 def _text(value: object) -> str:
@@ -89,8 +72,3 @@ def _text(value: object) -> str:
         return "-"
     text = str(value)
     return json.dumps(text) if (" " in text or '"' in text) else text
-
-
-def request_id() -> str:
-    value: str = g.request_id
-    return value

@@ -29,9 +29,9 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flask import Flask, Response, current_app, g
+from flask import Flask, current_app
 
 from . import accesslog, errors, metrics, runtime, supervisor, upstreams
 from . import registry as registry_module
@@ -41,6 +41,9 @@ from .registry import Registry, RegistryError, ServerEntry
 from .sessions import SessionSigner, load_secret
 from .supervisor import Supervisor
 from .upstreams import MessageUpstream
+
+if TYPE_CHECKING:
+    from .exchange import Exchange
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +94,6 @@ class Gateway:
         app.extensions[EXTENSION_KEY] = self
         _configure(app, self.registry)
         app.before_request(self.start)
-        app.after_request(self._hand_back)
 
     def _build(self, entry: ServerEntry, check_interval: float) -> AnyUpstream:
         if entry.launch is not None:
@@ -106,23 +108,16 @@ class Gateway:
 
     # --- requests hold upstreams ----------------------------------------------------
 
-    def checkout(self, server_id: str) -> AnyUpstream:
-        """The upstream serving `server_id`, held by this request until its response closes."""
+    def checkout(self, server_id: str, exchange: Exchange) -> AnyUpstream:
+        """The upstream serving `server_id`, held by `exchange` until its response closes."""
         upstream = self.upstreams.get(server_id)
         if upstream is None:
             raise errors.UnknownServer(f"no MCP server '{server_id}' in this gateway's registry")
         with self._lock:
             self._leases[upstream] = self._leases.get(upstream, 0) + 1
-        g.server_id = server_id
-        g.lease = upstream
+        exchange.served = True
+        exchange.release = lambda: self._release(upstream)
         return upstream
-
-    def _hand_back(self, response: Response) -> Response:
-        upstream = g.pop("lease", None)
-        if upstream is not None:
-            # Closed after the last byte of a stream, not when the view returns.
-            response.call_on_close(lambda: self._release(upstream))
-        return response
 
     def _release(self, upstream: AnyUpstream) -> None:
         with self._lock:

@@ -18,9 +18,9 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flask import Flask, Response, g, request
+from flask import Response
 from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
@@ -33,6 +33,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .runtime import METRICS_ENV
+
+if TYPE_CHECKING:
+    from .exchange import Exchange
 
 REQUESTS = Counter(
     "mcp_gateway_requests_total", "Requests to MCP servers, by server, MCP method and outcome.",
@@ -94,29 +97,12 @@ def error_kind(exc: BaseException) -> str:
     return str(getattr(exc, "kind", "failed"))
 
 
-def init_app(app: Flask) -> None:
-    """Time and count every request to an MCP server (not the operator endpoints).
-
-    Timed from `g.started`, which the access log sets first thing (accesslog.init_app
-    runs before this), so the hot path reads the clock once per request, not twice.
-    """
-
-    def finish(response: Response) -> Response:
-        if not (request.view_args or {}).get("server_id"):
-            return response
-        server = g.get("server_id") or "unknown"
-        method = method_label(request.method, g.get("mcp_method"))
-        result = outcome(response.status_code, g.get("rpc_error", False))
-        started = g.started
-
-        def record() -> None:
-            REQUESTS.labels(server, method, result).inc()
-            REQUEST_SECONDS.labels(server, method).observe(time.perf_counter() - started)
-
-        response.call_on_close(record)
-        return response
-
-    app.after_request(finish)
+def record(exchange: Exchange, status: int) -> None:
+    """Count and time a finished request to an MCP server (exchange.py calls this)."""
+    server = exchange.server_id if exchange.served and exchange.server_id else "unknown"
+    method = method_label(exchange.method, exchange.mcp_method)
+    REQUESTS.labels(server, method, outcome(status, exchange.rpc_error)).inc()
+    REQUEST_SECONDS.labels(server, method).observe(time.perf_counter() - exchange.started)
 
 
 # --- the page ------------------------------------------------------------------

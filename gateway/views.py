@@ -3,8 +3,11 @@
 `/<server-id>` and `/<server-id>/<path>` speak Streamable HTTP to clients of
 both MCP eras. The gateway answers the handshake-era lifecycle itself
 (initialize, sessions, ping, DELETE) and `server/discover`, and hands every
-other request to the server's upstream. Every error a client can get leaves
-here as a JSON-RPC error object, mapped from the exception in one handler.
+other request to the server's upstream. GET, DELETE and the operator
+endpoints are Flask routes of the blueprint; POST, every MCP message, is
+`post` here, called by route.py without Flask's request machinery (the hot
+path; see README, Performance). Every error a client can get leaves here as
+a JSON-RPC error object, mapped from the exception in one function.
 """
 
 from __future__ import annotations
@@ -14,12 +17,15 @@ import os
 from collections.abc import Generator, Iterator
 from typing import Any
 
-from flask import Blueprint, Response, g, request
+from flask import Blueprint, Response, request
+from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from . import accesslog, errors, jsonrpc, metrics, protocol, runtime, sse
+from . import errors, jsonrpc, metrics, protocol, runtime, sse
 from . import status as status_module
-from .extension import current_gateway
+from .exchange import Exchange
+from .exchange import current as current_exchange
+from .extension import Gateway, current_gateway
 from .jsonrpc import Reply
 from .protocol import ClientContext
 from .proxy import HttpUpstream, ProxyRequest
@@ -48,7 +54,7 @@ def guard() -> None:
     if request.endpoint in OPERATOR_ENDPOINTS:
         auth.check_operator(request.headers)
     elif request.view_args and "server_id" in request.view_args:
-        g.principal = auth.check_server(request.view_args["server_id"], request.headers)
+        current_exchange().principal = auth.check_server(request.view_args["server_id"], request.headers)
 
 
 # --- operator endpoints ------------------------------------------------------
@@ -77,19 +83,17 @@ def _gateway_status() -> dict[str, Any]:
 # --- MCP routes --------------------------------------------------------------
 
 
-@bp.post("/<server_id>", defaults={"path": ""})
-@bp.post("/<server_id>/<path:path>")
-def post(server_id: str, path: str) -> Response:
-    gateway = current_gateway()
-    upstream = gateway.checkout(server_id)
-    body = request.get_data(cache=False)
+def post(gateway: Gateway, exchange: Exchange, path: str, query: bytes, body: bytes) -> Response:
+    """POST /<server-id>[/<path>]: one JSON-RPC message (served by route.py, without Flask's request machinery)."""
+    server_id = exchange.server_id or ""
+    upstream = gateway.checkout(server_id, exchange)
     message = jsonrpc.parse(body, server_id)
-    g.rpc_id = message.get("id")
-    g.mcp_method = method = message.get("method")
-    session = _session(server_id)
-    client = protocol.client_context(request.headers, message, session.protocol_version if session else None)
+    exchange.rpc_id = message.get("id")
+    exchange.mcp_method = method = message.get("method")
+    session = _session(gateway, exchange.headers, server_id)
+    client = protocol.client_context(exchange.headers, message, session.protocol_version if session else None)
     if isinstance(upstream, HttpUpstream) and not upstream.bridges(client, session, message):
-        return _proxy(upstream, path, body, message, session)
+        return _proxy(gateway, exchange, upstream, path, query, body, message, session)
     # From here the gateway ends MCP HTTP itself: a stdio server, or an HTTP
     # server of the other protocol era than the client's.
     if not jsonrpc.is_request(message):
@@ -98,23 +102,24 @@ def post(server_id: str, path: str) -> Response:
         return Response(status=202)
     if client.era == protocol.LEGACY:
         if method == "initialize":
-            return _initialize(upstream, message)
+            return _initialize(gateway, upstream, message)
         if method == "ping":
             return _json(jsonrpc.result(message["id"], {}))
     elif method == "server/discover":
         return _json(jsonrpc.result(message["id"], protocol.discover_result(upstream.hello())))
     if method in LONG_LIVED:
         raise errors.NotSupported(f"server '{server_id}': {method} is not supported through the gateway yet")
-    return _forward(upstream, message, body, client)
+    return _forward(exchange, upstream, message, body, client)
 
 
 @bp.get("/<server_id>", defaults={"path": ""})
 @bp.get("/<server_id>/<path:path>")
 def get(server_id: str, path: str) -> Response:
-    upstream = current_gateway().checkout(server_id)
-    session = _session(server_id)
+    gateway, current = current_gateway(), current_exchange()
+    upstream = gateway.checkout(server_id, current)
+    session = _session(gateway, request.headers, server_id)
     if isinstance(upstream, HttpUpstream) and not _bridged(session):
-        return _proxy(upstream, path, b"", None, session)
+        return _proxy(gateway, current, upstream, path, request.query_string, b"", None, session)
     raise errors.MethodNotAllowed(
         f"server '{server_id}': the gateway offers no server-to-client SSE stream; use POST"
     )
@@ -123,10 +128,11 @@ def get(server_id: str, path: str) -> Response:
 @bp.delete("/<server_id>", defaults={"path": ""})
 @bp.delete("/<server_id>/<path:path>")
 def delete(server_id: str, path: str) -> Response:
-    upstream = current_gateway().checkout(server_id)
-    session = _session(server_id)
+    gateway, current = current_gateway(), current_exchange()
+    upstream = gateway.checkout(server_id, current)
+    session = _session(gateway, request.headers, server_id)
     if isinstance(upstream, HttpUpstream) and not _bridged(session):
-        return _proxy(upstream, path, b"", None, session)
+        return _proxy(gateway, current, upstream, path, request.query_string, b"", None, session)
     if session is None:
         raise errors.ClientError(f"server '{server_id}': DELETE needs the {SESSION_HEADER} header of the session to end")
     # The id is self-contained and signed, so there is nothing to forget here:
@@ -134,32 +140,34 @@ def delete(server_id: str, path: str) -> Response:
     return Response(status=204)
 
 
-def _session(server_id: str) -> Session | None:
-    token = request.headers.get(SESSION_HEADER)
-    if token is None or request.headers.get("MCP-Protocol-Version") in protocol.MODERN_VERSIONS:
+def _session(gateway: Gateway, headers: Headers, server_id: str) -> Session | None:
+    token = headers.get(SESSION_HEADER)
+    if token is None or headers.get("MCP-Protocol-Version") in protocol.MODERN_VERSIONS:
         return None  # 2026-07-28 has no sessions: a stray id is ignored, as the spec says
-    return current_gateway().signer.verify(token, server_id)
+    return gateway.signer.verify(token, server_id)
 
 
-def _proxy(upstream: HttpUpstream, path: str, body: bytes, message: dict[str, Any] | None, session: Session | None) -> Response:
+def _proxy(gateway: Gateway, exchange: Exchange, upstream: HttpUpstream, path: str, query: bytes, body: bytes,
+           message: dict[str, Any] | None, session: Session | None) -> Response:
     """Pass the request to an instance and its answer back, re-signing any session it starts."""
+    headers = exchange.headers
     answer = upstream.forward(ProxyRequest(
-        method=request.method, path=f"/{path}" if path else "", query=request.query_string, headers=request.headers,
+        method=exchange.method, path=f"/{path}" if path else "", query=query, headers=headers,
         body=body, message=message, instance=session.instance if session else None,
-        upstream_session=session.upstream_session if session else None, request_id=accesslog.request_id(),
+        upstream_session=session.upstream_session if session else None, request_id=exchange.request_id,
     ))
-    g.upstream = answer.instance
+    exchange.upstream = answer.instance
     response = Response(answer.body, status=answer.status, headers=answer.headers)
     if answer.streaming:
         response.headers["X-Accel-Buffering"] = "no"
     if answer.upstream_session and (session is None or answer.upstream_session != session.upstream_session):
         params = (message or {}).get("params") or {}
         version = params.get("protocolVersion") or (session.protocol_version if session else protocol.DEFAULT_LEGACY)
-        response.headers[SESSION_HEADER] = current_gateway().signer.mint(
+        response.headers[SESSION_HEADER] = gateway.signer.mint(
             upstream.server_id, str(version), instance=answer.instance, upstream_session=answer.upstream_session
         )
     elif session is not None:
-        response.headers[SESSION_HEADER] = request.headers[SESSION_HEADER]
+        response.headers[SESSION_HEADER] = headers[SESSION_HEADER]
     return response
 
 
@@ -168,20 +176,21 @@ def _bridged(session: Session | None) -> bool:
     return session is not None and session.instance is None
 
 
-def _initialize(upstream: MessageUpstream | HttpUpstream, message: dict[str, Any]) -> Response:
+def _initialize(gateway: Gateway, upstream: MessageUpstream | HttpUpstream, message: dict[str, Any]) -> Response:
     params = message.get("params") or {}
     result = protocol.initialize_result(upstream.hello(), params.get("protocolVersion"))
-    token = current_gateway().signer.mint(upstream.server_id, result["protocolVersion"])
+    token = gateway.signer.mint(upstream.server_id, result["protocolVersion"])
     response = _json(jsonrpc.result(message["id"], result))
     response.headers[SESSION_HEADER] = token
     return response
 
 
-def _forward(upstream: MessageUpstream | HttpUpstream, message: dict[str, Any], body: bytes, client: ClientContext) -> Response:
-    replies = upstream.call(message, body, client, accesslog.request_id())
+def _forward(exchange: Exchange, upstream: MessageUpstream | HttpUpstream, message: dict[str, Any], body: bytes,
+             client: ClientContext) -> Response:
+    replies = upstream.call(message, body, client, exchange.request_id)
     first = next(replies)  # errors before the first message become plain HTTP errors
-    g.upstream = first.origin
-    if not first.final and _accepts_sse():
+    exchange.upstream = first.origin
+    if not first.final and "text/event-stream" in exchange.headers.get("Accept", ""):
         # The stream owns `replies` now, and closes it when the client is done.
         return Response(_sse(first, replies, message["id"]), mimetype="text/event-stream", headers=SSE_HEADERS)
     try:
@@ -191,7 +200,7 @@ def _forward(upstream: MessageUpstream | HttpUpstream, message: dict[str, Any], 
         raise errors.UpstreamError(f"server '{upstream.server_id}' ended the exchange without a response") from None
     finally:
         replies.close()
-    g.rpc_error = "error" in final.message
+    exchange.rpc_error = "error" in final.message
     return Response(final.encoded(), mimetype="application/json")
 
 
@@ -207,10 +216,6 @@ def _sse(first: Reply, replies: Generator[Reply, None, None], request_id: Any) -
         replies.close()
 
 
-def _accepts_sse() -> bool:
-    return "text/event-stream" in request.headers.get("Accept", "")
-
-
 def _json(payload: dict[str, Any], status: int = 200) -> Response:
     return Response(jsonrpc.encode(payload), status=status, mimetype="application/json")
 
@@ -218,38 +223,35 @@ def _json(payload: dict[str, Any], status: int = 200) -> Response:
 # --- errors ------------------------------------------------------------------
 
 
-@bp.app_errorhandler(errors.GatewayError)
-def gateway_error(exc: errors.GatewayError) -> Response:
-    if exc.http_status >= 500:
-        log.warning("%s %s -> %s: %s", request.method, request.path, exc.http_status, exc.message)
-    response = _json(jsonrpc.error(g.get("rpc_id"), exc.code, exc.message, exc.data), exc.http_status)
-    if exc.retry_after is not None:
-        response.headers["Retry-After"] = str(max(1, round(exc.retry_after)))
-    if isinstance(exc, errors.MethodNotAllowed):
-        response.headers["Allow"] = "POST, DELETE"
-    if exc.http_status == 401:
-        response.headers["WWW-Authenticate"] = 'Bearer realm="mcp-gateway"'
-    return response
-
-
-@bp.app_errorhandler(HTTPException)
-def http_error(exc: HTTPException) -> Response:
-    server_id = (request.view_args or {}).get("server_id")
-    where = f"server '{server_id}': " if server_id else ""
-    if isinstance(exc, RequestEntityTooLarge):
-        message = f"{where}request body is over the gateway's limit of {current_gateway().registry.gateway.max_body_bytes} bytes"
-    else:
-        message = f"{where}{exc.name}: {request.method} {request.path} is not served here"
-    code = exc.code or 500
-    response = _json(jsonrpc.error(None, errors.INVALID_REQUEST, message), code)
-    if code == 405:
-        response.headers["Allow"] = ", ".join(exc.valid_methods or []) if hasattr(exc, "valid_methods") else "POST"
-    return response
-
-
 @bp.app_errorhandler(Exception)
-def unexpected_error(exc: Exception) -> Response:
-    log.exception("unhandled error on %s %s", request.method, request.path)
-    server_id = (request.view_args or {}).get("server_id")
-    message = f"internal gateway error{f' serving server {server_id!r}' if server_id else ''}: {type(exc).__name__}"
-    return _json(jsonrpc.error(g.get("rpc_id"), errors.INTERNAL_ERROR, message), 500)
+def flask_error(exc: Exception) -> Response:
+    return error_response(current_gateway(), current_exchange(), exc)
+
+
+def error_response(gateway: Gateway, exchange: Exchange, exc: Exception) -> Response:
+    """The JSON-RPC error answering whatever was raised while serving `exchange`."""
+    where = f"server '{exchange.server_id}': " if exchange.server_id else ""
+    if isinstance(exc, errors.GatewayError):
+        if exc.http_status >= 500:
+            log.warning("%s %s -> %s: %s", exchange.method, exchange.path, exc.http_status, exc.message)
+        response = _json(jsonrpc.error(exchange.rpc_id, exc.code, exc.message, exc.data), exc.http_status)
+        if exc.retry_after is not None:
+            response.headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+        if isinstance(exc, errors.MethodNotAllowed):
+            response.headers["Allow"] = "POST, DELETE"
+        if exc.http_status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="mcp-gateway"'
+        return response
+    if isinstance(exc, HTTPException):
+        if isinstance(exc, RequestEntityTooLarge):
+            message = f"{where}request body is over the gateway's limit of {gateway.registry.gateway.max_body_bytes} bytes"
+        else:
+            message = f"{where}{exc.name}: {exchange.method} {exchange.path} is not served here"
+        code = exc.code or 500
+        response = _json(jsonrpc.error(None, errors.INVALID_REQUEST, message), code)
+        if code == 405:
+            response.headers["Allow"] = ", ".join(exc.valid_methods or []) if hasattr(exc, "valid_methods") else "POST"
+        return response
+    log.exception("unhandled error on %s %s", exchange.method, exchange.path)
+    serving = f" serving server {exchange.server_id!r}" if exchange.server_id else ""
+    return _json(jsonrpc.error(exchange.rpc_id, errors.INTERNAL_ERROR, f"internal gateway error{serving}: {type(exc).__name__}"), 500)

@@ -350,6 +350,27 @@ def test_pipelined_requests_are_answered_in_order(gunicorn: Any) -> None:
     assert ids == [1, 2, 3]
 
 
+def test_a_chunked_body_is_read_whole_and_refused_past_the_limit(gunicorn: Any) -> None:
+    # No Content-Length to refuse up front: the limit is enforced while the body is read.
+    instance = gunicorn(NO_PROCESSES, {"max_body_bytes": 4096}, workers=1)
+
+    def chunked(message: dict[str, Any]) -> bytes:
+        body = json.dumps(message).encode()
+        halves = (body[:len(body) // 2], body[len(body) // 2:])
+        return (b"POST /time/mcp HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n" + b"".join(b"%x\r\n%s\r\n" % (len(h), h) for h in halves)
+                + b"0\r\n\r\n")
+
+    with socket.create_connection(("127.0.0.1", instance.port), timeout=10) as sock, sock.makefile("rb") as reader:
+        sock.sendall(chunked({"jsonrpc": "2.0", "id": 1, "method": "ping", "params": {"pad": "x" * 3900}}))
+        status, body = _read_answer(reader)
+        assert status == 200 and json.loads(body)["result"] == {}, body
+        sock.sendall(chunked({"jsonrpc": "2.0", "id": 2, "method": "ping", "params": {"pad": "x" * 5000}}))
+        status, body = _read_answer(reader)
+    assert status == 413, body
+    assert json.loads(body)["error"]["message"] == "server 'time': request body is over the gateway's limit of 4096 bytes"
+
+
 def _read_answer(reader: Any) -> tuple[int, bytes]:
     """One HTTP answer with a Content-Length off a connection's reader (http.client cannot pipeline)."""
     status = int(reader.readline().split()[1])

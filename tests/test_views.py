@@ -11,8 +11,9 @@ import json
 from typing import Any
 
 import pytest
+from flask import request
 
-from gateway import errors
+from gateway import errors, route
 
 from .conftest import TIME_SERVER, server_command
 
@@ -104,6 +105,30 @@ def test_body_over_the_limit_is_413(client: Any) -> None:
     response = client.post("/time/mcp", data=json.dumps(rpc("tools/list", {"pad": "x" * 5000})))
     assert response.status_code == 413
     assert error_of(response)["message"] == "server 'time': request body is over the gateway's limit of 4096 bytes"
+
+
+def test_the_post_route_runs_no_flask_request_hook(make_app: Any) -> None:
+    # POST, every MCP message, is served by gateway/route.py without Flask's request
+    # machinery (the hot path): a Flask hook added for all routes sees the other routes only.
+    app = make_app({"time": {"type": "stdio", "command": TIME_SERVER, "pool_min": 0}})
+    seen: list[str] = []
+    app.before_request(lambda: seen.append(request.path))
+    client = app.test_client()
+    assert client.post("/time/mcp", json=rpc("ping")).get_json()["result"] == {}
+    assert client.get("/healthz").status_code == 200
+    assert seen == ["/healthz"]
+
+
+def test_an_unexpected_failure_on_the_post_route_is_a_jsonrpc_500(client: Any, monkeypatch: Any,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    def broken(*args: Any) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(route, "post", broken)
+    response = client.post("/time/mcp", json=rpc("tools/list"))
+    assert response.status_code == 500
+    assert error_of(response)["message"] == "internal gateway error serving server 'time': RuntimeError"
+    assert "unhandled error on POST /time/mcp" in caplog.text and "a bug" in caplog.text
 
 
 def test_unrouted_paths_answer_jsonrpc_errors_too(client: Any) -> None:

@@ -1,0 +1,72 @@
+"""The MCP POST route, `POST /<server-id>[/<path>]`, served without Flask's request machinery.
+
+Every MCP message a client sends is such a POST, so this is the gateway's hot
+path. Flask's request and app contexts, URL map, hooks and proxies cost a
+stdio call about as much CPU as the rest of the gateway's work (README,
+Performance). This route is WSGI middleware in front of the Flask app: it
+does what the Flask hooks and error handlers do for the other routes (the
+same Exchange, Origin and token checks, body limit, JSON-RPC errors) and
+calls views.post; anything else goes on to Flask.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from flask import Flask
+from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.wsgi import get_content_length, get_input_stream, get_path_info
+
+from .exchange import Exchange
+from .extension import EXTENSION_KEY, Gateway
+from .views import error_response, post
+
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+# What the blueprint's `/<server_id>` and `/<server_id>/<path:path>` rules match.
+ROUTE = re.compile(r"/([^/]+)(?:/(.+))?")
+
+
+class McpPostRoute:
+    """`app.wsgi_app = McpPostRoute(app, app.wsgi_app)`."""
+
+    def __init__(self, app: Flask, rest: WSGIApp):
+        self.app = app
+        self.rest = rest
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        match = ROUTE.fullmatch(get_path_info(environ)) if environ["REQUEST_METHOD"] == "POST" else None
+        if match is None:
+            return self.rest(environ, start_response)
+        gateway: Gateway = self.app.extensions[EXTENSION_KEY]
+        exchange = Exchange.begin(environ, server_id=match[1])
+        try:
+            gateway.start()
+            auth = gateway.auth
+            auth.check_origin(exchange.headers)
+            exchange.principal = auth.check_server(match[1], exchange.headers)
+            body = read_body(environ, gateway.registry.gateway.max_body_bytes)
+            response = post(gateway, exchange, match[2] or "", environ.get("QUERY_STRING", "").encode("latin-1"), body)
+        except Exception as exc:  # noqa: BLE001  # every failure becomes a JSON-RPC error, as Flask's handler does
+            response = error_response(gateway, exchange, exc)
+        return exchange.respond(self.app, response)(environ, start_response)
+
+
+def read_body(environ: dict[str, Any], limit: int) -> bytes:
+    """The request body; RequestEntityTooLarge past `limit` bytes, declared (Content-Length) or not (chunked).
+
+    Not werkzeug's max_content_length, which ends a chunked body at the
+    limit without a word: the truncated JSON became a parse error.
+    """
+    declared = get_content_length(environ)
+    if declared is not None and declared > limit:
+        raise RequestEntityTooLarge()
+    stream = get_input_stream(environ)
+    body = bytearray()
+    while len(body) <= limit:
+        chunk = stream.read(limit + 1 - len(body))
+        if not chunk:
+            return bytes(body)
+        body += chunk
+    raise RequestEntityTooLarge()
