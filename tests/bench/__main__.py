@@ -139,6 +139,12 @@ class Bench:
         return self.timed(lambda: load.measure(group, name, url, body, headers, concurrency, s.seconds, s.warmup,
                                                s.max_requests, s.wrk_threads, note), into)
 
+    def warm(self, url: str, body: Mapping[str, Any], headers: Mapping[str, str]) -> None:
+        """Unmeasured load at c=8 before a gateway's first row: every worker and pooled process
+        then has served calls, as the direct driver's processes have before theirs."""
+        s = self.settings
+        load.wrk(url, body, {"Accept": load.ACCEPT_BOTH, **headers}, 8, 2 * s.warmup, threads=s.wrk_threads)
+
     # --- sections ------------------------------------------------------------------
 
     def direct_stdio(self) -> None:
@@ -155,6 +161,7 @@ class Bench:
         s = self.settings
         shape = f"{s.workers} workers x {s.pool} processes"
         url = f"{gateway.url}/time/mcp"
+        self.warm(url, TIME_CALL, {})
         for concurrency in (1, 8):
             self.wrk_row("stdio", f"gateway, handshake era client, no session ({shape})", url, TIME_CALL, {}, concurrency)
         for concurrency in (1, 8):
@@ -195,6 +202,7 @@ class Bench:
             nginx.child.stop()
         url = f"{gateway.url}/everything/mcp"
         client_session = servers.open_session(url)  # initialize through the gateway: a signed session id
+        self.warm(url, ECHO_CALL, client_session)
         for concurrency in (1, 8):
             self.wrk_row("http", "gateway, handshake era, client session (pass-through)", url, ECHO_CALL,
                          client_session, concurrency)
