@@ -29,6 +29,8 @@ _SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 @dataclass(eq=False)
 class Exchange:
+    """One request: what the access line and the metrics say of it, and the lease it holds."""
+
     method: str
     path: str
     peer: str | None
@@ -73,6 +75,7 @@ class Exchange:
 
 def init_app(app: Flask) -> None:
     """Begin and finish an exchange for every request Flask serves."""
+    accesslog.configure(app)  # text, no proxies believed, until the registry says otherwise
 
     def begin() -> None:
         g.exchange = Exchange.begin(request.environ, (request.view_args or {}).get("server_id"))
