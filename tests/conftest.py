@@ -139,8 +139,14 @@ class Gunicorn:
 
     def worker_pids(self) -> set[int]:
         """The master's children that are gunicorn workers (not processes it supervises)."""
-        return {pid for pid, _ in descendants(self.process.pid)
-                if parent_of(pid) == self.process.pid and b"gunicorn" in Path(f"/proc/{pid}/cmdline").read_bytes()}
+        workers = set()
+        for pid, _ in descendants(self.process.pid):
+            try:
+                if parent_of(pid) == self.process.pid and b"gunicorn" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    workers.add(pid)
+            except OSError:
+                continue  # it exited since it was listed: an old worker ending after a HUP
+        return workers
 
     def remember(self) -> None:
         """Note every process now below the master, to check it is gone at stop."""
