@@ -46,7 +46,9 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, http_servers: list[McpHttp
     servers = {
         "time": {"type": "stdio", "command": TIME_SERVER, "pool_size": 2, "pool_min": 1},
         "die": {"type": "stdio", "command": server_command("faulty_server.py", "die")},
-        "web": {"type": "http", "max_fails": 2, "ejection_time": 300,
+        # Active checks would take the dead instance down a few seconds after start, and the
+        # balancer would then never meet it: the retry test below needs it still routable.
+        "web": {"type": "http", "max_fails": 2, "ejection_time": 300, "health_check_fall": 50,
                 "instances": [{"endpoint": http_servers[0].url}, {"endpoint": f"http://127.0.0.1:{dead_port}"}]},
     }
     with Gunicorn(write_registry(tmp_path_factory.mktemp("metrics"), servers), workers=2, threads=4).serving() as instance:
@@ -139,7 +141,7 @@ def test_retries_ejections_and_instance_health_of_an_http_server(gateway: Gunico
     assert value(samples, "mcp_gateway_retries_total", server="web") >= 2
     assert value(samples, "mcp_gateway_upstream_errors_total", server="web", kind="unreachable") >= 2
     assert value(samples, "mcp_gateway_ejections_total", server="web", instance=dead) >= 1
-    # Active checks take the dead instance down in every worker; the live one stays up.
+    # The dead instance is ejected (the gauge is 0 once any worker holds it down); the live one stays up.
     wait_for(lambda: value(scrape(gateway), "mcp_gateway_instance_up", server="web", instance=dead) == 0)
     samples = scrape(gateway)
     assert value(samples, "mcp_gateway_instance_up", server="web", instance=http_servers[0].url) == 1
