@@ -47,11 +47,12 @@ class Exchange:
     release: Callable[[], None] | None = None  # hands the upstream back (Gateway.checkout)
 
     @classmethod
-    def begin(cls, environ: dict[str, Any], server_id: str | None = None) -> Exchange:
+    def begin(cls, environ: dict[str, Any], server_id: str | None = None, path: str | None = None) -> Exchange:
         headers = EnvironHeaders(environ)
         given = headers.get(REQUEST_ID_HEADER, "")
         return cls(
-            method=environ["REQUEST_METHOD"], path=get_path_info(environ), peer=environ.get("REMOTE_ADDR"),
+            method=environ["REQUEST_METHOD"], path=get_path_info(environ) if path is None else path,
+            peer=environ.get("REMOTE_ADDR"),
             headers=headers, server_id=server_id,
             # The client's id when it is sane; else one as unique as uuid4, and cheaper.
             request_id=given if _SANE_ID.match(given) else os.urandom(16).hex(),

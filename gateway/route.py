@@ -36,11 +36,14 @@ class McpPostRoute:
         self.rest = rest
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        match = ROUTE.fullmatch(get_path_info(environ)) if environ["REQUEST_METHOD"] == "POST" else None
+        if environ["REQUEST_METHOD"] != "POST":
+            return self.rest(environ, start_response)
+        path = get_path_info(environ)
+        match = ROUTE.fullmatch(path)
         if match is None:
             return self.rest(environ, start_response)
         gateway: Gateway = self.app.extensions[EXTENSION_KEY]
-        exchange = Exchange.begin(environ, server_id=match[1])
+        exchange = Exchange.begin(environ, server_id=match[1], path=path)
         try:
             gateway.start()
             auth = gateway.auth
