@@ -79,7 +79,7 @@ def init_app(app: Flask) -> None:
     accesslog.configure(app)  # text, no proxies believed, until the registry says otherwise
 
     def begin() -> None:
-        g.exchange = Exchange.begin(request.environ, (request.view_args or {}).get("server_id"))
+        current()
 
     def finish(response: Response) -> Response:
         return current().respond(app, response)
@@ -89,7 +89,7 @@ def init_app(app: Flask) -> None:
 
 
 def current() -> Exchange:
-    """The exchange of the request Flask is serving (begun here if a hook never ran)."""
+    """The exchange of the request Flask is serving, begun on first use (the first before_request hook)."""
     exchange: Exchange | None = g.get("exchange")
     if exchange is None:
         exchange = g.exchange = Exchange.begin(request.environ, (request.view_args or {}).get("server_id"))

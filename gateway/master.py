@@ -22,7 +22,7 @@ from typing import Any
 
 from . import configure_logging, runtime, supervisor
 from . import registry as registry_module
-from . import worker as balanced_worker
+from . import worker as gateway_worker
 from .registry import GatewaySettings, Registry, ServerEntry
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def on_reload(server: Any) -> None:
 
 
 def child_exit(server: Any, worker: Any) -> None:
-    balanced_worker.release(worker)
+    gateway_worker.release(worker)
     runtime.forget_worker(worker.pid)
     _templates(server).worker_gone(worker.pid)
 
