@@ -5,9 +5,13 @@ per-server under `auth_tokens`, values usually `${VAR}` references) and are
 presented as `Authorization: Bearer <token>` or `X-API-Key: <token>`. Every
 configured token is compared in constant time, all of them every time, so
 timing tells nothing. A server's `allow` names the gateway-wide tokens that
-may reach it. A hook (`module:callable`) may decide instead. Origin follows
-the MCP spec's DNS-rebinding defence: a browser Origin that is not loopback,
-not the gateway's own and not allowed gets 403. Token values are never logged.
+may reach it. A hook (`module:callable`) may decide instead; the headers it
+reads are named by its `credential_headers` attribute. Whatever header can
+carry a credential (Authorization, X-API-Key, the hook's) is never forwarded
+upstream (the MCP spec forbids token passthrough), and token values are never
+logged. With any token configured, /status and /metrics need a gateway-wide
+token unless `protect_operator_endpoints: false` opens them. Host and Origin
+(the DNS-rebinding defence) are rebinding.py's.
 """
 
 from __future__ import annotations
@@ -16,59 +20,37 @@ import hmac
 import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
 from . import errors
 from .protocol import Headers
 from .registry import Registry
 
-LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
-
 Hook = Callable[[str, Headers], "str | None"]
-
-
-class Unauthorized(errors.ClientError):
-    """No valid credentials (HTTP 401, with WWW-Authenticate: Bearer)."""
-
-    http_status = 401
-    code = errors.UNAUTHORIZED
-
-
-class Forbidden(errors.ClientError):
-    """Valid credentials, or an Origin, that may not reach this server (HTTP 403)."""
-
-    http_status = 403
-    code = errors.UNAUTHORIZED
+# The headers a caller's credential travels in, whatever auth is configured.
+CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key"})
 
 
 class Authenticator:
     def __init__(self, registry: Registry):
         settings = registry.gateway.auth
         self.tokens: dict[str, bytes] = {name: value.encode() for name, value in (settings.get("tokens") or {}).items()}
-        self.protect_operator = bool(settings.get("protect_operator_endpoints"))
         self.hook: Hook | None = load_hook(settings["hook"]) if settings.get("hook") else None
         self.servers = registry.servers
         self.server_tokens = {sid: {name: value.encode() for name, value in entry.auth_tokens.items()}
                               for sid, entry in registry.servers.items()}
-        self.allowed_origins = frozenset(registry.gateway.allowed_origins)
-
-    # --- Origin --------------------------------------------------------------------
-
-    def check_origin(self, headers: Headers) -> None:
-        origin = headers.get("Origin")
-        if origin is None or "*" in self.allowed_origins or origin in self.allowed_origins:
-            return
-        parts = urlsplit(origin)
-        host = (parts.hostname or "").lower()
-        if host in LOOPBACK_HOSTS or (parts.netloc and parts.netloc == headers.get("Host")):
-            return
-        raise Forbidden(f"Origin {origin!r} is not allowed to call this gateway")
+        any_token = bool(self.tokens or self.hook or any(self.server_tokens.values()))
+        # Secure by default: once anything asks for a token, so do the operator endpoints.
+        self.protect_operator = bool(settings.get("protect_operator_endpoints", any_token))
+        # Lower-cased names of every header that may carry a credential: never forwarded.
+        self.credential_headers = CREDENTIAL_HEADERS | {
+            str(name).lower() for name in getattr(self.hook, "credential_headers", ())
+        }
 
     # --- tokens --------------------------------------------------------------------
 
     def check_operator(self, headers: Headers) -> None:
         if self.protect_operator and self._match(presented(headers), self.tokens) is None:
-            raise Unauthorized("this endpoint needs a gateway token")
+            raise errors.Unauthorized("this endpoint needs a gateway token (or gateway.auth.protect_operator_endpoints: false)")
 
     def check_server(self, server_id: str, headers: Headers) -> str | None:
         """The principal calling `server_id`, or Unauthorized / Forbidden."""
@@ -76,7 +58,7 @@ class Authenticator:
         if entry is None:
             # Unknown ids need a token too, so the registry cannot be probed without one.
             if (self.tokens or self.hook) and self._match(presented(headers), self.tokens) is None:
-                raise Unauthorized("a valid token is required (Authorization: Bearer <token>)")
+                raise errors.Unauthorized("a valid token is required (Authorization: Bearer <token>)")
             return None
         own_tokens = self.server_tokens[server_id]
         if not (self.tokens or self.hook or own_tokens):
@@ -88,13 +70,13 @@ class Authenticator:
         name = self._match(token, self.tokens)
         if name is not None:
             if entry.allow is not None and name not in entry.allow:
-                raise Forbidden(f"server '{server_id}': this token may not reach this server")
+                raise errors.Forbidden(f"server '{server_id}': this token may not reach this server")
             return name
         if self.hook is not None:
             principal = self.hook(server_id, headers)
             if principal:
                 return str(principal)
-        raise Unauthorized(f"server '{server_id}': a valid token is required (Authorization: Bearer <token>)")
+        raise errors.Unauthorized(f"server '{server_id}': a valid token is required (Authorization: Bearer <token>)")
 
     @staticmethod
     def _match(token: bytes | None, candidates: Mapping[str, bytes]) -> str | None:

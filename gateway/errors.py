@@ -26,6 +26,16 @@ SESSION_NOT_FOUND = -32003
 UNAUTHORIZED = -32004
 
 
+# How much of a client's value an error message echoes back.
+SHOWN_LIMIT = 200
+
+
+def shown(value: object, limit: int = SHOWN_LIMIT) -> str:
+    """A client-supplied value as an error message may quote it: repr'd (control characters escaped), bounded."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
 class GatewayError(Exception):
     """Root of everything the gateway raises on purpose."""
 
@@ -99,6 +109,30 @@ class SessionNotFound(ClientError):
 
     http_status = 404
     code = SESSION_NOT_FOUND
+
+
+class Unauthorized(ClientError):
+    """No valid credentials (HTTP 401, with WWW-Authenticate: Bearer)."""
+
+    http_status = 401
+    code = UNAUTHORIZED
+
+
+class Forbidden(ClientError):
+    """Valid credentials that may not reach this server or endpoint (HTTP 403)."""
+
+    http_status = 403
+    code = UNAUTHORIZED
+
+
+class OriginNotAllowed(Forbidden):
+    """A browser Origin that is not loopback nor in gateway.allowed_origins, or a malformed one (HTTP 403)."""
+
+
+class HostNotAllowed(ClientError):
+    """A Host the gateway does not answer to: a DNS-rebinding page's own name (HTTP 421, as the SDKs answer)."""
+
+    http_status = 421
 
 
 class NotSupported(ClientError):

@@ -37,6 +37,7 @@ from . import accesslog, errors, metrics, runtime, supervisor, upstreams
 from . import registry as registry_module
 from .auth import Authenticator
 from .proxy import HttpUpstream
+from .rebinding import RebindingGuard
 from .registry import Registry, RegistryError, ServerEntry
 from .sessions import SessionSigner, load_secret
 from .supervisor import Supervisor
@@ -67,7 +68,7 @@ class Draining:
 class Gateway:
     def __init__(self, registry: Registry):
         self.registry = registry
-        self.auth, self.signer = _guards(registry)
+        self.auth, self.rebinding, self.signer = _guards(registry)
         # http templates: gunicorn's master runs their processes and publishes where they
         # listen; without it, this gateway process runs its own supervisor per template.
         self._master_runs_templates = supervisor.ENDPOINTS_ENV in os.environ
@@ -235,7 +236,7 @@ class Gateway:
         guards = _guards(new)
         with self._lock:
             self.registry, self.upstreams = new, fresh
-            self.auth, self.signer = guards
+            self.auth, self.rebinding, self.signer = guards
             self._draining.extend(draining)
             self._loaded_at = time.time()
         if self._app is not None:
@@ -290,10 +291,13 @@ class Gateway:
         }
 
 
-def _guards(registry: Registry) -> tuple[Authenticator, SessionSigner]:
-    """Who may call, and the signer of session ids, as `registry` says."""
+def _guards(registry: Registry) -> tuple[Authenticator, RebindingGuard, SessionSigner]:
+    """Who may call, from which Host and Origin, and the signer of session ids, as `registry` says."""
     settings = registry.gateway
-    return Authenticator(registry), SessionSigner(load_secret(settings.session_secret), settings.session_ttl)
+    # The address gunicorn binds (conf/gunicorn.conf.py: MCP_GATEWAY_BIND, else the registry's).
+    bound = os.environ.get("MCP_GATEWAY_BIND", "").rpartition(":")[0]
+    rebinding = RebindingGuard(settings.allowed_hosts, settings.allowed_origins, (settings.host, bound))
+    return Authenticator(registry), rebinding, SessionSigner(load_secret(settings.session_secret), settings.session_ttl)
 
 
 def _configure(app: Flask, registry: Registry) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from . import mcpservers, templates
+from . import mcpservers, rebinding, templates
 from .templates import Launch
 
 DEFAULT_PATH = "conf/registry.yaml"
@@ -118,6 +118,7 @@ class GatewaySettings:
     session_ttl: float = 24 * 3600.0
     template_dirs: tuple[str, ...] = ()
     auth: Mapping[str, Any] = field(default_factory=dict)
+    allowed_hosts: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
     log_format: str = "text"
     trusted_proxies: tuple[str, ...] = ()
@@ -201,6 +202,7 @@ def validate(data: Any, base: Path = Path(".")) -> list[str]:
             load_hook(auth_settings["hook"])
         except (ImportError, AttributeError, TypeError, ValueError) as exc:
             problems.append(f"gateway.auth.hook: cannot use {auth_settings['hook']!r}: {exc}")
+    problems.extend(_rebinding_problems(data.get("gateway") or {}))
     names = set(auth_settings.get("tokens") or {}) if isinstance(auth_settings, dict) else set()
     for server_id, entry in data["servers"].items():
         for name in (entry.get("allow") or []) if isinstance(entry, dict) else []:
@@ -220,6 +222,18 @@ def validate(data: Any, base: Path = Path(".")) -> list[str]:
             size, low = entry.get("pool_size", StdioSettings.pool_size), entry["pool_min"]
             if isinstance(size, int) and isinstance(low, int) and 1 <= size < low:
                 problems.append(f"servers.{server_id}.pool_min: {low} is more than pool_size {size}")
+    return problems
+
+
+def _rebinding_problems(gateway: Any) -> list[str]:
+    problems = []
+    for key, pattern in (("allowed_hosts", rebinding.HostPattern), ("allowed_origins", rebinding.OriginPattern)):
+        values = gateway.get(key) if isinstance(gateway, dict) else None
+        for index, text in enumerate(values if isinstance(values, list) else []):
+            try:
+                pattern(str(text))
+            except ValueError as exc:
+                problems.append(f"gateway.{key}.{index}: {exc}")
     return problems
 
 
@@ -300,6 +314,7 @@ def _build(data: dict[str, Any], source: str) -> Registry:
         )
     gateway = dict(data.get("gateway", {}))
     gateway["template_dirs"] = tuple(gateway.get("template_dirs", ()))
+    gateway["allowed_hosts"] = tuple(gateway.get("allowed_hosts", ()))
     gateway["allowed_origins"] = tuple(gateway.get("allowed_origins", ()))
     gateway["trusted_proxies"] = tuple(gateway.get("trusted_proxies", ()))
     return Registry(source=source, servers=servers, gateway=GatewaySettings(**gateway))

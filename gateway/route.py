@@ -46,9 +46,8 @@ class McpPostRoute:
         exchange = Exchange.begin(environ, server_id=match[1], path=path)
         try:
             gateway.start()
-            auth = gateway.auth
-            auth.check_origin(exchange.headers)
-            exchange.principal = auth.check_server(match[1], exchange.headers)
+            gateway.rebinding.check(exchange.headers)
+            exchange.principal = gateway.auth.check_server(match[1], exchange.headers)
             body = read_body(environ, gateway.registry.gateway.max_body_bytes)
             response = post(gateway, exchange, match[2] or "", environ.get("QUERY_STRING", "").encode("latin-1"), body)
         except Exception as exc:  # noqa: BLE001  # every failure becomes a JSON-RPC error, as Flask's handler does

@@ -38,7 +38,9 @@ bp = Blueprint("mcp", __name__)
 
 SESSION_HEADER = "Mcp-Session-Id"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-OPERATOR_ENDPOINTS = frozenset({"mcp.status", "mcp.metrics"})  # /healthz stays open for probes
+OPERATOR_ENDPOINTS = frozenset({"mcp.status", "mcp.metrics"})
+# Open to probes, whatever Host they send (kubelet sends the pod's address): it tells a page nothing.
+LIVENESS_ENDPOINT = "mcp.healthz"
 # Answered on a pooled stdio server this way would pin a process for hours.
 LONG_LIVED = {"subscriptions/listen"}
 
@@ -46,11 +48,12 @@ LONG_LIVED = {"subscriptions/listen"}
 # --- who may call ----------------------------------------------------------------
 
 
-@bp.before_request
+@bp.before_app_request
 def guard() -> None:
-    """Origin on every request; a token where the registry asks for one."""
-    auth = current_gateway().auth
-    auth.check_origin(request.headers)
+    """Host and Origin on every request (/healthz: Origin only); a token where the registry asks for one."""
+    gateway = current_gateway()
+    gateway.rebinding.check(request.headers, host=request.endpoint != LIVENESS_ENDPOINT)
+    auth = gateway.auth
     if request.endpoint in OPERATOR_ENDPOINTS:
         auth.check_operator(request.headers)
     elif request.view_args and "server_id" in request.view_args:
