@@ -41,10 +41,11 @@ class Authenticator:
         any_token = bool(self.tokens or self.hook or any(self.server_tokens.values()))
         # Secure by default: once anything asks for a token, so do the operator endpoints.
         self.protect_operator = bool(settings.get("protect_operator_endpoints", any_token))
-        # Lower-cased names of every header that may carry a credential: never forwarded.
-        self.credential_headers = CREDENTIAL_HEADERS | {
+        # Lower-cased names of the headers the hook reads credentials from: never forwarded,
+        # like CREDENTIAL_HEADERS (which proxy.NOT_FORWARDED holds already).
+        self.hook_credential_headers = frozenset(
             str(name).lower() for name in getattr(self.hook, "credential_headers", ())
-        }
+        ) - CREDENTIAL_HEADERS
 
     # --- tokens --------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ class Instance:
     endpoint: str
     weight: int
     health: InstanceHealth
+    authorization: str | None = None  # the endpoint's own credentials (registry: user:pass@)
     in_flight: int = 0
     _smooth_weight: int = field(default=0, repr=False)
 

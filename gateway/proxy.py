@@ -48,7 +48,9 @@ HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
     "te", "trailer", "trailers", "transfer-encoding", "upgrade",
 })
-NOT_FORWARDED = HOP_BY_HOP | {"host", "cookie", "authorization", "content-length", "accept-encoding", "mcp-session-id"}
+# X-API-Key and Authorization carry the caller's credential; auth.py may name more (ProxyRequest.credential_headers).
+NOT_FORWARDED = HOP_BY_HOP | {"host", "cookie", "authorization", "x-api-key", "content-length", "accept-encoding",
+                              "mcp-session-id"}
 NOT_RETURNED = HOP_BY_HOP | {"content-length", "set-cookie", "mcp-session-id", "server", "date"}
 RETRYABLE_STATUS = frozenset({502, 503, 504})
 # What every request of the gateway's own sends (the spec's Accept for Streamable HTTP).
@@ -74,6 +76,7 @@ class ProxyRequest:
     instance: str | None = None  # pinned by a session
     upstream_session: str | None = None
     request_id: str | None = None  # X-Request-Id, passed on
+    credential_headers: frozenset[str] = frozenset()  # lower-cased; never forwarded (no token passthrough)
 
     @property
     def rpc_method(self) -> str | None:
@@ -120,7 +123,8 @@ class HttpUpstream:
             max_fails=self.settings.max_fails, ejection_time=self.settings.ejection_time,
         )
         self.balancer = Balancer(
-            entry.id, (Instance(i.endpoint, i.weight, InstanceHealth(policy)) for i in self.settings.instances),
+            entry.id, (Instance(i.endpoint, i.weight, InstanceHealth(policy), i.authorization)
+                       for i in self.settings.instances),
             self.settings.load_balancing,
         )
         self.check_interval = check_interval
@@ -181,14 +185,15 @@ class HttpUpstream:
         timeout = (self.settings.connect_timeout, min(self.settings.read_timeout, 10.0))
         try:
             if self.settings.health_check:
-                response = self.session.get(instance.endpoint + self.settings.health_check, timeout=timeout)
+                response = self.session.get(instance.endpoint + self.settings.health_check, timeout=timeout,
+                                            headers=self._own_headers(instance))
                 good = 200 <= response.status_code < 300
             else:
                 # Any answer below 500 to an MCP probe means the process is alive.
                 probe = protocol.discover_request("mcp-gateway-health")
                 response = self.session.post(
                     instance.endpoint + self.settings.mcp_path, data=jsonrpc.encode(probe), timeout=timeout,
-                    headers={**JSON_RPC_HEADERS, **protocol.request_headers(probe), **self.settings.headers},
+                    headers={**JSON_RPC_HEADERS, **protocol.request_headers(probe), **self._own_headers(instance)},
                 )
                 good = response.status_code < 500
             response.close()
@@ -200,6 +205,11 @@ class HttpUpstream:
                 log.warning("server %s: instance %s is healthy again", self.server_id, instance.endpoint)
         elif instance.health.check_failed(reason):
             log.warning("server %s: instance %s is down: %s", self.server_id, instance.endpoint, reason)
+
+    def _own_headers(self, instance: Instance) -> dict[str, str]:
+        """What the gateway adds to its own requests to `instance`: its credentials, then the registry's headers."""
+        own = {"Authorization": instance.authorization} if instance.authorization else {}
+        return {**own, **self.settings.headers}
 
     # --- forwarding --------------------------------------------------------------
 
@@ -253,8 +263,9 @@ class HttpUpstream:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise errors.UpstreamReadTimeout(f"server '{self.server_id}': no answer within {self.settings.request_timeout:g}s")
-        headers = forwardable(request.headers, NOT_FORWARDED)
-        headers.update(self.settings.headers)
+        headers = forwardable(request.headers, NOT_FORWARDED | request.credential_headers
+                              if request.credential_headers else NOT_FORWARDED)
+        headers.update(self._own_headers(instance))
         headers["Accept-Encoding"] = "identity"  # bytes pass through as they are
         if request.upstream_session:
             headers["Mcp-Session-Id"] = request.upstream_session

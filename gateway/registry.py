@@ -8,6 +8,7 @@ in. Every problem is reported as `file: path.inside.it: problem`.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import jsonschema
 import yaml
@@ -66,8 +68,9 @@ class StdioSettings:
 
 @dataclass(frozen=True)
 class HttpInstanceSettings:
-    endpoint: str
+    endpoint: str  # never with user:pass@: that became `authorization`, so the endpoint can be shown
     weight: int = 1
+    authorization: str | None = None  # HTTP Basic, from the endpoint's userinfo
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,7 @@ class ServerEntry:
     template: str | None = None  # the template it was made from
     launch: Launch | None = None  # for an http template: what the gateway starts, `instances` times
     instances: int = 1
+    shown: Mapping[str, Any] = field(default_factory=dict)  # for /status: secrets masked (see masked())
 
 
 @dataclass(frozen=True)
@@ -168,11 +172,12 @@ def parse(text: str, source: str, environ: Mapping[str, str] | None = None) -> R
     if mcpservers.is_mcp_servers(data):
         # A desktop client's config file works as a registry as it is.
         data, problems = mcpservers.to_registry(data)
-    data = _expand(data, environ if environ is not None else os.environ, (), problems)
+    substituted: dict[str, str] = {}
+    data = _expand(data, environ if environ is not None else os.environ, (), problems, substituted)
     problems.extend(validate(data, Path(source).parent))
     if problems:
         raise RegistryError(source, problems)
-    return replace(_build(data, source), digest=text_digest(text))
+    return replace(_build(data, source, substituted), digest=text_digest(text))
 
 
 def text_digest(text: str) -> str:
@@ -263,14 +268,21 @@ def _dotted(path: Any) -> str:
     return ".".join(str(p) for p in path) or "(top level)"
 
 
-def _expand(value: Any, environ: Mapping[str, str], path: tuple[Any, ...], problems: list[str]) -> Any:
-    """Replace ${VAR} (and ${VAR:-default}) in every string; `$$` is a literal `$`."""
+def _expand(value: Any, environ: Mapping[str, str], path: tuple[Any, ...], problems: list[str],
+            substituted: dict[str, str]) -> Any:
+    """Replace ${VAR} (and ${VAR:-default}) in every string; `$$` is a literal `$`.
+
+    Each value taken from the environment is noted in `substituted` (value -> name):
+    such values are where secrets live, and masked() hides them again for display.
+    """
     if isinstance(value, str):
         def substitute(match: re.Match[str]) -> str:
             if match.group(0) == "$$":
                 return "$"
             name, default = match.group(1), match.group(2)
             if name in environ:
+                if environ[name]:
+                    substituted[environ[name]] = name
                 return environ[name]
             if default is not None:
                 return default
@@ -278,13 +290,47 @@ def _expand(value: Any, environ: Mapping[str, str], path: tuple[Any, ...], probl
             return ""
         return _VAR.sub(substitute, value) if "$" in value else value
     if isinstance(value, dict):
-        return {k: _expand(v, environ, (*path, k), problems) for k, v in value.items()}
+        return {k: _expand(v, environ, (*path, k), problems, substituted) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand(v, environ, (*path, i), problems) for i, v in enumerate(value)]
+        return [_expand(v, environ, (*path, i), problems, substituted) for i, v in enumerate(value)]
     return value
 
 
-def _build(data: dict[str, Any], source: str) -> Registry:
+def masked(text: str, substituted: Mapping[str, str]) -> str:
+    """`text` with every value that came from the environment shown as `${NAME}` again.
+
+    Values under four characters are masked only where they are the whole text,
+    so a variable holding `1` does not mask every digit.
+    """
+    for value, name in sorted(substituted.items(), key=lambda item: -len(item[0])):
+        if text == value:
+            return f"${{{name}}}"
+        if len(value) >= 4 and value in text:
+            text = text.replace(value, f"${{{name}}}")
+    return text
+
+
+def split_userinfo(endpoint: str) -> tuple[str, str | None]:
+    """`http://user:pass@host/...` -> (`http://host/...`, the HTTP Basic Authorization value)."""
+    parts = urlsplit(endpoint)
+    if parts.username is None and parts.password is None:
+        return endpoint, None
+    credentials = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+    bare = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return bare, "Basic " + base64.b64encode(credentials.encode()).decode()
+
+
+def _instance(entry: Mapping[str, Any]) -> HttpInstanceSettings:
+    endpoint, authorization = split_userinfo(entry["endpoint"].rstrip("/"))
+    return HttpInstanceSettings(endpoint, entry.get("weight", 1), authorization)
+
+
+def _stdio_shown(settings: StdioSettings, substituted: Mapping[str, str]) -> dict[str, Any]:
+    """What /status shows of a stdio server: its argv masked, its environment by name only."""
+    return {"command": [masked(part, substituted) for part in settings.command], "env_vars": sorted(settings.env_vars)}
+
+
+def _build(data: dict[str, Any], source: str, substituted: Mapping[str, str]) -> Registry:
     servers = {}
     catalog = template_catalog(data, Path(source).parent) if any(
         e["type"] == "template" for e in data["servers"].values()) else {}
@@ -292,14 +338,14 @@ def _build(data: dict[str, Any], source: str) -> Registry:
         access = {"auth_tokens": entry.get("auth_tokens", {}),
                   "allow": tuple(entry["allow"]) if "allow" in entry else None}
         if entry["type"] == "template":
-            servers[server_id] = replace(_from_template(server_id, entry, catalog[entry["template_name"]]), **access)
+            made = _from_template(server_id, entry, catalog[entry["template_name"]])
+            shown = _stdio_shown(made.stdio, substituted) if made.stdio else {}
+            servers[server_id] = replace(made, shown=shown, **access)
             continue
         stdio = http = None
         if entry["type"] == "http":
             known = {k: v for k, v in entry.items() if k in HttpSettings.__dataclass_fields__}
-            known["instances"] = tuple(
-                HttpInstanceSettings(endpoint=i["endpoint"].rstrip("/"), weight=i.get("weight", 1)) for i in entry["instances"]
-            )
+            known["instances"] = tuple(_instance(i) for i in entry["instances"])
             http = HttpSettings(**known)
         if entry["type"] == "stdio":
             known = {k: v for k, v in entry.items() if k in StdioSettings.__dataclass_fields__}
@@ -310,7 +356,7 @@ def _build(data: dict[str, Any], source: str) -> Registry:
             stdio = StdioSettings(**known)
         servers[server_id] = ServerEntry(
             id=server_id, type=entry["type"], description=entry.get("description", ""), raw=entry, stdio=stdio, http=http,
-            **access,
+            shown=_stdio_shown(stdio, substituted) if stdio else {}, **access,
         )
     gateway = dict(data.get("gateway", {}))
     gateway["template_dirs"] = tuple(gateway.get("template_dirs", ()))

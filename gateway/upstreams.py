@@ -59,6 +59,7 @@ class StdioUpstream:
         assert entry.stdio is not None
         self.server_id = entry.id
         self.settings: StdioSettings = entry.stdio
+        self.shown = entry.shown  # command and environment with secrets masked
         self.pool: StdioPool[StdioProcess] = StdioPool(entry.id, entry.stdio, self._spawn)
 
     def _spawn(self) -> StdioProcess:
@@ -83,7 +84,7 @@ class StdioUpstream:
         return self.pool.hello
 
     def status(self) -> dict[str, Any]:
-        return {"type": self.type, "command": list(self.settings.command), **self.pool.stats()}
+        return {"type": self.type, **self.shown, **self.pool.stats()}
 
     def call(self, message: dict[str, Any], body: bytes, client: ClientContext,
              request_id: str | None = None) -> Generator[Reply, None, None]:

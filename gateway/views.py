@@ -158,6 +158,7 @@ def _proxy(gateway: Gateway, exchange: Exchange, upstream: HttpUpstream, path: s
         method=exchange.method, path=f"/{path}" if path else "", query=query, headers=headers,
         body=body, message=message, instance=session.instance if session else None,
         upstream_session=session.upstream_session if session else None, request_id=exchange.request_id,
+        credential_headers=gateway.auth.hook_credential_headers,
     ))
     exchange.upstream = answer.instance
     response = Response(answer.body, status=answer.status, headers=answer.headers)

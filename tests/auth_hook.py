@@ -11,3 +11,7 @@ def team_header(server_id: str, headers: Headers) -> str | None:
 
 
 NOT_CALLABLE = 42
+
+
+# The header the hook reads carries a credential: the gateway never forwards it.
+team_header.credential_headers = ("X-Team",)  # type: ignore[attr-defined]
