@@ -174,7 +174,8 @@ def parse(text: str, source: str, environ: Mapping[str, str] | None = None) -> R
         data, problems = mcpservers.to_registry(data)
     substituted: dict[str, str] = {}
     data = _expand(data, environ if environ is not None else os.environ, (), problems, substituted)
-    problems.extend(validate(data, Path(source).parent))
+    # A value from the environment may be a secret: problems quote it by its name instead.
+    problems.extend(masked(problem, substituted) for problem in validate(data, Path(source).parent))
     if problems:
         raise RegistryError(source, problems)
     return replace(_build(data, source, substituted), digest=text_digest(text))
