@@ -41,6 +41,7 @@ class Balancer:
         self.instances = list(instances)
         self.strategy = strategy
         self._lock = threading.Lock()
+        self._eject_lock = threading.Lock()
         self._turn = itertools.count()
 
     def find(self, endpoint: str) -> Instance | None:
@@ -79,6 +80,15 @@ class Balancer:
     def may_eject(self, instance: Instance) -> bool:
         """Never eject the last routable instance."""
         return any(i.health.routable for i in self.instances if i is not instance)
+
+    def report_failure(self, instance: Instance, reason: str) -> bool:
+        """Count a failure of real traffic; True if it ejected `instance`.
+
+        Decided under one lock: two instances failing at once must not both see
+        the other as routable and both be ejected.
+        """
+        with self._eject_lock:
+            return instance.health.request_failed(reason, self.may_eject(instance))
 
 
 def _rendezvous(key: str, endpoint: str) -> bytes:

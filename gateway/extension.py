@@ -233,6 +233,7 @@ class Gateway:
         for upstream in fresh.values():
             if isinstance(upstream, HttpUpstream):
                 upstream.check_interval = interval
+                upstream.relearn()  # a reload is when an operator expects servers to be asked again
         guards = _guards(new)
         with self._lock:
             self.registry, self.upstreams = new, fresh

@@ -203,6 +203,7 @@ class HttpUpstream:
         if good:
             if instance.health.check_passed():
                 log.warning("server %s: instance %s is healthy again", self.server_id, instance.endpoint)
+                self.relearn()  # it may be a new deployment, speaking other eras
         elif instance.health.check_failed(reason):
             log.warning("server %s: instance %s is down: %s", self.server_id, instance.endpoint, reason)
 
@@ -231,24 +232,25 @@ class HttpUpstream:
                     )
                 return answer
             except errors.UpstreamError as exc:
-                if not self._may_retry(request, exc, tried, deadline):
+                if request.instance is not None or not self._may_retry(request.rpc_method, exc, tried, deadline):
                     if isinstance(exc, BadStatus):
                         return exc.response  # the instance's own answer, unchanged
                     raise
-                self.retries += 1
-                metrics.RETRIES.labels(self.server_id).inc()
-                log.info("server %s: retrying %s on another instance after: %s",
-                         self.server_id, request.rpc_method or request.method, exc.message)
+                self._retrying(request.rpc_method or request.method, exc)
 
-    def _may_retry(self, request: ProxyRequest, exc: errors.UpstreamError, tried: list[Instance], deadline: float) -> bool:
-        """nginx's proxy_next_upstream with its non_idempotent rule, under one deadline."""
+    def _may_retry(self, rpc_method: str | None, exc: errors.UpstreamError, tried: list[Instance], deadline: float) -> bool:
+        """nginx's proxy_next_upstream with its non_idempotent rule, under one deadline (pass-through and bridged alike)."""
         return bool(
-            request.instance is None
-            and (exc.retry_safe or request.rpc_method in protocol.READ_ONLY_METHODS)
+            (exc.retry_safe or rpc_method in protocol.READ_ONLY_METHODS)
             and len(tried) < len(self.balancer.instances)
             and time.monotonic() < deadline
             and self.balancer.candidates(tried)
         )
+
+    def _retrying(self, what: str, exc: errors.UpstreamError) -> None:
+        self.retries += 1
+        metrics.RETRIES.labels(self.server_id).inc()
+        log.info("server %s: retrying %s on another instance after: %s", self.server_id, what, exc.message)
 
     def _pinned(self, request: ProxyRequest) -> Instance:
         instance = self.balancer.find(request.instance or "")
@@ -374,7 +376,7 @@ class HttpUpstream:
 
     def _failed(self, instance: Instance, error: E) -> E:
         metrics.UPSTREAM_ERRORS.labels(self.server_id, metrics.error_kind(error)).inc()
-        if instance.health.request_failed(error.message, self.balancer.may_eject(instance)):
+        if self.balancer.report_failure(instance, error.message):
             metrics.EJECTIONS.labels(self.server_id, instance.endpoint).inc()
             log.warning("server %s: ejected instance %s for %.0fs after %d failures: %s", self.server_id, instance.endpoint,
                         instance.health.ejected_until - time.monotonic(), self.settings.max_fails, error.message)
@@ -422,12 +424,22 @@ class HttpUpstream:
                     raise
                 log.info("server %s: asking another instance which eras it speaks after: %s", self.server_id, exc.message)
 
+    def relearn(self) -> None:
+        """Forget which eras the instances speak (on reload, and when an instance comes back)."""
+        self._speaks.clear()
+        self._hello = None
+
     def _probe_era(self, instance: Instance, era: str) -> bool:
+        """Ask `instance`; only a real answer is learned (a 5xx, an error page or no answer raise instead)."""
         deadline = time.monotonic() + self.settings.request_timeout
         if era == protocol.MODERN:
             discover = protocol.discover_request("mcp-gateway-discover")
             answer = self._send(instance, self._gateway_request(discover, protocol.request_headers(discover)), deadline)
+            _answered(answer, self.server_id, "server/discover")
             reply = self._response_in(answer, discover["id"])
+            if reply is None and answer.status < 300:
+                raise errors.UpstreamFailed(f"server '{self.server_id}': instance {answer.instance} answered "
+                                            "server/discover with no JSON-RPC response")
             hello = protocol.hello_from_discover(reply.get("result") if reply else None)
             speaks = hello is not None
             self._hello = self._hello or hello
@@ -449,6 +461,7 @@ class HttpUpstream:
             return cached
         initialize = protocol.initialize_request("mcp-gateway-initialize")
         answer = self._send(instance, self._gateway_request(initialize, {}), deadline)
+        _answered(answer, self.server_id, "initialize")
         reply = self._response_in(answer, initialize["id"])
         result = reply.get("result") if reply else None
         if not isinstance(result, dict):
@@ -467,17 +480,19 @@ class HttpUpstream:
         deadline = time.monotonic() + self.settings.request_timeout
         server_era = protocol.LEGACY if self._speaks_era(protocol.LEGACY) else protocol.MODERN
         outgoing = protocol.request_for_server(message, client.era, server_era)
-        instance = self.balancer.pick()
-        for attempt in range(2):
-            via: LegacySession | dict[str, str] = (
-                self._legacy_session(instance, deadline) if server_era == protocol.LEGACY else protocol.request_headers(outgoing)
-            )
-            answer = self._send(instance, self._gateway_request(outgoing, via, request_id), deadline)
-            if server_era == protocol.LEGACY and attempt == 0 and _session_lost(answer):
-                _close(answer)
-                self._legacy_sessions.pop(instance.endpoint, None)  # it expired: open a new one, once
-                continue
-            break
+        tried: list[Instance] = []
+        while True:
+            instance = self.balancer.pick(tried)
+            tried.append(instance)
+            try:
+                answer, via = self._send_bridged(instance, outgoing, server_era, deadline, request_id)
+                break
+            except errors.UpstreamError as exc:
+                # The same rules as a request passed through: what never reached an
+                # instance, or changes nothing, goes to another one.
+                if not self._may_retry(message["method"], exc, tried, deadline):
+                    raise
+                self._retrying(message["method"], exc)
         try:
             for reply in self._messages(answer):
                 if "method" in reply:
@@ -495,6 +510,21 @@ class HttpUpstream:
             _close(answer)
         raise errors.UpstreamFailed(f"server '{self.server_id}': instance {instance.endpoint} answered HTTP "
                                     f"{answer.status} without a response to the request")
+
+    def _send_bridged(self, instance: Instance, outgoing: dict[str, Any], server_era: str, deadline: float,
+                      request_id: str | None) -> tuple[ProxyResponse, LegacySession | dict[str, str]]:
+        """Send a translated request to `instance`, in the gateway's own session with it for a legacy server."""
+        for attempt in range(2):
+            via: LegacySession | dict[str, str] = (
+                self._legacy_session(instance, deadline) if server_era == protocol.LEGACY else protocol.request_headers(outgoing)
+            )
+            answer = self._send(instance, self._gateway_request(outgoing, via, request_id), deadline)
+            if server_era == protocol.LEGACY and attempt == 0 and _session_lost(answer):
+                _close(answer)
+                self._legacy_sessions.pop(instance.endpoint, None)  # it expired: open a new one, once
+                continue
+            break
+        return answer, via
 
     def _gateway_request(self, message: dict[str, Any], via: LegacySession | Mapping[str, str],
                          request_id: str | None = None) -> ProxyRequest:
@@ -562,6 +592,14 @@ class BadStatus(errors.UpstreamFailed):
 
     kind = "bad_status"
     response: ProxyResponse
+
+
+def _answered(answer: ProxyResponse, server_id: str, what: str) -> None:
+    """UpstreamFailed unless the instance answered for itself: a 5xx is a booting or broken one, not an era."""
+    if answer.status >= 500:
+        _close(answer)
+        raise errors.UpstreamFailed(f"server '{server_id}': instance {answer.instance} answered {what} "
+                                    f"with HTTP {answer.status}")
 
 
 def _session_lost(answer: ProxyResponse) -> bool:

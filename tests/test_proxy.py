@@ -12,6 +12,7 @@ import json
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -408,7 +409,9 @@ def test_era_probe_asks_another_instance_when_one_is_down(good: GoodServer) -> N
     # instance must not turn it into the client's error.
     refused = f"http://127.0.0.1:{free_port()}"
     upstream = make_upstream([refused, good.url])
-    assert upstream._speaks_era("2026-07-28") is False  # GoodServer answers no supportedVersions
+    # GoodServer answers a result for another id: not an answer to learn an era from.
+    with pytest.raises(errors.UpstreamFailed, match="no JSON-RPC response"):
+        upstream._speaks_era("2026-07-28")
     assert good.requests == 1
 
 
@@ -417,3 +420,73 @@ def test_keep_alive_pool_size_is_set_per_server(good: GoodServer) -> None:
     adapter = upstream.session.get_adapter(good.url)
     assert adapter._pool_maxsize == 3 and upstream.session.trust_env is False  # type: ignore[attr-defined]
     assert upstream.forward(request("tools/list")).status == 200
+
+
+# --- era learning and ejection under faults ------------------------------------
+
+
+@responses.activate
+@pytest.mark.parametrize("first", [
+    {"status": 500, "body": "<html>Internal Server Error</html>", "content_type": "text/html"},
+    {"status": 200, "body": "<html>booting</html>", "content_type": "text/html"},
+    {"status": 503, "body": "starting"},
+])
+def test_a_failed_era_probe_is_not_learned(first: dict[str, Any]) -> None:
+    # One bad answer to the first probe (a booting instance, a proxy's error page) must
+    # not fix the server's era for the worker's lifetime.
+    discovered = {"jsonrpc": "2.0", "id": "mcp-gateway-discover",
+                  "result": {"supportedVersions": ["2026-07-28"], "capabilities": {}}}
+    responses.post(f"{A}/mcp", **first)
+    responses.post(f"{A}/mcp", json=discovered)
+    upstream = make_upstream([A])
+    with pytest.raises(errors.UpstreamError):
+        upstream._speaks_era("2026-07-28")
+    assert upstream._speaks_era("2026-07-28") is True
+
+
+@responses.activate
+def test_a_refused_initialize_after_a_500_is_learned_only_from_the_real_answer() -> None:
+    responses.post(f"{A}/mcp", status=500, body="oops")
+    responses.post(f"{A}/mcp", json={"jsonrpc": "2.0", "id": "mcp-gateway-initialize",
+                                     "result": {"protocolVersion": "2025-11-25", "capabilities": {}, "serverInfo": {}}},
+                   headers={"Mcp-Session-Id": "s1"})
+    responses.post(f"{A}/mcp", status=202)
+    upstream = make_upstream([A])
+    with pytest.raises(errors.UpstreamError):
+        upstream._speaks_era("legacy")
+    assert upstream._speaks_era("legacy") is True
+
+
+@responses.activate
+def test_eras_are_learned_again_when_an_instance_comes_back() -> None:
+    responses.post(f"{A}/mcp", json={"jsonrpc": "2.0", "id": "mcp-gateway-discover", "error": {"code": -32601, "message": "no"}})
+    upstream = make_upstream([A])
+    assert upstream._speaks_era("2026-07-28") is False
+    upstream.relearn()
+    responses.replace(responses.POST, f"{A}/mcp", json={
+        "jsonrpc": "2.0", "id": "mcp-gateway-discover", "result": {"supportedVersions": ["2026-07-28"], "capabilities": {}}})
+    assert upstream._speaks_era("2026-07-28") is True
+
+
+def test_two_instances_failing_at_once_are_never_both_ejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    upstream = make_upstream([A, B], max_fails=1)
+    decide = Balancer.may_eject
+
+    def slow_decision(self: Balancer, instance: Instance) -> bool:
+        allowed = decide(self, instance)
+        time.sleep(0.05)  # both failures are being judged at once
+        return allowed
+
+    monkeypatch.setattr(Balancer, "may_eject", slow_decision)
+    start = threading.Barrier(2)
+
+    def fail(instance: Instance) -> None:
+        start.wait()
+        upstream._failed(instance, errors.UpstreamFailed("reset"))
+
+    threads = [threading.Thread(target=fail, args=(instance,)) for instance in upstream.balancer.instances]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    assert upstream.balancer.routable_count() == 1

@@ -225,3 +225,17 @@ def test_changing_an_http_template_restarts_workers_and_its_processes(tmp_path: 
         wait_for(lambda: greeting() == "Hello, Ada! Greetings from Second.", 30)
         wait_for(lambda: not running(gateway, template_pids), 40)  # once the old workers are gone
         assert gateway.log().count("asking gunicorn for a graceful reload (HUP)") == 1
+
+
+def test_a_reload_asks_unchanged_http_servers_their_era_again(make_app: Any, tmp_path: Path) -> None:
+    from gateway import extension, registry
+
+    web = {"type": "http", "instances": [{"endpoint": "http://127.0.0.1:9"}]}
+    app = make_app({"web": web})
+    gateway = app.extensions[extension.EXTENSION_KEY]
+    kept = gateway.upstreams["web"]
+    kept._speaks["2026-07-28"] = False  # learned from an instance that may since have been redeployed
+    text = json.dumps({"servers": {"web": web, "time": {"type": "stdio", "command": TIME_SERVER}},
+                       "gateway": {"session_secret": "x" * 32}})
+    gateway.reload(registry.parse(text, str(tmp_path / "new.json")), text)
+    assert gateway.upstreams["web"] is kept and kept._speaks == {}
