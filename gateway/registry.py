@@ -23,6 +23,7 @@ import jsonschema
 import yaml
 
 from . import mcpservers, templates
+from .sessions import split_secrets
 from .templates import Launch
 
 DEFAULT_PATH = "conf/registry.yaml"
@@ -114,7 +115,7 @@ class GatewaySettings:
     reload_registry: bool = False
     health_check_interval: float = 30.0
     max_body_bytes: int = 4 * 1024 * 1024
-    session_secret: str | None = None
+    session_secret: tuple[str, ...] | None = None  # a string or a list in the file; the first seals
     session_ttl: float = 24 * 3600.0
     template_dirs: tuple[str, ...] = ()
     auth: Mapping[str, Any] = field(default_factory=dict)
@@ -201,6 +202,7 @@ def validate(data: Any, base: Path = Path(".")) -> list[str]:
             load_hook(auth_settings["hook"])
         except (ImportError, AttributeError, TypeError, ValueError) as exc:
             problems.append(f"gateway.auth.hook: cannot use {auth_settings['hook']!r}: {exc}")
+    problems.extend(_secret_problems(data.get("gateway")))
     names = set(auth_settings.get("tokens") or {}) if isinstance(auth_settings, dict) else set()
     for server_id, entry in data["servers"].items():
         for name in (entry.get("allow") or []) if isinstance(entry, dict) else []:
@@ -221,6 +223,15 @@ def validate(data: Any, base: Path = Path(".")) -> list[str]:
             if isinstance(size, int) and isinstance(low, int) and 1 <= size < low:
                 problems.append(f"servers.{server_id}.pool_min: {low} is more than pool_size {size}")
     return problems
+
+
+def _secret_problems(settings: Any) -> list[str]:
+    """Each of several secrets in one string ("new,old", as an environment variable holds them) is checked too."""
+    secret = settings.get("session_secret") if isinstance(settings, dict) else None
+    given = [secret] if isinstance(secret, str) else [s for s in secret if isinstance(s, str)] if isinstance(secret, list) else []
+    if any(len(item) < 16 for item in split_secrets(given)):
+        return ["gateway.session_secret: each secret (a comma separates several) must be at least 16 characters"]
+    return []
 
 
 def _template_problems(data: dict[str, Any], base: Path) -> list[str]:
@@ -302,6 +313,8 @@ def _build(data: dict[str, Any], source: str) -> Registry:
     gateway["template_dirs"] = tuple(gateway.get("template_dirs", ()))
     gateway["allowed_origins"] = tuple(gateway.get("allowed_origins", ()))
     gateway["trusted_proxies"] = tuple(gateway.get("trusted_proxies", ()))
+    if gateway.get("session_secret") is not None:
+        gateway["session_secret"] = tuple(split_secrets(gateway["session_secret"])) or None
     return Registry(source=source, servers=servers, gateway=GatewaySettings(**gateway))
 
 
