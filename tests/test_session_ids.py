@@ -26,6 +26,7 @@ from .conftest import (
     Gunicorn,
     McpHttpServer,
     sse_or_json,
+    wait_for,
     write_registry,
 )
 
@@ -334,3 +335,16 @@ def test_the_runtime_directory_gets_a_revoked_folder(tmp_path: Path, monkeypatch
     runtime.prepare()
     assert (folder / "revoked").is_dir() and runtime.revoked_dir() == folder / "revoked"
     assert os.stat(folder / "revoked").st_mode & 0o077 == 0
+
+
+def test_upkeep_forgets_revocations_of_expired_sessions(make_app: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway import extension
+
+    monkeypatch.setattr(extension, "PRUNE_INTERVAL", 0.0)
+    app = make_app({"time": {"type": "stdio", "command": TIME_SERVER, "pool_size": 1, "pool_min": 0}})
+    gateway = app.extensions[extension.EXTENSION_KEY]
+    gateway.revocations.add("a" * 32, 1.0)  # expired long ago
+    gateway.revocations.add("b" * 32, 4_000_000_000.0)
+    gateway.start()
+    wait_for(lambda: "a" * 32 not in gateway.revocations)
+    assert "b" * 32 in gateway.revocations
