@@ -1,10 +1,12 @@
 """The gateway's per-worker runtime, attached to the Flask app.
 
 Owns the upstreams built from the registry, the authenticator, the session
-signer and the upkeep thread. Every second upkeep keeps pools at their
-minimum, retires idle processes, runs HTTP health checks, publishes this
-worker's status (for the whole-gateway /status and /metrics) and, with
-`gateway.reload_registry: true`, looks at the registry file.
+signer (and the revocations of ended sessions, which outlive a reload) and the
+upkeep thread. Every second upkeep keeps pools at their minimum, retires idle
+processes, runs HTTP health checks, publishes this worker's status (for the
+whole-gateway /status and /metrics), now and then forgets revocations of
+sessions that have expired anyway and, with `gateway.reload_registry: true`,
+looks at the registry file.
 
 A reload keeps the upstream of every server whose entry did not change (its
 pool, connections, health and sessions go on) and builds new ones for added
@@ -36,10 +38,11 @@ from flask import Flask, current_app
 from . import accesslog, errors, metrics, runtime, supervisor, upstreams
 from . import registry as registry_module
 from .auth import Authenticator
+from .private import UnsafePath
 from .proxy import HttpUpstream
 from .rebinding import RebindingGuard
 from .registry import Registry, RegistryError, ServerEntry
-from .sessions import SessionSigner, load_secret
+from .sessions import Revocations, SessionSigner, load_secrets
 from .supervisor import Supervisor
 from .upstreams import MessageUpstream
 
@@ -51,6 +54,8 @@ log = logging.getLogger(__name__)
 EXTENSION_KEY = "mcp_gateway"
 UPKEEP_INTERVAL = 1.0
 DRAIN_TIMEOUT = 30.0  # gunicorn's graceful_timeout: what a request may still take after a reload
+# Revocation records only need to go some time after their session expires: a scan a minute is plenty.
+PRUNE_INTERVAL = 60.0
 
 AnyUpstream = MessageUpstream | HttpUpstream
 
@@ -68,7 +73,9 @@ class Draining:
 class Gateway:
     def __init__(self, registry: Registry):
         self.registry = registry
-        self.auth, self.rebinding, self.signer = _guards(registry)
+        self.revocations = Revocations(runtime.revoked_dir())
+        self.auth, self.rebinding, self.signer = _guards(registry, self.revocations)
+        self._pruned_at = time.monotonic()
         # http templates: gunicorn's master runs their processes and publishes where they
         # listen; without it, this gateway process runs its own supervisor per template.
         self._master_runs_templates = supervisor.ENDPOINTS_ENV in os.environ
@@ -153,6 +160,9 @@ class Gateway:
                     return
                 self._guarded(upstream.maintain, f"upkeep of server {upstream.server_id}")
             self._guarded(self._finish_draining, "draining replaced servers")
+            if time.monotonic() - self._pruned_at >= PRUNE_INTERVAL:
+                self._pruned_at = time.monotonic()
+                self._guarded(lambda: self.revocations.prune(time.time()), "forgetting expired session revocations")
             if self.registry.gateway.reload_registry:
                 self._guarded(self._look_at_registry, "reading the registry")
             self._guarded(lambda: runtime.publish_status(self.worker_status()), "publishing status")
@@ -201,7 +211,10 @@ class Gateway:
             self._refuse(source, error)
             return
         if new.digest != self.registry.digest:
-            self.reload(new, text)
+            try:
+                self.reload(new, text)
+            except UnsafePath as error:
+                self._refuse(source, RegistryError(source, [str(error)]))
 
     def _refuse(self, source: str, error: RegistryError) -> None:
         metrics.RELOADS.labels("rejected").inc()
@@ -212,7 +225,11 @@ class Gateway:
                       _iso(self._loaded_at), error.one_line())
 
     def reload(self, new: Registry, text: str) -> None:
-        """Serve `new`: keep unchanged servers as they are, drain replaced ones."""
+        """Serve `new`: keep unchanged servers as they are, drain replaced ones.
+
+        UnsafePath, before anything changed, if its session secret cannot be trusted.
+        """
+        guards = _guards(new, self.revocations)
         old = self.registry
         changed = {sid for sid, entry in new.servers.items() if old.servers.get(sid) != entry}
         removed = set(old.servers) - set(new.servers)
@@ -234,7 +251,6 @@ class Gateway:
             if isinstance(upstream, HttpUpstream):
                 upstream.check_interval = interval
                 upstream.relearn()  # a reload is when an operator expects servers to be asked again
-        guards = _guards(new)
         with self._lock:
             self.registry, self.upstreams = new, fresh
             self.auth, self.rebinding, self.signer = guards
@@ -292,13 +308,14 @@ class Gateway:
         }
 
 
-def _guards(registry: Registry) -> tuple[Authenticator, RebindingGuard, SessionSigner]:
+def _guards(registry: Registry, revocations: Revocations) -> tuple[Authenticator, RebindingGuard, SessionSigner]:
     """Who may call, from which Host and Origin, and the signer of session ids, as `registry` says."""
     settings = registry.gateway
     # The address gunicorn binds (conf/gunicorn.conf.py: MCP_GATEWAY_BIND, else the registry's).
     bound = os.environ.get("MCP_GATEWAY_BIND", "").rpartition(":")[0]
     rebinding = RebindingGuard(settings.allowed_hosts, settings.allowed_origins, (settings.host, bound))
-    return Authenticator(registry), rebinding, SessionSigner(load_secret(settings.session_secret), settings.session_ttl)
+    signer = SessionSigner(load_secrets(settings.session_secret), settings.session_ttl, revocations=revocations)
+    return Authenticator(registry), rebinding, signer
 
 
 def _configure(app: Flask, registry: Registry) -> None:

@@ -2,7 +2,10 @@
 
 The master validates the registry before any worker starts and keeps the
 last version that passed in the runtime directory, so workers, including
-ones started later, serve what the master accepted. On HUP (gunicorn's own
+ones started later, serve what the master accepted. It also checks, before any
+worker boots, that the runtime directory and the session secret can be trusted
+(private.py): if not, gunicorn exits at once with the reason rather than
+booting workers that would each fail the same way. On HUP (gunicorn's own
 reload: config read again, new workers, old ones finish their requests) a
 registry that fails validation is refused in one log line and the running
 one goes on. The master also runs http templates' processes, once per
@@ -18,11 +21,12 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
-from . import configure_logging, runtime, supervisor
+from . import configure_logging, runtime, sessions, supervisor
 from . import registry as registry_module
 from . import worker as gateway_worker
+from .private import UnsafePath
 from .registry import GatewaySettings, Registry, ServerEntry
 
 log = logging.getLogger(__name__)
@@ -39,21 +43,34 @@ def load_settings() -> GatewaySettings:
     configure_logging()
     first = os.environ.get(MASTER_ENV) != str(os.getpid())
     if first:
-        runtime.prepare()
+        try:
+            runtime.prepare()
+        except UnsafePath as error:
+            _not_starting(str(error))
         os.environ[MASTER_ENV] = str(os.getpid())
     source = str(registry_module.registry_path())
     try:
         text = registry_module.read(source)
         registry = registry_module.parse(text, source)
-    except registry_module.RegistryError as error:
+        # Made (if need be) and checked here, once, before the workers read it.
+        sessions.load_secrets(registry.gateway.session_secret)
+    except (registry_module.RegistryError, UnsafePath) as error:
         saved = None if first else runtime.saved_registry(source)
         if saved is None:  # nothing to fall back on: stop before any worker starts, with the reason
+            if isinstance(error, UnsafePath):
+                _not_starting(str(error))
             sys.stderr.write(f"mcp-gateway: invalid registry, not starting:\n{error}\n")
             sys.exit(1)
-        log.error("registry %s not reloaded, the running one stays: %s", source, error.one_line())
+        problem = error.one_line() if isinstance(error, registry_module.RegistryError) else str(error)
+        log.error("registry %s not reloaded, the running one stays: %s", source, problem)
         return registry_module.parse(saved, source).gateway
     runtime.save_registry(source, text)
     return registry.gateway
+
+
+def _not_starting(reason: str) -> NoReturn:
+    sys.stderr.write(f"mcp-gateway: not starting: {reason}\n")
+    sys.exit(1)
 
 
 @dataclass

@@ -25,6 +25,7 @@ import jsonschema
 import yaml
 
 from . import mcpservers, rebinding, templates
+from .sessions import split_secrets
 from .templates import Launch
 
 DEFAULT_PATH = "conf/registry.yaml"
@@ -118,7 +119,7 @@ class GatewaySettings:
     reload_registry: bool = False
     health_check_interval: float = 30.0
     max_body_bytes: int = 4 * 1024 * 1024
-    session_secret: str | None = None
+    session_secret: tuple[str, ...] | None = None  # a string or a list in the file; the first seals
     session_ttl: float = 24 * 3600.0
     template_dirs: tuple[str, ...] = ()
     auth: Mapping[str, Any] = field(default_factory=dict)
@@ -209,6 +210,7 @@ def validate(data: Any, base: Path = Path(".")) -> list[str]:
         except (ImportError, AttributeError, TypeError, ValueError) as exc:
             problems.append(f"gateway.auth.hook: cannot use {auth_settings['hook']!r}: {exc}")
     problems.extend(_rebinding_problems(data.get("gateway") or {}))
+    problems.extend(_secret_problems(data.get("gateway")))
     names = set(auth_settings.get("tokens") or {}) if isinstance(auth_settings, dict) else set()
     for server_id, entry in data["servers"].items():
         for name in (entry.get("allow") or []) if isinstance(entry, dict) else []:
@@ -241,6 +243,15 @@ def _rebinding_problems(gateway: Any) -> list[str]:
             except ValueError as exc:
                 problems.append(f"gateway.{key}.{index}: {exc}")
     return problems
+
+
+def _secret_problems(settings: Any) -> list[str]:
+    """Each of several secrets in one string ("new,old", as an environment variable holds them) is checked too."""
+    secret = settings.get("session_secret") if isinstance(settings, dict) else None
+    given = [secret] if isinstance(secret, str) else [s for s in secret if isinstance(s, str)] if isinstance(secret, list) else []
+    if any(len(item) < 16 for item in split_secrets(given)):
+        return ["gateway.session_secret: each secret (a comma separates several) must be at least 16 characters"]
+    return []
 
 
 def _template_problems(data: dict[str, Any], base: Path) -> list[str]:
@@ -364,6 +375,8 @@ def _build(data: dict[str, Any], source: str, substituted: Mapping[str, str]) ->
     gateway["allowed_hosts"] = tuple(gateway.get("allowed_hosts", ()))
     gateway["allowed_origins"] = tuple(gateway.get("allowed_origins", ()))
     gateway["trusted_proxies"] = tuple(gateway.get("trusted_proxies", ()))
+    if gateway.get("session_secret") is not None:
+        gateway["session_secret"] = tuple(split_secrets(gateway["session_secret"])) or None
     return Registry(source=source, servers=servers, gateway=GatewaySettings(**gateway))
 
 

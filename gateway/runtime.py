@@ -9,7 +9,12 @@ process of the gateway leaves there what the others need:
 - `metrics/`: prometheus_client's multiprocess files (PROMETHEUS_MULTIPROC_DIR);
 - `status/<pid>.json`: each worker's view of its upstreams, rewritten every second;
 - `registry.json`: the last registry that passed validation, which workers boot from;
-- `claims/`: one-shot markers, so that one worker, not all of them, does a thing.
+- `claims/`: one-shot markers, so that one worker, not all of them, does a thing;
+- `revoked/`: one empty file per session ended by DELETE (sessions.py), kept until
+  the session would have expired, so that no worker of this host takes it again.
+
+A directory the gateway is given is used only if it is ours (private.py): a
+symlink, or one another user owns or may write to, stops the start with the reason.
 
 Without the directory (the app outside gunicorn's master, tests) each
 process answers for itself and reads its registry file directly.
@@ -25,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import private
 from . import registry as registry_module
 from .registry import Registry, RegistryError
 
@@ -45,20 +51,32 @@ def prepare() -> Path:
     """In gunicorn's master, before anything imports prometheus_client: name and empty the directory.
 
     Files left by an earlier run (metrics of dead pids, stale status) are
-    removed, as prometheus_client's multiprocess mode requires.
+    removed, as prometheus_client's multiprocess mode requires. Revocation
+    records stay: the sessions they end may still be presented. UnsafePath
+    if a given directory is not ours.
     """
     path = directory()
     if path is None:
-        path = Path(tempfile.mkdtemp(prefix="mcp-gateway-"))
+        path = Path(tempfile.mkdtemp(prefix="mcp-gateway-"))  # private by construction (0700, ours)
         os.environ[RUNTIME_ENV] = str(path)
         os.environ[OWNED_ENV] = "1"
+    elif not os.environ.get(OWNED_ENV):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        private.check_dir(path, f"fix it or point {RUNTIME_ENV} elsewhere")
     os.environ.setdefault(METRICS_ENV, str(path / "metrics"))
     for folder in (path / "status", path / "claims", Path(os.environ[METRICS_ENV])):
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         for stale in folder.iterdir():
             if stale.is_file():
                 stale.unlink(missing_ok=True)
+    (path / "revoked").mkdir(mode=0o700, exist_ok=True)
     return path
+
+
+def revoked_dir() -> Path | None:
+    """Where this gateway's workers record ended sessions (None: each process keeps its own)."""
+    path = directory()
+    return path / "revoked" if path is not None else None
 
 
 def remove() -> None:

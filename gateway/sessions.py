@@ -1,30 +1,56 @@
 """Legacy-era MCP sessions that need no shared store.
 
-The `Mcp-Session-Id` a legacy client receives is a signed, self-describing
-token: it names the server, the negotiated protocol version and, for HTTP
-servers, the instance holding the session and that instance's own session
-id; it carries its issue time, with an HMAC over all of it. Any gunicorn worker, and any
-gateway replica given the same secret, can check it without asking anyone;
-an id the gateway did not mint (or one past its time to live) is refused.
+The `Mcp-Session-Id` a legacy client receives is a sealed, self-describing
+token: `v1.` and the base64url of a random 12-byte nonce and an AES-256-GCM
+ciphertext. Sealed inside are the negotiated protocol version, the issue and
+expiry times, a random revocation id and, for HTTP servers, the instance
+holding the session and that instance's own session id; the server id and
+the caller's principal are the additional authenticated data. So a client
+can read nothing out of an id, and an id changed in any byte, presented on
+another server or by another principal, or past its time is refused (404).
+Any gunicorn worker, and any gateway replica given the same secret, can open
+it without asking anyone.
+
+Key rotation: the first secret seals, every secret opens. DELETE revokes an
+id: a record named by its revocation id, in the runtime directory's
+`revoked/` folder that every worker of this host shares (in-process without
+one), kept until the id would have expired anyway.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
+import binascii
 import json
 import os
+import re
 import secrets
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import errors
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from . import errors, private
 
 SECRET_ENV = "MCP_GATEWAY_SESSION_SECRET"
+PREFIX = "v1."  # a later format gets v2., and v1 ids can still be told apart
+_KEY_INFO = b"mcp-gateway session id v1"
+_AAD_LABEL = b"mcp-gateway session id v1\0"
+_NONCE = 12
+_TAG = 16
+# Ids are a few hundred characters; anything much longer is not one of ours.
+MAX_TOKEN = 2048
+# The plaintext is padded to a multiple of this, so the id's length says little
+# about how long the instance URL or the upstream session id are.
+_PAD = 64
+_REVOCATION_ID = re.compile(r"[0-9a-f]{32}")
 
 
 @dataclass(frozen=True)
@@ -34,78 +60,178 @@ class Session:
     issued_at: float
     instance: str | None = None
     upstream_session: str | None = None
+    principal: str | None = None  # who opened it (the token's name), when auth is on
+    expires_at: float = 0.0
+    revocation_id: str = ""  # names its revocation record; never shown outside the sealed id
+
+
+class Revocations:
+    """Ended sessions, by revocation id, until each would have expired anyway.
+
+    With a folder (the runtime directory's `revoked/`), one empty file per
+    ended session, its mtime the expiry: every worker of the host sees it
+    with one stat. Without one (the app outside gunicorn), a set in this
+    process.
+    """
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+        self._local: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def add(self, revocation_id: str, expires_at: float) -> None:
+        if self.folder is None:
+            with self._lock:
+                self._local[revocation_id] = expires_at
+            return
+        self.folder.mkdir(mode=0o700, exist_ok=True)
+        path = self.folder / revocation_id
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+        os.utime(path, (expires_at, expires_at))
+
+    def __contains__(self, revocation_id: object) -> bool:
+        if not isinstance(revocation_id, str):
+            return False
+        if self.folder is None:
+            return revocation_id in self._local
+        return os.path.lexists(self.folder / revocation_id)
+
+    def prune(self, now: float) -> int:
+        """Forget the records of ids that have expired anyway; how many went."""
+        if self.folder is None:
+            with self._lock:
+                gone = [rid for rid, until in self._local.items() if until < now]
+                for rid in gone:
+                    del self._local[rid]
+            return len(gone)
+        removed = 0
+        try:
+            entries = list(os.scandir(self.folder))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            try:
+                if entry.stat(follow_symlinks=False).st_mtime < now:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                continue  # another worker pruned it first
+        return removed
 
 
 class SessionSigner:
-    def __init__(self, secret: bytes, ttl: float, clock: Callable[[], float] = time.time):
-        self._key = hashlib.sha256(b"mcp-gateway session v1\0" + secret).digest()
+    """Seals and opens session ids with the secrets given (the first seals, all open)."""
+
+    def __init__(self, secrets_: Sequence[bytes], ttl: float, clock: Callable[[], float] = time.time,
+                 revocations: Revocations | None = None):
+        if not secrets_:
+            raise ValueError("at least one session secret is needed")
+        self._keys = [AESGCM(_derive(secret)) for secret in secrets_]
         self._ttl = ttl
         self._clock = clock
+        self.revocations = revocations if revocations is not None else Revocations(None)
 
     def mint(self, server_id: str, protocol_version: str, instance: str | None = None,
-             upstream_session: str | None = None) -> str:
-        claims: dict[str, object] = {"s": server_id, "v": protocol_version, "t": int(self._clock()), "n": secrets.token_hex(8)}
+             upstream_session: str | None = None, principal: str | None = None) -> str:
+        now = self._clock()
+        claims: dict[str, object] = {"v": protocol_version, "t": now, "e": now + self._ttl, "r": secrets.token_hex(16)}
         if instance is not None:
             claims["i"] = instance
         if upstream_session is not None:
             claims["u"] = upstream_session
-        body = _b64(json.dumps(claims, separators=(",", ":")).encode())
-        return f"{body}.{_b64(self._sign(body))}"
+        plain = json.dumps(claims, separators=(",", ":")).encode()
+        plain += b" " * (-len(plain) % _PAD)  # JSON ignores trailing whitespace
+        nonce = os.urandom(_NONCE)
+        sealed = self._keys[0].encrypt(nonce, plain, _aad(server_id, principal))
+        return PREFIX + base64.urlsafe_b64encode(nonce + sealed).rstrip(b"=").decode()
 
-    def verify(self, token: str, server_id: str) -> Session:
+    def verify(self, token: str, server_id: str, principal: str | None = None) -> Session:
         """The session `token` stands for, or SessionNotFound (HTTP 404)."""
-        body, _, signature = token.partition(".")
-        try:
-            valid = hmac.compare_digest(_unb64(signature), self._sign(body))
-            claims = json.loads(_unb64(body)) if valid else None
-        except ValueError:
-            claims = None
-        if not isinstance(claims, dict) or claims.get("s") != server_id:
+        session = self._open(token, server_id, principal)
+        if session is None:
             raise errors.SessionNotFound(f"session not found on server '{server_id}': start a new session with initialize")
-        issued = float(claims.get("t", 0))
-        if self._clock() - issued > self._ttl:
+        now = self._clock()
+        if now > session.expires_at or now - session.issued_at > self._ttl:
             raise errors.SessionNotFound(f"session on server '{server_id}' has expired: start a new session with initialize")
-        return Session(server_id=server_id, protocol_version=str(claims.get("v")), issued_at=issued,
-                       instance=claims.get("i"), upstream_session=claims.get("u"))
+        if session.revocation_id in self.revocations:
+            raise errors.SessionNotFound(f"session on server '{server_id}' has ended (DELETE): start a new session with initialize")
+        return session
 
-    def _sign(self, body: str) -> bytes:
-        return hmac.new(self._key, body.encode(), hashlib.sha256).digest()
+    def revoke(self, session: Session) -> None:
+        """End `session` for every worker of this host (until it would have expired anyway)."""
+        self.revocations.add(session.revocation_id, session.expires_at)
+
+    def _open(self, token: str, server_id: str, principal: str | None) -> Session | None:
+        if not token.startswith(PREFIX) or len(token) > MAX_TOKEN:
+            return None
+        body = token[len(PREFIX):]
+        try:
+            raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        except (binascii.Error, ValueError):
+            return None
+        if len(raw) < _NONCE + _TAG or _b64(raw) != body:  # one encoding per id: no equivalent spellings
+            return None
+        aad = _aad(server_id, principal)
+        for key in self._keys:
+            try:
+                plain = key.decrypt(raw[:_NONCE], raw[_NONCE:], aad)
+            except InvalidTag:
+                continue
+            return _session(plain, server_id, principal)
+        return None
+
+
+def _session(plain: bytes, server_id: str, principal: str | None) -> Session | None:
+    """The sealed claims, checked for shape (sealed by us, but a bad one must not become a 500)."""
+    try:
+        claims = json.loads(plain)
+    except ValueError:
+        return None
+    if not (isinstance(claims, dict) and isinstance(claims.get("v"), str)
+            and all(isinstance(claims.get(k), int | float) for k in ("t", "e"))
+            and isinstance(claims.get("r"), str) and _REVOCATION_ID.fullmatch(claims["r"])
+            and all(isinstance(claims.get(k), str | None) for k in ("i", "u"))):
+        return None
+    return Session(server_id=server_id, protocol_version=claims["v"], issued_at=float(claims["t"]),
+                   instance=claims.get("i"), upstream_session=claims.get("u"), principal=principal,
+                   expires_at=float(claims["e"]), revocation_id=claims["r"])
+
+
+def _derive(secret: bytes) -> bytes:
+    """A 256-bit AES key from a secret of any length."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_KEY_INFO).derive(secret)
+
+
+def _aad(server_id: str, principal: str | None) -> bytes:
+    # JSON, so that no server id and principal pair can spell another's.
+    return _AAD_LABEL + json.dumps([server_id, principal]).encode()
 
 
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+# --- the secrets -----------------------------------------------------------------------
 
 
-def load_secret(configured: str | None) -> bytes:
-    """The session secret: configured, from the environment, or a per-host file.
+def split_secrets(value: str | Iterable[str]) -> list[str]:
+    """`"new,old"` or `["new", "old"]` -> `["new", "old"]` (blank items dropped)."""
+    items = value.split(",") if isinstance(value, str) else [part for item in value for part in item.split(",")]
+    return [item.strip() for item in items if item.strip()]
 
-    Every worker of one gunicorn must share it, and workers are separate
-    processes, so an unconfigured secret is created once in a file (mode 0600)
-    that all of them read. Replicas behind one load balancer must be given the
-    same secret explicitly.
+
+def load_secrets(configured: str | Iterable[str] | None) -> list[bytes]:
+    """The session secrets, first the one that seals: configured, from the environment, or a per-host file.
+
+    Every worker of one gunicorn must share them, and workers are separate
+    processes, so when none is configured one is created once, in a file only
+    this user may have written (see private.py), that all of them read.
+    Replicas behind one load balancer must be given the same secrets explicitly.
     """
-    if configured:
-        return configured.encode()
-    if os.environ.get(SECRET_ENV):
-        return os.environ[SECRET_ENV].encode()
+    for source in (configured, os.environ.get(SECRET_ENV)):
+        found = split_secrets(source) if source else []
+        if found:
+            return [secret.encode() for secret in found]
     folder = Path(tempfile.gettempdir()) / f"mcp-gateway-{os.getuid()}"
-    folder.mkdir(mode=0o700, exist_ok=True)
-    path = folder / "session-secret"
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_hex(32))
-    # A worker racing the creator may read an empty file for an instant.
-    for _ in range(100):
-        value = path.read_text().strip()
-        if value:
-            return value.encode()
-        time.sleep(0.01)
-    raise RuntimeError(f"session secret file {path} stays empty")
+    advice = f"remove it or set gateway.session_secret (or {SECRET_ENV})"
+    return [private.read_or_create_secret(folder, "session-secret", advice).encode()]

@@ -18,7 +18,6 @@ from collections.abc import Generator, Iterator
 from typing import Any
 
 from flask import Blueprint, Response, request
-from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from . import errors, jsonrpc, metrics, protocol, runtime, sse
@@ -93,7 +92,7 @@ def post(gateway: Gateway, exchange: Exchange, path: str, query: bytes, body: by
     message = jsonrpc.parse(body, server_id)
     exchange.rpc_id = message.get("id")
     exchange.mcp_method = method = message.get("method")
-    session = _session(gateway, exchange.headers, server_id)
+    session = _session(gateway, exchange, server_id)
     client = protocol.client_context(exchange.headers, message, session.protocol_version if session else None)
     if isinstance(upstream, HttpUpstream) and not upstream.bridges(client, session, message):
         return _proxy(gateway, exchange, upstream, path, query, body, message, session)
@@ -105,7 +104,7 @@ def post(gateway: Gateway, exchange: Exchange, path: str, query: bytes, body: by
         return Response(status=202)
     if client.era == protocol.LEGACY:
         if method == "initialize":
-            return _initialize(gateway, upstream, message)
+            return _initialize(gateway, exchange, upstream, message)
         if method == "ping":
             return _json(jsonrpc.result(message["id"], {}))
     elif method == "server/discover":
@@ -120,7 +119,7 @@ def post(gateway: Gateway, exchange: Exchange, path: str, query: bytes, body: by
 def get(server_id: str, path: str) -> Response:
     gateway, current = current_gateway(), current_exchange()
     upstream = gateway.checkout(server_id, current)
-    session = _session(gateway, request.headers, server_id)
+    session = _session(gateway, current, server_id)
     if isinstance(upstream, HttpUpstream) and not _bridged(session):
         return _proxy(gateway, current, upstream, path, request.query_string, b"", None, session)
     raise errors.MethodNotAllowed(
@@ -133,21 +132,27 @@ def get(server_id: str, path: str) -> Response:
 def delete(server_id: str, path: str) -> Response:
     gateway, current = current_gateway(), current_exchange()
     upstream = gateway.checkout(server_id, current)
-    session = _session(gateway, request.headers, server_id)
+    session = _session(gateway, current, server_id)
     if isinstance(upstream, HttpUpstream) and not _bridged(session):
-        return _proxy(gateway, current, upstream, path, request.query_string, b"", None, session)
+        response = _proxy(gateway, current, upstream, path, request.query_string, b"", None, session)
+        if session is not None and 200 <= response.status_code < 300:
+            gateway.signer.revoke(session)  # the instance ended it; no worker of ours passes it on again
+        return response
     if session is None:
         raise errors.ClientError(f"server '{server_id}': DELETE needs the {SESSION_HEADER} header of the session to end")
-    # The id is self-contained and signed, so there is nothing to forget here:
-    # it simply is not used again by a well-behaved client.
+    # The id is self-contained, so every worker would take it again: it is revoked
+    # for the whole host (sessions.Revocations) until it would have expired anyway.
+    gateway.signer.revoke(session)
     return Response(status=204)
 
 
-def _session(gateway: Gateway, headers: Headers, server_id: str) -> Session | None:
+def _session(gateway: Gateway, exchange: Exchange, server_id: str) -> Session | None:
+    """The session the request names, opened for the caller; SessionNotFound if not theirs or not valid."""
+    headers = exchange.headers
     token = headers.get(SESSION_HEADER)
     if token is None or headers.get("MCP-Protocol-Version") in protocol.MODERN_VERSIONS:
         return None  # 2026-07-28 has no sessions: a stray id is ignored, as the spec says
-    return gateway.signer.verify(token, server_id)
+    return gateway.signer.verify(token, server_id, exchange.principal)
 
 
 def _proxy(gateway: Gateway, exchange: Exchange, upstream: HttpUpstream, path: str, query: bytes, body: bytes,
@@ -168,7 +173,8 @@ def _proxy(gateway: Gateway, exchange: Exchange, upstream: HttpUpstream, path: s
         params = (message or {}).get("params") or {}
         version = params.get("protocolVersion") or (session.protocol_version if session else protocol.DEFAULT_LEGACY)
         response.headers[SESSION_HEADER] = gateway.signer.mint(
-            upstream.server_id, str(version), instance=answer.instance, upstream_session=answer.upstream_session
+            upstream.server_id, str(version), instance=answer.instance, upstream_session=answer.upstream_session,
+            principal=exchange.principal,
         )
     elif session is not None:
         response.headers[SESSION_HEADER] = headers[SESSION_HEADER]
@@ -180,10 +186,11 @@ def _bridged(session: Session | None) -> bool:
     return session is not None and session.instance is None
 
 
-def _initialize(gateway: Gateway, upstream: MessageUpstream | HttpUpstream, message: dict[str, Any]) -> Response:
+def _initialize(gateway: Gateway, exchange: Exchange, upstream: MessageUpstream | HttpUpstream,
+                message: dict[str, Any]) -> Response:
     params = message.get("params") or {}
     result = protocol.initialize_result(upstream.hello(), params.get("protocolVersion"))
-    token = gateway.signer.mint(upstream.server_id, result["protocolVersion"])
+    token = gateway.signer.mint(upstream.server_id, result["protocolVersion"], principal=exchange.principal)
     response = _json(jsonrpc.result(message["id"], result))
     response.headers[SESSION_HEADER] = token
     return response

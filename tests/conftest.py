@@ -98,6 +98,9 @@ def parent_of(pid: int) -> int:
     return int(stat[stat.rindex(")") + 2 :].split()[1])
 
 
+GUNICORN_SECRET = "test-secret-shared-by-all-workers"
+
+
 class Gunicorn:
     """A real gunicorn master running the gateway on a free loopback port."""
 
@@ -112,7 +115,7 @@ class Gunicorn:
             "MCP_GATEWAY_REGISTRY": str(registry),
             "MCP_GATEWAY_WORKERS": str(workers),
             "MCP_GATEWAY_THREADS": str(threads),
-            "MCP_GATEWAY_SESSION_SECRET": "test-secret-shared-by-all-workers",
+            "MCP_GATEWAY_SESSION_SECRET": GUNICORN_SECRET,
             "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
             **(env or {}),
         }

@@ -21,8 +21,11 @@ import requests
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
+from gateway.sessions import SessionSigner
+
 from .conftest import (
     ACCEPT_BOTH,
+    GUNICORN_SECRET,
     ROOT,
     Gunicorn,
     McpHttpServer,
@@ -269,7 +272,12 @@ def test_dead_upstream_session_is_404_even_when_the_server_says_400(eras_gateway
         "jsonrpc": "2.0", "id": 1, "method": "initialize",
         "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}))
     session = {**ACCEPT_BOTH, "Mcp-Session-Id": init.headers["Mcp-Session-Id"], "MCP-Protocol-Version": "2025-11-25"}
-    assert requests.delete(url, headers=session, timeout=30).status_code == 200  # server-everything ends it
+    # The session ends at the instance behind the gateway's back (a DELETE through the
+    # gateway would revoke the id there first): open the sealed id with the test secret.
+    opened = SessionSigner([GUNICORN_SECRET.encode()], 3600).verify(session["Mcp-Session-Id"], "everything")
+    assert opened.instance and opened.upstream_session
+    direct = {**session, "Mcp-Session-Id": opened.upstream_session}
+    assert requests.delete(f"{opened.instance}/mcp", headers=direct, timeout=30).status_code == 200  # server-everything ends it
     after = requests.post(url, headers=session, timeout=30, data='{"jsonrpc":"2.0","id":2,"method":"tools/list"}')
     assert after.status_code == 404
     assert "no longer knows this session" in after.json()["error"]["message"]
