@@ -23,7 +23,13 @@ if TYPE_CHECKING:
 def configure_logging() -> None:
     """Log to stderr (gunicorn's error log) unless the host application set logging up."""
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
+        from .logtext import OneLineFormatter
+
+        # Every record's message is escaped and bounded (logtext.py): no client or
+        # upstream value can start a log line of its own.
+        handler = logging.StreamHandler()
+        handler.setFormatter(OneLineFormatter("%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"))
+        logging.basicConfig(level=logging.INFO, handlers=[handler])
         # The logging HOWTO's "Optimization": this format needs neither the caller's
         # file and line (a stack walk per record) nor thread names. The access line
         # is written for every request, so this is on the hot path.

@@ -8,6 +8,8 @@ in the response and passed to HTTP upstreams. The line
 is written when the response is closed, so a streamed (SSE) answer is timed
 to its end. Plain `key=value` text by default, JSON lines with
 `gateway.log_format: json`. Header values other than the id are never logged.
+Every value is escaped and bounded (logtext.py), so a client's CR/LF or
+control characters in a path or method cannot write a second line.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import time
 from typing import TYPE_CHECKING
 
 from flask import Flask
+
+from .logtext import bound, clean
 
 if TYPE_CHECKING:
     from .exchange import Exchange
@@ -61,14 +65,17 @@ def write(app: Flask, exchange: Exchange, status: int) -> None:
         "duration_ms": round((time.perf_counter() - exchange.started) * 1000, 2),
     }
     if log_format == "json":
-        log.info(json.dumps(fields))
+        # json.dumps escapes every control and non-ASCII character (U+2028 and
+        # U+0085 included) but DEL; values are only bounded first.
+        line = json.dumps({key: bound(value) if isinstance(value, str) else value for key, value in fields.items()})
+        log.info(line.replace("\x7f", "\\u007f") if "\x7f" in line else line)
     else:
         log.info(" ".join(f"{key}={_text(value)}" for key, value in fields.items()))
 
 
 def _text(value: object) -> str:
-    """A value as one shell-style word: `-` for none, quoted when it has spaces."""
+    """A value as one shell-style word: `-` for none, escaped and bounded, quoted when it has spaces."""
     if value is None:
         return "-"
-    text = str(value)
-    return json.dumps(text) if (" " in text or '"' in text) else text
+    text = clean(value if isinstance(value, str) else str(value))
+    return json.dumps(text, ensure_ascii=False) if (" " in text or '"' in text) else text

@@ -26,16 +26,6 @@ SESSION_NOT_FOUND = -32003
 UNAUTHORIZED = -32004
 
 
-# How much of a client's value an error message echoes back.
-SHOWN_LIMIT = 200
-
-
-def shown(value: object, limit: int = SHOWN_LIMIT) -> str:
-    """A client-supplied value as an error message may quote it: repr'd (control characters escaped), bounded."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
-
-
 class GatewayError(Exception):
     """Root of everything the gateway raises on purpose."""
 

@@ -38,6 +38,7 @@ from flask import Flask, current_app
 from . import accesslog, errors, metrics, runtime, supervisor, upstreams
 from . import registry as registry_module
 from .auth import Authenticator
+from .logtext import quoted
 from .private import UnsafePath
 from .proxy import HttpUpstream
 from .rebinding import RebindingGuard
@@ -120,7 +121,7 @@ class Gateway:
         """The upstream serving `server_id`, held by `exchange` until its response closes."""
         upstream = self.upstreams.get(server_id)
         if upstream is None:
-            raise errors.UnknownServer(f"no MCP server '{server_id}' in this gateway's registry")
+            raise errors.UnknownServer(f"no MCP server {quoted(server_id)} in this gateway's registry")
         with self._lock:
             self._leases[upstream] = self._leases.get(upstream, 0) + 1
         exchange.served = True

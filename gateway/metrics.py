@@ -10,7 +10,8 @@ scrape time from the whole-gateway status, the same numbers /status shows,
 so a server removed by a reload leaves no stale series behind.
 
 Label values are bounded: `server` is a registry id ("unknown" for others),
-`method` is a known MCP method, "other", or the HTTP verb of a GET/DELETE.
+`method` is a known MCP method, "other", or the HTTP verb of a GET/DELETE. `reason` is one of scope.py's
+three reasons.
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ PROCESS_START_FAILURES = Counter(
 )
 PROCESS_RESTARTS = Counter(
     "mcp_gateway_process_restarts_total", "stdio processes replaced because they exited, hung or misbehaved.", ["server"],
+)
+NOTIFICATIONS_DROPPED = Counter(
+    "mcp_gateway_notifications_dropped_total",
+    "Notifications of pooled stdio processes not delivered: not tied to the request being served (see scope.py).",
+    ["server", "reason"],
 )
 RELOADS = Counter(
     "mcp_gateway_registry_reloads_total", "Registry changes seen by a worker, applied or rejected.", ["outcome"],

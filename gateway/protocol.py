@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from . import errors, jsonrpc
+from .logtext import bound, clean, quoted
 
 MODERN_VERSIONS: tuple[str, ...] = ("2026-07-28",)
 LEGACY_VERSIONS: tuple[str, ...] = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
@@ -82,7 +83,7 @@ def decode_header_value(value: str) -> str:
         try:
             return base64.b64decode(value[9:-2], validate=True).decode("utf-8")
         except (binascii.Error, UnicodeDecodeError):
-            raise errors.HeaderMismatch(f"header value {value!r} is not valid base64-encoded UTF-8") from None
+            raise errors.HeaderMismatch(f"header value {quoted(value)} is not valid base64-encoded UTF-8") from None
     return value
 
 
@@ -113,7 +114,7 @@ def client_context(headers: Headers, message: Mapping[str, Any], session_version
     if header_version is None:
         if body_version is not None:
             raise errors.HeaderMismatch(
-                f"the MCP-Protocol-Version header is missing but the body's _meta says {body_version!r}"
+                f"the MCP-Protocol-Version header is missing but the body's _meta says {quoted(body_version)}"
             )
         return ClientContext(LEGACY, session_version or DEFAULT_LEGACY)
     if header_version in MODERN_VERSIONS:
@@ -122,8 +123,8 @@ def client_context(headers: Headers, message: Mapping[str, Any], session_version
     if header_version in LEGACY_VERSIONS:
         return ClientContext(LEGACY, header_version)
     raise errors.UnsupportedProtocolVersion(
-        f"protocol version {header_version!r} is not supported",
-        data={"supported": list(SUPPORTED_VERSIONS), "requested": header_version},
+        f"protocol version {quoted(header_version)} is not supported",
+        data={"supported": list(SUPPORTED_VERSIONS), "requested": bound(header_version)},
     )
 
 
@@ -135,15 +136,15 @@ def _check_modern_headers(
         return  # responses carry no request metadata
     if body_version != version:
         raise errors.HeaderMismatch(
-            f"Header mismatch: MCP-Protocol-Version header {version!r} does not match "
-            f"params._meta[{META_PROTOCOL_VERSION!r}] {body_version!r}"
+            f"Header mismatch: MCP-Protocol-Version header {quoted(version)} does not match "
+            f"params._meta[{META_PROTOCOL_VERSION!r}] {quoted(body_version)}"
         )
     header_method = headers.get("Mcp-Method")
     if header_method is None:
         raise errors.HeaderMismatch("Header mismatch: the Mcp-Method header is required")
     if header_method != method:
         raise errors.HeaderMismatch(
-            f"Header mismatch: Mcp-Method header value {header_method!r} does not match body value {method!r}"
+            f"Header mismatch: Mcp-Method header value {quoted(header_method)} does not match body value {quoted(method)}"
         )
     field = NAMED_PARAM.get(method)
     if field is None:
@@ -152,11 +153,11 @@ def _check_modern_headers(
     body_name = params.get(field) if isinstance(params, dict) else None
     header_name = headers.get("Mcp-Name")
     if header_name is None:
-        raise errors.HeaderMismatch(f"Header mismatch: the Mcp-Name header is required for {method}")
+        raise errors.HeaderMismatch(f"Header mismatch: the Mcp-Name header is required for {clean(method)}")
     decoded = decode_header_value(header_name)
     if decoded != body_name:
         raise errors.HeaderMismatch(
-            f"Header mismatch: Mcp-Name header value {decoded!r} does not match body value {body_name!r}"
+            f"Header mismatch: Mcp-Name header value {quoted(decoded)} does not match body value {quoted(body_name)}"
         )
 
 

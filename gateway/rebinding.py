@@ -21,6 +21,7 @@ import ipaddress
 from collections.abc import Iterable
 
 from . import errors
+from .logtext import quoted
 from .protocol import Headers
 
 LOOPBACK_NAMES = frozenset({"localhost", "::1"})
@@ -145,7 +146,7 @@ class RebindingGuard:
         parts = split_authority(value)
         if parts is None or not (is_loopback(parts[0]) or any(p.matches(*parts) for p in self.hosts)):
             raise errors.HostNotAllowed(
-                f"Host {errors.shown(value)} is not allowed: this gateway answers to loopback names and "
+                f"Host {quoted(value)} is not allowed: this gateway answers to loopback names and "
                 "gateway.allowed_hosts (DNS-rebinding protection)"
             )
         if len(self._allowed_hosts) < _CACHE_LIMIT:
@@ -154,10 +155,10 @@ class RebindingGuard:
     def _check_origin(self, origin: str) -> None:
         parsed = parse_origin(origin)
         if parsed is None:
-            raise errors.OriginNotAllowed(f"Origin {errors.shown(origin)} is not a valid origin (scheme://host[:port])")
+            raise errors.OriginNotAllowed(f"Origin {quoted(origin)} is not a valid origin (scheme://host[:port])")
         if not (is_loopback(parsed[1]) or any(p.matches(*parsed) for p in self.origins)):
             raise errors.OriginNotAllowed(
-                f"Origin {errors.shown(origin)} is not allowed to call this gateway (see gateway.allowed_origins)"
+                f"Origin {quoted(origin)} is not allowed to call this gateway (see gateway.allowed_origins)"
             )
         if len(self._allowed_origins) < _CACHE_LIMIT:
             self._allowed_origins.add(origin)

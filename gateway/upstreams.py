@@ -16,7 +16,7 @@ from collections.abc import Generator
 from contextlib import closing
 from typing import Any, Protocol
 
-from . import errors, jsonrpc, metrics, protocol
+from . import errors, jsonrpc, metrics, protocol, scope
 from .jsonrpc import Reply
 from .pool import StdioPool
 from .protocol import ClientContext, ServerHello
@@ -114,10 +114,15 @@ class StdioUpstream:
         self, message: dict[str, Any], body: bytes, client: ClientContext, deadline: float
     ) -> Generator[Reply, None, None]:
         process = self.pool.acquire()
-        request_id = message["id"]
+        client_id = message["id"]
+        request_id = scope.process_request_id(client_id)
         failure: str | None = "abandoned"
         try:
-            outgoing = protocol.request_for_server(message, client.era, process.era)
+            translated_request = protocol.request_for_server(message, client.era, process.era)
+            # Only what the protocol ties to this request reaches its client (see scope.py).
+            outgoing, request_scope = scope.scope(translated_request, process.era)
+            if request_id is not client_id:
+                outgoing = {**outgoing, "id": request_id}
             # Bytes pass through untouched when no translation was needed and the
             # body is already one line (stdio framing forbids embedded newlines).
             data = body if outgoing is message and b"\n" not in body and b"\r" not in body else jsonrpc.encode(outgoing)
@@ -129,9 +134,15 @@ class StdioUpstream:
             origin = f"pid {process.pid}"
             for reply, raw in process.messages(request_id, deadline):
                 if "method" in reply:
-                    yield Reply(reply, raw, final=False, origin=origin)
+                    dropped = request_scope.drop_reason(reply)
+                    if dropped is None:
+                        delivered = request_scope.for_client(reply)
+                        yield Reply(delivered, raw if delivered is reply else None, final=False, origin=origin)
+                    else:
+                        self._dropped(process, reply, dropped)
                     continue
-                translated = protocol.reply_for_client(reply, message["method"], client.era, process.era, self.server_id)
+                answer = reply if request_id is client_id else {**reply, "id": client_id}
+                translated = protocol.reply_for_client(answer, message["method"], client.era, process.era, self.server_id)
                 failure = None  # the client may hang up at this yield; the process is fine
                 yield Reply(translated, raw if translated is reply else None, final=True, origin=origin)
                 return
@@ -143,6 +154,12 @@ class StdioUpstream:
             if failure == "abandoned":
                 failure = _abandon(process, request_id, deadline)
             self.pool.release(process, failure=failure)
+
+    def _dropped(self, process: StdioProcess, notification: dict[str, Any], reason: str) -> None:
+        metrics.NOTIFICATIONS_DROPPED.labels(self.server_id, reason).inc()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("server %s pid %s: dropped %s (%s): not tied to the request being served",
+                      self.server_id, process.pid, notification.get("method"), reason)
 
 
 def _abandon(process: StdioProcess, request_id: Any, deadline: float) -> str | None:

@@ -26,6 +26,7 @@ from .exchange import Exchange
 from .exchange import current as current_exchange
 from .extension import Gateway, current_gateway
 from .jsonrpc import Reply
+from .logtext import clean, quoted
 from .protocol import ClientContext
 from .proxy import HttpUpstream, ProxyRequest
 from .sessions import Session
@@ -241,7 +242,7 @@ def flask_error(exc: Exception) -> Response:
 
 def error_response(gateway: Gateway, exchange: Exchange, exc: Exception) -> Response:
     """The JSON-RPC error answering whatever was raised while serving `exchange`."""
-    where = f"server '{exchange.server_id}': " if exchange.server_id else ""
+    where = f"server {quoted(exchange.server_id)}: " if exchange.server_id else ""
     if isinstance(exc, errors.GatewayError):
         if exc.http_status >= 500:
             log.warning("%s %s -> %s: %s", exchange.method, exchange.path, exc.http_status, exc.message)
@@ -257,7 +258,7 @@ def error_response(gateway: Gateway, exchange: Exchange, exc: Exception) -> Resp
         if isinstance(exc, RequestEntityTooLarge):
             message = f"{where}request body is over the gateway's limit of {gateway.registry.gateway.max_body_bytes} bytes"
         else:
-            message = f"{where}{exc.name}: {exchange.method} {exchange.path} is not served here"
+            message = f"{where}{exc.name}: {exchange.method} {clean(exchange.path)} is not served here"
         code = exc.code or 500
         response = _json(jsonrpc.error(None, errors.INVALID_REQUEST, message), code)
         if code == 405:

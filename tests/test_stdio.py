@@ -139,9 +139,21 @@ def test_notifications_stream_before_the_response(upstreams: Any) -> None:
     replies = call(upstream, "tools/call", {"name": "progress", "arguments": {"steps": 3}, "_meta": {"progressToken": "t1"}},
                    client=LEGACY)
     methods = [r.message.get("method") for r in replies]
-    assert methods == ["notifications/progress"] * 3 + ["notifications/message", None]
-    assert [r.final for r in replies] == [False] * 4 + [True]
-    assert replies[0].message["params"]["progressToken"] == "t1"
+    # The process's log message is not passed on: handshake-era logging is the
+    # connection's, and a pooled process's connection is not this client's (scope.py).
+    assert methods == ["notifications/progress"] * 3 + [None]
+    assert [r.final for r in replies] == [False] * 3 + [True]
+    # The process was sent a token of the gateway's; the client gets its own back.
+    assert [r.message["params"]["progressToken"] for r in replies[:3]] == ["t1"] * 3
+
+
+def test_a_client_id_in_the_gateways_namespace_is_swapped_on_the_way_to_the_process(upstreams: Any) -> None:
+    """A late answer to the gateway's own handshake request can never be taken for a client's."""
+    upstream = upstreams(server_command("faulty_server.py", "stale-answer"))
+    replies = call(upstream, "tools/call", {"name": "work", "arguments": {}}, request_id="mcp-gateway-discover")
+    final = replies[-1]
+    assert final.final and final.message["id"] == "mcp-gateway-discover"
+    assert "stale" not in final.message["result"] and final.message["result"]["content"][0]["text"].startswith("ok")
 
 
 def test_server_to_client_request_is_refused_at_once_not_hung(upstreams: Any) -> None:

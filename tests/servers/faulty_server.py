@@ -9,7 +9,8 @@ Usage::
     python faulty_server.py MODE [PIDFILE]
 
 MODE is one of: exit-at-start, hang, garbage, die, long-line, stderr-flood, ok,
-discover-silent, die-on-list (exits with code 7 on tools/list).  If PIDFILE is given, "PID MODE" is appended to it at start.
+discover-silent, die-on-list (exits with code 7 on tools/list), stale-answer (before
+each tools/call answer, writes a late answer to the gateway's handshake id).  If PIDFILE is given, "PID MODE" is appended to it at start.
 SIGTERM keeps its default action (the process dies); stdin EOF exits with 0.
 """
 
@@ -39,6 +40,7 @@ MODES = (
     "discover-silent",
     "die-on-list",
     "slow-start",
+    "stale-answer",
 )
 
 LONG_LINE_BYTES = 50 * 1024 * 1024
@@ -159,6 +161,8 @@ def on_call(mode: str, req_id: Any, params: Any) -> None:
         sys.stdout.buffer.write(b"\n")
         sys.stdout.buffer.flush()
         return
+    if mode == "stale-answer":  # what a server/discover answered after its timeout looks like
+        reply("mcp-gateway-discover", {"stale": True, "resultType": "complete"})
     if mode == "stderr-flood":
         for i in range(FLOOD_LINES):
             sys.stderr.write(
