@@ -340,7 +340,7 @@ def test_a_kept_alive_connection_never_holds_the_thread_another_needs(gunicorn: 
 def test_pipelined_requests_are_answered_in_order(gunicorn: Any) -> None:
     instance = gunicorn(NO_PROCESSES, workers=1)
     calls = [json.dumps({"jsonrpc": "2.0", "id": n, "method": "ping"}).encode() for n in (1, 2, 3)]
-    wire = b"".join(b"POST /time/mcp HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+    wire = b"".join(b"POST /time/mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                     b"Content-Length: %d\r\n\r\n%s" % (len(call), call) for call in calls)
     with socket.create_connection(("127.0.0.1", instance.port), timeout=10) as sock, sock.makefile("rb") as reader:
         sock.sendall(wire)  # all three at once: the worker reads past the first
@@ -357,7 +357,7 @@ def test_a_chunked_body_is_read_whole_and_refused_past_the_limit(gunicorn: Any) 
     def chunked(message: dict[str, Any]) -> bytes:
         body = json.dumps(message).encode()
         halves = (body[:len(body) // 2], body[len(body) // 2:])
-        return (b"POST /time/mcp HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+        return (b"POST /time/mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                 b"Transfer-Encoding: chunked\r\n\r\n" + b"".join(b"%x\r\n%s\r\n" % (len(h), h) for h in halves)
                 + b"0\r\n\r\n")
 
