@@ -125,6 +125,12 @@ class HostNotAllowed(ClientError):
     http_status = 421
 
 
+class RequestStateInvalid(ClientError):
+    """An MRTR requestState envelope that does not open here, has expired, or names an instance that is gone."""
+
+    code = INVALID_PARAMS
+
+
 class NotSupported(ClientError):
     """A valid MCP request the gateway cannot serve on this route."""
 

@@ -43,6 +43,7 @@ from .private import UnsafePath
 from .proxy import HttpUpstream
 from .rebinding import RebindingGuard
 from .registry import Registry, RegistryError, ServerEntry
+from .request_state import RequestStates
 from .sessions import Revocations, SessionSigner, load_secrets
 from .supervisor import Supervisor
 from .upstreams import MessageUpstream
@@ -75,7 +76,7 @@ class Gateway:
     def __init__(self, registry: Registry):
         self.registry = registry
         self.revocations = Revocations(runtime.revoked_dir())
-        self.auth, self.rebinding, self.signer = _guards(registry, self.revocations)
+        self.auth, self.rebinding, self.signer, self.states = _guards(registry, self.revocations)
         self._pruned_at = time.monotonic()
         # http templates: gunicorn's master runs their processes and publishes where they
         # listen; without it, this gateway process runs its own supervisor per template.
@@ -254,7 +255,7 @@ class Gateway:
                 upstream.relearn()  # a reload is when an operator expects servers to be asked again
         with self._lock:
             self.registry, self.upstreams = new, fresh
-            self.auth, self.rebinding, self.signer = guards
+            self.auth, self.rebinding, self.signer, self.states = guards
             self._draining.extend(draining)
             self._loaded_at = time.time()
         if self._app is not None:
@@ -309,14 +310,16 @@ class Gateway:
         }
 
 
-def _guards(registry: Registry, revocations: Revocations) -> tuple[Authenticator, RebindingGuard, SessionSigner]:
-    """Who may call, from which Host and Origin, and the signer of session ids, as `registry` says."""
+def _guards(registry: Registry,
+            revocations: Revocations) -> tuple[Authenticator, RebindingGuard, SessionSigner, RequestStates]:
+    """Who may call, from which Host and Origin, and the sealers of session ids and requestStates, as `registry` says."""
     settings = registry.gateway
     # The address gunicorn binds (conf/gunicorn.conf.py: MCP_GATEWAY_BIND, else the registry's).
     bound = os.environ.get("MCP_GATEWAY_BIND", "").rpartition(":")[0]
     rebinding = RebindingGuard(settings.allowed_hosts, settings.allowed_origins, (settings.host, bound))
-    signer = SessionSigner(load_secrets(settings.session_secret), settings.session_ttl, revocations=revocations)
-    return Authenticator(registry), rebinding, signer
+    keys = load_secrets(settings.session_secret)
+    signer = SessionSigner(keys, settings.session_ttl, revocations=revocations)
+    return Authenticator(registry), rebinding, signer, RequestStates(keys, settings.session_ttl)
 
 
 def _configure(app: Flask, registry: Registry) -> None:

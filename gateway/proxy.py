@@ -252,6 +252,11 @@ class HttpUpstream:
         metrics.RETRIES.labels(self.server_id).inc()
         log.info("server %s: retrying %s on another instance after: %s", self.server_id, what, exc.message)
 
+    def available(self, endpoint: str) -> bool:
+        """Whether requests pinned to `endpoint` can still reach it."""
+        instance = self.balancer.find(endpoint)
+        return instance is not None and instance.health.routable
+
     def _pinned(self, request: ProxyRequest) -> Instance:
         instance = self.balancer.find(request.instance or "")
         if instance is None or not instance.health.routable:

@@ -19,8 +19,6 @@ one), kept until the id would have expired anyway.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import os
 import re
@@ -32,24 +30,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
 from . import errors, private
+from .sealed import Sealer
 
 SECRET_ENV = "MCP_GATEWAY_SESSION_SECRET"
 PREFIX = "v1."  # a later format gets v2., and v1 ids can still be told apart
-_KEY_INFO = b"mcp-gateway session id v1"
-_AAD_LABEL = b"mcp-gateway session id v1\0"
-_NONCE = 12
-_TAG = 16
+LABEL = b"mcp-gateway session id v1"  # the keys and AAD of session ids (sealed.py)
 # Ids are a few hundred characters; anything much longer is not one of ours.
 MAX_TOKEN = 2048
-# The plaintext is padded to a multiple of this, so the id's length says little
-# about how long the instance URL or the upstream session id are.
-_PAD = 64
 _REVOCATION_ID = re.compile(r"[0-9a-f]{32}")
 
 
@@ -124,9 +112,7 @@ class SessionSigner:
 
     def __init__(self, secrets_: Sequence[bytes], ttl: float, clock: Callable[[], float] = time.time,
                  revocations: Revocations | None = None):
-        if not secrets_:
-            raise ValueError("at least one session secret is needed")
-        self._keys = [AESGCM(_derive(secret)) for secret in secrets_]
+        self._sealer = Sealer(secrets_, LABEL, PREFIX, MAX_TOKEN)
         self._ttl = ttl
         self._clock = clock
         self.revocations = revocations if revocations is not None else Revocations(None)
@@ -139,15 +125,12 @@ class SessionSigner:
             claims["i"] = instance
         if upstream_session is not None:
             claims["u"] = upstream_session
-        plain = json.dumps(claims, separators=(",", ":")).encode()
-        plain += b" " * (-len(plain) % _PAD)  # JSON ignores trailing whitespace
-        nonce = os.urandom(_NONCE)
-        sealed = self._keys[0].encrypt(nonce, plain, _aad(server_id, principal))
-        return PREFIX + base64.urlsafe_b64encode(nonce + sealed).rstrip(b"=").decode()
+        return self._sealer.seal(json.dumps(claims, separators=(",", ":")).encode(), server_id, principal)
 
     def verify(self, token: str, server_id: str, principal: str | None = None) -> Session:
         """The session `token` stands for, or SessionNotFound (HTTP 404)."""
-        session = self._open(token, server_id, principal)
+        plain = self._sealer.open(token, server_id, principal)
+        session = _session(plain, server_id, principal) if plain is not None else None
         if session is None:
             raise errors.SessionNotFound(f"session not found on server '{server_id}': start a new session with initialize")
         now = self._clock()
@@ -160,25 +143,6 @@ class SessionSigner:
     def revoke(self, session: Session) -> None:
         """End `session` for every worker of this host (until it would have expired anyway)."""
         self.revocations.add(session.revocation_id, session.expires_at)
-
-    def _open(self, token: str, server_id: str, principal: str | None) -> Session | None:
-        if not token.startswith(PREFIX) or len(token) > MAX_TOKEN:
-            return None
-        body = token[len(PREFIX):]
-        try:
-            raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
-        except (binascii.Error, ValueError):
-            return None
-        if len(raw) < _NONCE + _TAG or _b64(raw) != body:  # one encoding per id: no equivalent spellings
-            return None
-        aad = _aad(server_id, principal)
-        for key in self._keys:
-            try:
-                plain = key.decrypt(raw[:_NONCE], raw[_NONCE:], aad)
-            except InvalidTag:
-                continue
-            return _session(plain, server_id, principal)
-        return None
 
 
 def _session(plain: bytes, server_id: str, principal: str | None) -> Session | None:
@@ -195,20 +159,6 @@ def _session(plain: bytes, server_id: str, principal: str | None) -> Session | N
     return Session(server_id=server_id, protocol_version=claims["v"], issued_at=float(claims["t"]),
                    instance=claims.get("i"), upstream_session=claims.get("u"), principal=principal,
                    expires_at=float(claims["e"]), revocation_id=claims["r"])
-
-
-def _derive(secret: bytes) -> bytes:
-    """A 256-bit AES key from a secret of any length."""
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_KEY_INFO).derive(secret)
-
-
-def _aad(server_id: str, principal: str | None) -> bytes:
-    # JSON, so that no server id and principal pair can spell another's.
-    return _AAD_LABEL + json.dumps([server_id, principal]).encode()
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 # --- the secrets -----------------------------------------------------------------------

@@ -160,13 +160,27 @@ def _proxy(gateway: Gateway, exchange: Exchange, upstream: HttpUpstream, path: s
            message: dict[str, Any] | None, session: Session | None) -> Response:
     """Pass the request to an instance and its answer back, re-signing any session it starts."""
     headers = exchange.headers
-    answer = upstream.forward(ProxyRequest(
-        method=exchange.method, path=f"/{path}" if path else "", query=query, headers=headers,
-        body=body, message=message, instance=session.instance if session else None,
-        upstream_session=session.upstream_session if session else None, request_id=exchange.request_id,
-        credential_headers=gateway.auth.hook_credential_headers,
-    ))
+    instance = session.instance if session else None
+    retry = gateway.states.retry(message, upstream.server_id, exchange.principal, upstream.available)
+    if retry is not None:  # an MRTR retry goes to the instance that asked, with its own requestState back
+        message, instance = retry
+        body = jsonrpc.encode(message)
+    try:
+        answer = upstream.forward(ProxyRequest(
+            method=exchange.method, path=f"/{path}" if path else "", query=query, headers=headers,
+            body=body, message=message, instance=instance,
+            upstream_session=session.upstream_session if session else None, request_id=exchange.request_id,
+            credential_headers=gateway.auth.hook_credential_headers,
+        ))
+    except errors.UpstreamUnreachable as exc:
+        if retry is None:
+            raise
+        raise errors.RequestStateInvalid(f"{exc.message}; it asked for this input, so start the call again "
+                                         "without requestState") from None
     exchange.upstream = answer.instance
+    if message is not None and jsonrpc.is_request(message) and headers.get("MCP-Protocol-Version") in protocol.MODERN_VERSIONS:
+        # Its answer may ask for input: the requestState must lead the retry back here.
+        answer.body = gateway.states.wrap_answer(answer.body, answer.instance, upstream.server_id, exchange.principal)
     response = Response(answer.body, status=answer.status, headers=answer.headers)
     if answer.streaming:
         response.headers["X-Accel-Buffering"] = "no"

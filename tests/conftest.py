@@ -276,7 +276,7 @@ class McpHttpServer:
     handshake era only, forced onto loopback by tests/servers/loopback-only.cjs).
     """
 
-    def __init__(self, log_dir: Path, kind: str = "sdk"):
+    def __init__(self, log_dir: Path, kind: str = "sdk", shared_state_key: bool = True):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = open(log_dir / f"{kind}-http-{self.port}.log", "wb")  # noqa: SIM115 - lives as long as the server
@@ -288,7 +288,9 @@ class McpHttpServer:
         else:
             script = {"sdk": "sdk_server.py", "modern": "modern_http_server.py"}[kind]
             argv = server_command(script, *(["http"] if kind == "sdk" else []), str(self.port))
-            env = {**os.environ, "TEST_SERVER_STATE_KEY": SHARED_STATE_KEY}
+            # Without the shared key each instance seals MRTR requestState with a key of its own (the SDK's default).
+            env = {**os.environ, "TEST_SERVER_STATE_KEY": SHARED_STATE_KEY} if shared_state_key else {
+                k: v for k, v in os.environ.items() if k != "TEST_SERVER_STATE_KEY"}
         self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 30
         while True:
