@@ -15,6 +15,7 @@ body breaks. requests/urllib3 exceptions are translated here and nowhere else.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
@@ -61,6 +62,7 @@ STREAM_CHUNK = 64 * 1024
 DRAIN_SECONDS = 0.05
 DRAIN_BYTES = 64 * 1024
 E = TypeVar("E", bound=errors.UpstreamError)
+_bridge_ids = itertools.count(1)  # next() is atomic under the GIL
 
 
 @dataclass
@@ -484,37 +486,43 @@ class HttpUpstream:
         """A bridged request: translate, send, and translate every message of the answer."""
         deadline = time.monotonic() + self.settings.request_timeout
         server_era = protocol.LEGACY if self._speaks_era(protocol.LEGACY) else protocol.MODERN
-        outgoing = protocol.request_for_server(message, client.era, server_era)
+        # Every bridged request of this worker shares one session per instance, and clients
+        # choose ids alike (curl's are all 1): a server keying its answer streams by id
+        # would cross or lose them, so the instance sees an id of the gateway's.
+        outgoing = {**protocol.request_for_server(message, client.era, server_era), "id": f"mcp-gateway-{next(_bridge_ids)}"}
         tried: list[Instance] = []
         while True:
             instance = self.balancer.pick(tried)
             tried.append(instance)
+            forwarded = False  # a message of the answer went on to the client: no retry from then on
             try:
                 answer, via = self._send_bridged(instance, outgoing, server_era, deadline, request_id)
-                break
+                try:
+                    for reply in self._messages(answer):
+                        if "method" in reply:
+                            if "id" in reply:  # a server->client request: no client can be asked
+                                self._refuse(instance, reply, via, deadline)
+                            else:
+                                forwarded = True
+                                yield Reply(reply, None, final=False, origin=instance.endpoint)
+                        elif reply.get("id") in (outgoing.get("id"), None):
+                            # An error without an id answers the one request of this exchange.
+                            reply = {**reply, "id": message["id"]}
+                            translated = protocol.reply_for_client(reply, message["method"], client.era, server_era,
+                                                                   self.server_id)
+                            yield Reply(translated, None, final=True, origin=instance.endpoint)
+                            return
+                finally:
+                    _close(answer)
+                raise errors.UpstreamFailed(f"server '{self.server_id}': instance {instance.endpoint} answered HTTP "
+                                            f"{answer.status} without a response to the request")
             except errors.UpstreamError as exc:
-                # The same rules as a request passed through: what never reached an
-                # instance, or changes nothing, goes to another one.
-                if not self._may_retry(message["method"], exc, tried, deadline):
+                # The same rules as a request passed through: what never reached an instance,
+                # or changes nothing, goes to another one (a stream that broke before it said
+                # anything included), unless the client has been sent part of the answer.
+                if forwarded or not self._may_retry(message["method"], exc, tried, deadline):
                     raise
                 self._retrying(message["method"], exc)
-        try:
-            for reply in self._messages(answer):
-                if "method" in reply:
-                    if "id" in reply:  # a server->client request: no client can be asked
-                        self._refuse(instance, reply, via, deadline)
-                    else:
-                        yield Reply(reply, None, final=False, origin=instance.endpoint)
-                elif reply.get("id") in (outgoing.get("id"), None):
-                    # An error without an id answers the one request of this exchange.
-                    reply = {**reply, "id": message["id"]}
-                    translated = protocol.reply_for_client(reply, message["method"], client.era, server_era, self.server_id)
-                    yield Reply(translated, None, final=True, origin=instance.endpoint)
-                    return
-        finally:
-            _close(answer)
-        raise errors.UpstreamFailed(f"server '{self.server_id}': instance {instance.endpoint} answered HTTP "
-                                    f"{answer.status} without a response to the request")
 
     def _send_bridged(self, instance: Instance, outgoing: dict[str, Any], server_era: str, deadline: float,
                       request_id: str | None) -> tuple[ProxyResponse, LegacySession | dict[str, str]]:

@@ -276,10 +276,11 @@ class McpHttpServer:
     handshake era only, forced onto loopback by tests/servers/loopback-only.cjs).
     """
 
-    def __init__(self, log_dir: Path, kind: str = "sdk", shared_state_key: bool = True):
-        self.port = free_port()
+    def __init__(self, log_dir: Path, kind: str = "sdk", shared_state_key: bool = True,
+                 env_extra: dict[str, str] | None = None, port: int | None = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self._log = open(log_dir / f"{kind}-http-{self.port}.log", "wb")  # noqa: SIM115 - lives as long as the server
+        self._log = open(log_dir / f"{kind}-http-{self.port}.log", "ab")  # noqa: SIM115 - lives as long as the server
         if kind == "everything":
             assert shutil.which("node") and EVERYTHING.exists(), "run `make test` (it installs tests/node)"
             argv = ["node", "--require", str(SERVERS / "loopback-only.cjs"), str(EVERYTHING), "streamableHttp"]
@@ -291,7 +292,7 @@ class McpHttpServer:
             # Without the shared key each instance seals MRTR requestState with a key of its own (the SDK's default).
             env = {**os.environ, "TEST_SERVER_STATE_KEY": SHARED_STATE_KEY} if shared_state_key else {
                 k: v for k, v in os.environ.items() if k != "TEST_SERVER_STATE_KEY"}
-        self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env={**env, **(env_extra or {})})
         deadline = time.monotonic() + 30
         while True:
             assert self.process.poll() is None, "test HTTP server exited at start"

@@ -48,6 +48,14 @@ def add(a: int, b: int) -> int:
 
 
 @mcp.tool()
+def record(token: str) -> str:
+    """Append ``token`` to the file named by TEST_RECORD_FILE: a test counts how often each call ran."""
+    with open(os.environ["TEST_RECORD_FILE"], "a", encoding="utf-8") as handle:
+        handle.write(token + "\n")
+    return token
+
+
+@mcp.tool()
 def whoami() -> int:
     """Return the PID of the server process that served this call."""
     return os.getpid()
