@@ -200,22 +200,24 @@ class StdioPool(Generic[P]):
         except Exception as exc:  # noqa: BLE001 - whatever failed, the slot must come back
             self._spawn_failed(exc)
             return
+        metrics.PROCESS_STARTS.labels(self.server_id).inc()
         with self._cond:
-            self._spawning -= 1
             self.spawned += 1
             self.spawn_failures = 0
             self._next_spawn_at = 0.0
             if self.hello is None:
                 self.hello = process.hello
-            closed = self._closed
-            if not closed:
+            if not self._closed:
+                self._spawning -= 1
                 self._idle.append((process, self._clock()))
                 self._cond.notify()
-            else:
-                self._cond.notify_all()
-        metrics.PROCESS_STARTS.labels(self.server_id).inc()
-        if closed:
-            process.close(self._close_grace)
+                return
+        # Started after close(): stopped here, and only then no longer counted
+        # (close() waits for the count, so the child is gone when close() returns).
+        process.close(self._close_grace)
+        with self._cond:
+            self._spawning -= 1
+            self._cond.notify_all()
 
     def _spawn_failed(self, exc: Exception) -> None:
         message = exc.message if isinstance(exc, errors.GatewayError) else (
@@ -288,7 +290,8 @@ class StdioPool(Generic[P]):
             process.close(self._close_grace)
         deadline = time.monotonic() + wait
         with self._cond:
-            while self._busy and (remaining := deadline - time.monotonic()) > 0:
+            # Spawns under way end too (a new process is closed when it sees the pool closed).
+            while (self._busy or self._spawning) and (remaining := deadline - time.monotonic()) > 0:
                 self._cond.wait(remaining)
             stragglers = list(self._busy)
         for process in stragglers:

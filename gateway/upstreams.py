@@ -11,6 +11,7 @@ answering like a message upstream only for traffic it bridges between eras.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Generator
 from contextlib import closing
@@ -67,11 +68,20 @@ class StdioUpstream:
         self.settings: StdioSettings = entry.stdio
         self.shown = entry.shown  # command and environment with secrets masked
         self.pool: StdioPool[StdioProcess] = StdioPool(entry.id, entry.stdio, self._spawn)
+        # Processes still in their handshake (on spawn threads), for close() to stop.
+        self._starting: set[StdioProcess] = set()
+        self._starting_lock = threading.Lock()
+        self._closing = False
 
     def _spawn(self) -> StdioProcess:
         """A started, handshaken process; any failure kills the child and is SpawnFailed."""
         process = StdioProcess(self.server_id, self.settings)
+        with self._starting_lock:
+            self._starting.add(process)
+            closing = self._closing
         try:
+            if closing:
+                raise errors.SpawnFailed(f"server '{self.server_id}' is shutting down")
             process.handshake(time.monotonic() + self.settings.startup_timeout)
         except errors.GatewayError as exc:
             process.close(0)
@@ -81,12 +91,22 @@ class StdioUpstream:
             raise errors.SpawnFailed(
                 f"server '{self.server_id}': process {process.pid} failed its start-up: {type(exc).__name__}: {exc}"
             ) from None
+        finally:
+            with self._starting_lock:
+                self._starting.discard(process)
         return process
 
     def maintain(self) -> None:
         self.pool.maintain()
 
     def close(self) -> None:
+        # A start-up under way is cut short by signal; its spawn thread, which owns
+        # the pipes, sees the exit and closes the process (pool.close waits for it).
+        with self._starting_lock:
+            self._closing = True
+            starting = list(self._starting)
+        for process in starting:
+            process.kill()
         self.pool.close()
 
     def hello(self) -> ServerHello:

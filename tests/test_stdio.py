@@ -415,3 +415,17 @@ def test_a_child_started_from_a_short_lived_thread_outlives_that_thread() -> Non
         assert popen.poll() is None, f"child died with {popen.returncode} when the thread that started it exited"
     finally:
         processes.stop(popen, 0)
+
+
+def test_closing_stops_a_process_still_starting(upstreams: Any, tmp_path: Path) -> None:
+    pidfile = tmp_path / "pids"
+    upstream = upstreams(server_command("faulty_server.py", "slow-start", str(pidfile)),
+                         pool_min=1, env_vars={"FAULTY_START_SECONDS": "20"})
+    upstream.maintain()  # upkeep tops the pool up: a spawn in the background
+    deadline = time.monotonic() + 10
+    while not _pids_in(pidfile) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [child] = _pids_in(pidfile)
+    assert upstream.pool.stats()["starting"] == 1
+    upstream.close()
+    assert not _alive({child}) and upstream.pool.stats()["starting"] == 0
