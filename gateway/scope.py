@@ -112,8 +112,13 @@ def process_request_id(client_id: Any) -> Any:
     that answer as its own, so its request goes with an id no one can choose.
     """
     if isinstance(client_id, str) and client_id.startswith(REQUEST_ID_PREFIX):
-        return f"{REQUEST_ID_PREFIX}request-{next(_numbers)}"
+        return fresh_request_id()
     return client_id
+
+
+def fresh_request_id() -> str:
+    """An id for the process that no client can choose (see process_request_id)."""
+    return f"{REQUEST_ID_PREFIX}request-{next(_numbers)}"
 
 
 def _levels_from(requested: Any) -> frozenset[str]:

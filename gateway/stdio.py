@@ -58,6 +58,9 @@ class StdioProcess:
         self._closed = False
         self._close_lock = threading.Lock()
         self.hello: protocol.ServerHello | None = None
+        # Ids of requests cancelled without an answer yet: a late answer to one is dropped,
+        # and a later request reusing such an id is sent under a fresh id (upstreams.py).
+        self.cancelled: set[Any] = set()
         self._stderr_thread = processes.log_lines(self._popen.stderr, server_id, self.pid)
 
     @property
@@ -147,6 +150,9 @@ class StdioProcess:
             elif message.get("id") == request_id:
                 yield message, raw
                 return
+            elif self.cancelled and hashable_id(message.get("id")) and message.get("id") in self.cancelled:
+                self.cancelled.discard(message.get("id"))
+                log.info("server %s pid %s: dropped the answer to cancelled request %r", self.server_id, self.pid, message.get("id"))
             elif message.get("id") == _DISCOVER_ID:  # the late answer handshake() asks for again
                 log.info("server %s pid %s: answered server/discover after %.0fs", self.server_id, self.pid, DISCOVER_TIMEOUT)
             else:
@@ -211,6 +217,10 @@ class StdioProcess:
 
     # --- stopping ------------------------------------------------------------
 
+    def kill(self) -> None:
+        """SIGKILL the group from another thread; the pipes stay with the thread using them."""
+        processes.kill(self._popen)
+
     def close(self, grace: float = 2.0) -> None:
         """Close stdin, wait; SIGTERM the group, wait; SIGKILL the group; reap.
 
@@ -226,3 +236,8 @@ class StdioProcess:
         if self._popen.stdout is not None:
             self._popen.stdout.close()
         self._stderr_thread.join(timeout=1.0)
+
+
+def hashable_id(value: Any) -> bool:
+    """A JSON-RPC id that can be looked up in a set (a string or an integer)."""
+    return isinstance(value, (str, int)) and not isinstance(value, bool)

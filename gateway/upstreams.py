@@ -11,6 +11,7 @@ answering like a message upstream only for traffic it bridges between eras.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Generator
 from contextlib import closing
@@ -22,13 +23,19 @@ from .pool import StdioPool
 from .protocol import ClientContext, ServerHello
 from .proxy import HttpUpstream
 from .registry import ServerEntry, StdioSettings
-from .stdio import StdioProcess
+from .stdio import StdioProcess, hashable_id
 
 log = logging.getLogger(__name__)
 
-# How long an abandoned request (the client hung up) may take to wind down
-# before its process is killed instead of reused.
-ABANDON_DRAIN_SECONDS = 5.0
+# After `notifications/cancelled` a server should not answer (basic/utilities/
+# cancellation); how long the gateway reads what a process still writes for the
+# cancelled request before deciding: silence, or a late answer, and it is reused.
+CANCEL_GRACE = 1.0
+# A process that wrote for the cancelled request this shortly before the grace
+# ended is still working on it: it is replaced, not handed to the next request.
+CANCEL_QUIET = 0.25
+# More cancelled requests than this left unanswered on one process: it is replaced.
+MAX_CANCELLED = 16
 
 
 class Upstream(Protocol):
@@ -61,20 +68,45 @@ class StdioUpstream:
         self.settings: StdioSettings = entry.stdio
         self.shown = entry.shown  # command and environment with secrets masked
         self.pool: StdioPool[StdioProcess] = StdioPool(entry.id, entry.stdio, self._spawn)
+        # Processes still in their handshake (on spawn threads), for close() to stop.
+        self._starting: set[StdioProcess] = set()
+        self._starting_lock = threading.Lock()
+        self._closing = False
 
     def _spawn(self) -> StdioProcess:
+        """A started, handshaken process; any failure kills the child and is SpawnFailed."""
         process = StdioProcess(self.server_id, self.settings)
+        with self._starting_lock:
+            self._starting.add(process)
+            closing = self._closing
         try:
+            if closing:
+                raise errors.SpawnFailed(f"server '{self.server_id}' is shutting down")
             process.handshake(time.monotonic() + self.settings.startup_timeout)
         except errors.GatewayError as exc:
             process.close(0)
             raise errors.SpawnFailed(f"{exc.message} (during start-up)") from None
+        except Exception as exc:  # noqa: BLE001 - a malformed handshake answer (TypeError, KeyError, ...)
+            process.close(0)
+            raise errors.SpawnFailed(
+                f"server '{self.server_id}': process {process.pid} failed its start-up: {type(exc).__name__}: {exc}"
+            ) from None
+        finally:
+            with self._starting_lock:
+                self._starting.discard(process)
         return process
 
     def maintain(self) -> None:
         self.pool.maintain()
 
     def close(self) -> None:
+        # A start-up under way is cut short by signal; its spawn thread, which owns
+        # the pipes, sees the exit and closes the process (pool.close waits for it).
+        with self._starting_lock:
+            self._closing = True
+            starting = list(self._starting)
+        for process in starting:
+            process.kill()
         self.pool.close()
 
     def hello(self) -> ServerHello:
@@ -92,9 +124,10 @@ class StdioUpstream:
 
         Safe means the request never reached the failed process, or its method
         changes nothing by protocol; never once a message went to the client.
-        One deadline (request_timeout) covers both tries.
+        One deadline (request_timeout) covers both tries; it starts when the
+        request is first written to a process, not while one starts up.
         """
-        deadline = time.monotonic() + self.settings.request_timeout
+        deadline = _Deadline(self.settings.request_timeout)
         for tries_left in (1, 0):
             started = False
             try:
@@ -105,17 +138,22 @@ class StdioUpstream:
                 return
             except errors.ProcessFailed as exc:
                 safe = exc.retry_safe or message["method"] in protocol.READ_ONLY_METHODS
-                if started or not tries_left or not safe or time.monotonic() >= deadline:
+                if started or not tries_left or not safe or deadline.passed():
                     raise
                 metrics.RETRIES.labels(self.server_id).inc()
                 log.info("server %s: retrying %s on another process after: %s", self.server_id, message["method"], exc.message)
 
     def _call_once(
-        self, message: dict[str, Any], body: bytes, client: ClientContext, deadline: float
+        self, message: dict[str, Any], body: bytes, client: ClientContext, budget: _Deadline
     ) -> Generator[Reply, None, None]:
         process = self.pool.acquire()
+        deadline = budget.start()
         client_id = message["id"]
         request_id = scope.process_request_id(client_id)
+        if process.cancelled and request_id is client_id and _reuses_cancelled(process, client_id):
+            # A late answer to the cancelled request with this id may still come: send this one
+            # under an id no one else uses, so that answer can never be taken for this one's.
+            request_id = scope.fresh_request_id()
         failure: str | None = "abandoned"
         try:
             translated_request = protocol.request_for_server(message, client.era, process.era)
@@ -162,20 +200,61 @@ class StdioUpstream:
                       self.server_id, process.pid, notification.get("method"), reason)
 
 
+def _reuses_cancelled(process: StdioProcess, client_id: Any) -> bool:
+    return hashable_id(client_id) and client_id in process.cancelled
+
+
+class _Deadline:
+    """request_timeout from the first write to a process, shared by every try."""
+
+    __slots__ = ("at", "seconds")
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.at: float | None = None
+
+    def start(self) -> float:
+        if self.at is None:
+            self.at = time.monotonic() + self.seconds
+        return self.at
+
+    def passed(self) -> bool:
+        return self.at is not None and time.monotonic() >= self.at
+
+
 def _abandon(process: StdioProcess, request_id: Any, deadline: float) -> str | None:
-    """The client left mid-answer: cancel, drain to the response, keep the process if it behaves."""
-    drain_until = min(deadline, time.monotonic() + ABANDON_DRAIN_SECONDS)
+    """The client left mid-answer: cancel, and keep the process unless it misbehaves.
+
+    Cancellation is not a failure. A server that then says nothing within
+    CANCEL_GRACE, or answers the cancelled request within it (read and
+    dropped), goes back to the pool. One that writes garbage, or is still
+    writing for the request when the grace ends, is replaced (the failure
+    returned). A late answer after the grace is dropped by process.messages.
+    """
     cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled",
               "params": {"requestId": request_id, "reason": "client disconnected"}}
     if process.era == protocol.MODERN:
         cancel = protocol.to_modern_request(cancel)
+    grace_ends = time.monotonic() + CANCEL_GRACE
+    last_output: float | None = None
     try:
-        process.send(jsonrpc.encode(cancel), drain_until)
-        for message, _ in process.messages(request_id, drain_until):
+        process.send(jsonrpc.encode(cancel), min(deadline, grace_ends))
+        for message, _ in process.messages(request_id, grace_ends):
             if "method" not in message:
-                return None
+                return None  # answered anyway: the answer is dropped, the process is free
+            last_output = time.monotonic()
+    except errors.UpstreamTimeout:
+        if last_output is not None and time.monotonic() - last_output < CANCEL_QUIET:
+            return (f"server '{process.server_id}': process {process.pid} was still writing for request "
+                    f"{request_id!r} {CANCEL_GRACE:g}s after it was cancelled")
     except errors.GatewayError as exc:
         return f"{exc.message} (after the client disconnected)"
+    if not hashable_id(request_id):
+        return None
+    process.cancelled.add(request_id)
+    if len(process.cancelled) > MAX_CANCELLED:
+        return (f"server '{process.server_id}': process {process.pid} left {len(process.cancelled)} cancelled "
+                "requests unanswered")
     return None
 
 

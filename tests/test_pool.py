@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
 
-from gateway import errors
+from gateway import errors, metrics
 from gateway.backoff import Backoff
 from gateway.pool import StdioPool
 from gateway.protocol import MODERN, ServerHello
@@ -24,6 +25,8 @@ class FakeProcess:
     hello: ServerHello | None = HELLO
     running: bool = True
     closed_with: float | None = None
+    closed_by: threading.Thread | None = None
+    killed: bool = False
 
     def alive(self) -> bool:
         return self.running
@@ -31,6 +34,10 @@ class FakeProcess:
     def close(self, grace: float = 2.0) -> None:
         self.running = False
         self.closed_with = grace
+        self.closed_by = threading.current_thread()
+
+    def kill(self) -> None:
+        self.killed = True  # a signal: the pipes stay open for the thread using them
 
 
 class Clock:
@@ -45,8 +52,14 @@ class Spawner:
     def __init__(self) -> None:
         self.made: list[FakeProcess] = []
         self.fail_with: str | None = None
+        self.raise_: Exception | None = None
+        self.gate: threading.Event | None = None  # when set, spawns wait for it
 
     def __call__(self) -> FakeProcess:
+        if self.gate is not None:
+            assert self.gate.wait(10)
+        if self.raise_ is not None:
+            raise self.raise_
         if self.fail_with:
             raise errors.SpawnFailed(self.fail_with)
         process = FakeProcess()
@@ -54,11 +67,25 @@ class Spawner:
         return process
 
 
-def make_pool(**settings: object) -> tuple[StdioPool, Spawner, Clock]:
+def in_this_thread(job: Callable[[], None]) -> None:
+    job()
+
+
+def make_pool(background: bool = False, **settings: object) -> tuple[StdioPool, Spawner, Clock]:
+    """A pool of fakes; spawns run in the calling thread unless `background` (the pool's own threads)."""
     spawner, clock = Spawner(), Clock()
     options = {"command": ("x",), "pool_size": 3, "pool_min": 1, "idle_timeout": 60.0, "wait_timeout": 0.2, **settings}
-    pool = StdioPool("srv", StdioSettings(**options), spawner, clock=clock)  # type: ignore[arg-type]
+    extra = {} if background else {"start": in_this_thread}
+    pool = StdioPool("srv", StdioSettings(**options), spawner, clock=clock, **extra)  # type: ignore[arg-type]
     return pool, spawner, clock
+
+
+def until(condition: Callable[[], bool]) -> None:
+    for _ in range(500):
+        if condition():
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError("condition not reached in 5 s")
 
 
 def test_backoff_doubles_from_base_up_to_cap() -> None:
@@ -170,14 +197,81 @@ def test_spawn_failures_back_off_exponentially_and_show_in_stats() -> None:
     assert stats["spawn_failures"] == 0 and stats["processes"] == 1 and stats["healthy"] is True
 
 
-def test_closing_the_pool_stops_idle_processes_gently_and_busy_ones_at_once() -> None:
+def test_closing_the_pool_stops_idle_processes_at_once_and_busy_ones_when_returned() -> None:
     pool, _, _ = make_pool()
     busy = pool.acquire()
     idle = pool.acquire()
     pool.release(idle)
-    pool.close()
-    assert idle.closed_with == 2.0 and busy.closed_with == 0
+    closer = threading.Thread(target=pool.close)
+    closer.start()
+    until(lambda: idle.closed_by is not None)
+    assert idle.closed_with == 2.0 and idle.closed_by is closer
     with pytest.raises(errors.Overloaded, match="shutting down"):
         pool.acquire()
-    pool.release(busy)  # the request thread returning it later is harmless
+    # The request thread still reads the busy one's pipes: close() leaves them alone.
+    assert busy.closed_by is None and not busy.killed and closer.is_alive()
+    pool.release(busy)  # its request thread returns it, and closes it, itself
+    closer.join(5)
+    assert busy.closed_by is threading.current_thread() and not busy.killed
     assert pool.stats()["processes"] == 0
+
+
+def test_a_busy_process_not_returned_in_time_is_killed_by_signal_never_closed_by_close() -> None:
+    pool, _, _ = make_pool()
+    busy = pool.acquire()
+    pool.close(wait=0.05)
+    assert busy.killed and busy.closed_by is None  # its fds stay with the request thread
+    pool.release(busy, failure="process exited before it answered")
+    assert busy.closed_by is threading.current_thread() and busy.closed_with == 0
+
+
+def test_a_waiting_request_takes_the_first_process_that_frees_not_its_own_spawn() -> None:
+    pool, spawner, _ = make_pool(background=True, pool_size=2, pool_min=0, wait_timeout=5.0)
+    warm = pool.acquire()
+    spawner.gate = threading.Event()  # the next process takes its time to start
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.append(pool.acquire()))
+    waiter.start()
+    try:
+        until(lambda: pool.stats()["waiting"] == 1 and pool.stats()["starting"] == 1)
+        pool.release(warm)
+        waiter.join(2)
+        assert got == [warm] and pool.stats()["starting"] == 1  # served before its spawn is up
+    finally:
+        spawner.gate.set()
+        waiter.join(5)
+    until(lambda: pool.stats()["idle"] == 1 and pool.stats()["starting"] == 0)
+    assert pool.stats()["pids"] == sorted([warm.pid, spawner.made[-1].pid])  # type: ignore[attr-defined]
+
+
+def test_waiters_share_the_processes_that_come_up() -> None:
+    pool, spawner, _ = make_pool(background=True, pool_size=3, pool_min=0, wait_timeout=5.0)
+    spawner.gate = threading.Event()
+    got: list[object] = []
+    waiters = [threading.Thread(target=lambda: got.append(pool.acquire())) for _ in range(3)]
+    for waiter in waiters:
+        waiter.start()
+    until(lambda: pool.stats()["waiting"] == 3)
+    assert pool.stats()["starting"] == 3  # one spawn per waiting request, never more than pool_size
+    spawner.gate.set()
+    for waiter in waiters:
+        waiter.join(5)
+    assert len({id(p) for p in got}) == 3 and pool.stats()["busy"] == 3
+
+
+@pytest.mark.parametrize("exc", [TypeError("'NoneType' object is not subscriptable"), ValueError("embedded null byte"),
+                                 KeyError("result"), AttributeError("'str' object has no attribute 'get'")])
+def test_a_spawn_failure_of_any_kind_is_counted_backed_off_and_frees_the_slot(exc: Exception) -> None:
+    pool, spawner, clock = make_pool(pool_size=1, pool_min=0)
+    before = metrics.PROCESS_START_FAILURES.labels("srv")._value.get()
+    spawner.raise_ = exc
+    with pytest.raises(errors.SpawnFailed, match=type(exc).__name__) as caught:
+        pool.acquire()
+    assert caught.value.http_status == 503
+    stats = pool.stats()
+    assert stats["spawn_failures"] == 1 and stats["starting"] == 0 and stats["processes"] == 0
+    assert stats["next_spawn_in"] == 0.5 and type(exc).__name__ in stats["last_error"]["message"]
+    assert metrics.PROCESS_START_FAILURES.labels("srv")._value.get() == before + 1
+    spawner.raise_ = None
+    clock.now += 0.5
+    assert pool.acquire() is spawner.made[-1]  # the slot came back

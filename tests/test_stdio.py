@@ -304,3 +304,128 @@ def test_tools_call_is_not_replayed_after_it_reached_the_process(upstreams: Any)
         tool(upstream, "work")
     stats = upstream.pool.stats()
     assert stats["restarts"] == 1 and stats["spawned"] == 1
+
+
+# --- pool lifecycle: start-up, cancellation, threads ---------------------------
+
+
+def _pids_in(path: Path) -> list[int]:
+    return [int(line.split()[0]) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_a_malformed_discover_answer_is_a_spawn_failure_the_child_killed_and_the_slot_freed(
+    upstreams: Any, tmp_path: Path
+) -> None:
+    from gateway import metrics
+
+    pidfile = tmp_path / "pids"
+    upstream = upstreams(server_command("faulty_server.py", "bad-discover", str(pidfile)), pool_size=1)
+    before = metrics.PROCESS_START_FAILURES.labels("srv")._value.get()
+    with pytest.raises(errors.SpawnFailed, match="AttributeError") as caught:
+        call(upstream, "tools/list")
+    assert caught.value.http_status == 503
+    [child] = _pids_in(pidfile)
+    assert not _alive({child})
+    stats = upstream.pool.stats()
+    assert stats["spawn_failures"] == 1 and stats["starting"] == 0 and stats["processes"] == 0
+    assert metrics.PROCESS_START_FAILURES.labels("srv")._value.get() == before + 1
+    time.sleep(stats["next_spawn_in"])  # the back-off window (0.5 s)
+    with pytest.raises(errors.SpawnFailed, match="AttributeError"):
+        call(upstream, "tools/list")  # the slot came back: a new process was tried
+    assert len(_pids_in(pidfile)) == 2 and not _alive(set(_pids_in(pidfile)))
+    assert upstream.pool.stats()["spawn_failures"] == 2
+
+
+def test_a_nul_in_the_environment_is_a_spawn_failure_not_a_leaked_slot(upstreams: Any) -> None:
+    import dataclasses
+
+    upstream = upstreams(TIME_SERVER, pool_size=1)
+    upstream.settings = dataclasses.replace(upstream.settings, env_vars={"BAD": "a\0b"})
+    with pytest.raises(errors.SpawnFailed, match="null byte"):
+        call(upstream, "tools/list")
+    assert upstream.pool.stats()["starting"] == 0 and upstream.pool.stats()["spawn_failures"] == 1
+
+
+def test_request_timeout_counts_from_the_write_not_from_start_up(upstreams: Any) -> None:
+    upstream = upstreams(server_command("faulty_server.py", "slow-start"), request_timeout=1,
+                         env_vars={"FAULTY_START_SECONDS": "2"})
+    assert "result" in tool(upstream, "work")
+    stats = upstream.pool.stats()
+    assert stats["restarts"] == 0 and stats["spawned"] == 1
+
+
+def _cancelled_mid_call(upstream: StdioUpstream, request_id: Any = 5) -> int:
+    """Start tools/call work with a progress token, take the first event, hang up."""
+    replies = start(upstream, {"jsonrpc": "2.0", "id": request_id, "method": "tools/call",
+                               "params": {"name": "work", "arguments": {}, "_meta": {**ENVELOPE, "progressToken": "t"}}},
+                    MODERN)
+    assert next(replies).message["method"] == "notifications/progress"
+    pid = only_pid(upstream)
+    replies.close()  # what the view does when the client disconnects
+    return pid
+
+
+@pytest.mark.parametrize("mode, kept", [
+    ("cancel-silent", True),    # the spec's behaviour: no answer after the cancel
+    ("cancel-answers", True),   # answers anyway within the grace: read and dropped
+    ("cancel-garbage", False),  # writes non-JSON: replaced
+    ("cancel-busy", False),     # keeps writing for the cancelled request past the grace: replaced
+])
+def test_a_cancelled_call_keeps_a_process_that_behaves(upstreams: Any, mode: str, kept: bool) -> None:
+    upstream = upstreams(server_command("faulty_server.py", mode))
+    pid = _cancelled_mid_call(upstream)
+    stats = upstream.pool.stats()
+    assert stats["busy"] == 0
+    if kept:
+        assert stats["pids"] == [pid] and stats["restarts"] == 0
+        assert "tools" in call(upstream, "tools/list")[-1].message["result"]
+        assert only_pid(upstream) == pid
+    else:
+        assert pid not in stats["pids"] and stats["restarts"] == 1 and not _alive({pid})
+
+
+def test_an_answer_to_a_cancelled_id_after_the_grace_never_reaches_the_next_request(
+    upstreams: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("gateway.upstreams.CANCEL_GRACE", 0.3)
+    upstream = upstreams(server_command("faulty_server.py", "cancel-answers"), env_vars={"FAULTY_LATE_SECONDS": "1"})
+    pid = _cancelled_mid_call(upstream, request_id=5)
+    assert upstream.pool.stats()["pids"] == [pid]  # silent within the grace: kept
+    # The same id again, while the late "answer" to the cancelled request is on its way.
+    listed = call(upstream, "tools/list", request_id=5)[-1].message
+    assert listed["id"] == 5 and "tools" in listed["result"]
+    assert only_pid(upstream) == pid
+
+
+def test_a_child_started_from_a_short_lived_thread_outlives_that_thread() -> None:
+    """PR_SET_PDEATHSIG follows the thread that forked: children are forked by one that lives on."""
+    import subprocess
+    import sys
+
+    from gateway import processes
+
+    started: list[subprocess.Popen[bytes]] = []
+    thread = threading.Thread(target=lambda: started.append(processes.spawn(
+        "srv", [sys.executable, "-c", "import time; time.sleep(30)"], env={})))
+    thread.start()
+    thread.join(10)
+    [popen] = started
+    try:
+        time.sleep(0.5)  # a death signal would have arrived by now
+        assert popen.poll() is None, f"child died with {popen.returncode} when the thread that started it exited"
+    finally:
+        processes.stop(popen, 0)
+
+
+def test_closing_stops_a_process_still_starting(upstreams: Any, tmp_path: Path) -> None:
+    pidfile = tmp_path / "pids"
+    upstream = upstreams(server_command("faulty_server.py", "slow-start", str(pidfile)),
+                         pool_min=1, env_vars={"FAULTY_START_SECONDS": "20"})
+    upstream.maintain()  # upkeep tops the pool up: a spawn in the background
+    deadline = time.monotonic() + 10
+    while not _pids_in(pidfile) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [child] = _pids_in(pidfile)
+    assert upstream.pool.stats()["starting"] == 1
+    upstream.close()
+    assert not _alive({child}) and upstream.pool.stats()["starting"] == 0

@@ -10,7 +10,16 @@ Usage::
 
 MODE is one of: exit-at-start, hang, garbage, die, long-line, stderr-flood, ok,
 discover-silent, die-on-list (exits with code 7 on tools/list), stale-answer (before
-each tools/call answer, writes a late answer to the gateway's handshake id).  If PIDFILE is given, "PID MODE" is appended to it at start.
+each tools/call answer, writes a late answer to the gateway's handshake id),
+slow-start (sleeps FAULTY_START_SECONDS, default 1, before reading stdin),
+bad-discover (a server/discover answer whose ``_meta`` is not an object),
+record-shutdown (appends "PID eof" to PIDFILE at stdin EOF, keeps running, and
+"PID term" at SIGTERM, then exits 0), and the cancel-* modes: tools/call sends
+one progress notification (when the request has a progressToken), then waits for
+``notifications/cancelled`` naming it, after which cancel-silent says nothing,
+cancel-answers answers it anyway (after FAULTY_LATE_SECONDS, default 0), cancel-garbage writes non-JSON and cancel-busy
+keeps sending progress for it for 3 s before answering.
+If PIDFILE is given, "PID MODE" is appended to it at start.
 SIGTERM keeps its default action (the process dies); stdin EOF exits with 0.
 """
 
@@ -18,6 +27,8 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import signal
 import sys
 import time
 from typing import Any, NoReturn
@@ -41,6 +52,12 @@ MODES = (
     "die-on-list",
     "slow-start",
     "stale-answer",
+    "bad-discover",
+    "record-shutdown",
+    "cancel-silent",
+    "cancel-answers",
+    "cancel-garbage",
+    "cancel-busy",
 )
 
 LONG_LINE_BYTES = 50 * 1024 * 1024
@@ -87,7 +104,10 @@ def envelope(params: Any) -> JsonDict | None:
     return None
 
 
-def on_discover(req_id: Any, params: Any) -> None:
+def on_discover(mode: str, req_id: Any, params: Any) -> None:
+    if mode == "bad-discover":  # offers 2026-07-28, but _meta is no object
+        reply(req_id, {"resultType": "complete", "supportedVersions": [MODERN], "capabilities": {}, "_meta": "oops"})
+        return
     meta = envelope(params)
     if meta is None:
         error(
@@ -147,6 +167,9 @@ def on_call(mode: str, req_id: Any, params: Any) -> None:
         return
     if mode == "hang":
         return  # never answer
+    if mode.startswith("cancel-"):
+        after_cancel(mode, req_id, params)
+        return
     if mode == "garbage":
         sys.stdout.buffer.write(b"this is not json\n")
         sys.stdout.buffer.flush()
@@ -179,6 +202,55 @@ def on_call(mode: str, req_id: Any, params: Any) -> None:
     )
 
 
+def progress(token: Any, n: int) -> None:
+    send({"jsonrpc": "2.0", "method": "notifications/progress",
+          "params": {"progressToken": token, "progress": n, "total": 100}})
+
+
+def after_cancel(mode: str, req_id: Any, params: Any) -> None:
+    """Report progress once, wait for the cancel of `req_id`, then behave as `mode` says."""
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    token = meta.get("progressToken") if isinstance(meta, dict) else None
+    if token is not None:
+        progress(token, 1)
+    sent = 1
+    while True:  # progress every 0.2 s (so a gateway notices a client that left) until the cancel
+        if not select.select([sys.stdin.buffer], [], [], 0.2)[0]:
+            if token is not None:
+                sent += 1
+                progress(token, sent)
+            continue
+        raw = sys.stdin.buffer.readline()
+        if not raw:
+            hard_exit(0)  # stdin closed while waiting
+        try:
+            msg = json.loads(raw)
+        except ValueError:
+            continue
+        if not isinstance(msg, dict) or msg.get("method") != "notifications/cancelled":
+            continue
+        cancelled = msg.get("params") if isinstance(msg.get("params"), dict) else {}
+        if cancelled.get("requestId") == req_id:
+            break
+    if mode == "cancel-silent":
+        return
+    if mode == "cancel-garbage":
+        sys.stdout.buffer.write(b"garbage after the cancel\n")
+        sys.stdout.buffer.flush()
+        return
+    if mode == "cancel-busy":
+        for n in range(30):
+            progress(token, n + 2)
+            time.sleep(0.1)
+    time.sleep(float(os.environ.get("FAULTY_LATE_SECONDS", "0")))
+    reply(req_id, {"content": [{"type": "text", "text": "late"}], "isError": False, "resultType": "complete"})
+
+
+def record(path: str, what: str) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(f"{os.getpid()} {what}\n")
+
+
 def handle(mode: str, msg: Any) -> None:
     if (
         not isinstance(msg, dict)
@@ -189,7 +261,7 @@ def handle(mode: str, msg: Any) -> None:
     method, req_id, params = msg["method"], msg["id"], msg.get("params")
     if method == "server/discover":
         if mode != "discover-silent":
-            on_discover(req_id, params)
+            on_discover(mode, req_id, params)
     elif method == "initialize":
         on_initialize(mode, req_id, params)
     elif method == "ping":
@@ -228,7 +300,15 @@ def main(argv: list[str]) -> int:
         print("fatal: cannot start", file=sys.stderr, flush=True)
         return 2
     if mode == "slow-start":  # a 2026-07-28 server that takes its time to start reading
-        time.sleep(1.0)
+        time.sleep(float(os.environ.get("FAULTY_START_SECONDS", "1.0")))
+    if mode == "record-shutdown":
+        path = argv[1]
+
+        def on_term(signum: int, frame: Any) -> None:
+            record(path, "term")
+            hard_exit(0)
+
+        signal.signal(signal.SIGTERM, on_term)
     for raw in iter(sys.stdin.buffer.readline, b""):
         text = raw.decode("utf-8", errors="replace").strip()
         if not text:
@@ -239,6 +319,10 @@ def main(argv: list[str]) -> int:
             error(None, -32700, "Parse error")
             continue
         handle(mode, msg)
+    if mode == "record-shutdown":  # saw stdin close; ignores it until SIGTERM
+        record(argv[1], "eof")
+        while True:
+            time.sleep(1)
     return 0
 
 

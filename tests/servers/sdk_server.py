@@ -5,7 +5,7 @@ process.  Tools: ``add``, ``whoami``, ``slow``, ``ask``, ``sleep``, ``crash``.
 
 Usage::
 
-    python sdk_server.py stdio          # stdio transport
+    python sdk_server.py stdio          # stdio transport (TEST_SERVER_START_SECONDS: sleep first)
     python sdk_server.py http PORT      # streamable HTTP on http://127.0.0.1:PORT/mcp
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import warnings
 from typing import Annotated
 
@@ -108,6 +109,8 @@ def crash() -> str:
 def main(argv: list[str]) -> int:
     """Run over stdio or streamable HTTP according to ``argv``."""
     if len(argv) >= 1 and argv[0] == "stdio":
+        # A server slow to start (tests of pool growth): it reads nothing meanwhile.
+        time.sleep(float(os.environ.get("TEST_SERVER_START_SECONDS", "0")))
         mcp.run("stdio")
         return 0
     if len(argv) >= 2 and argv[0] == "http":
