@@ -52,7 +52,11 @@ def test_json_lines_on_request(make_app: Any, caplog: pytest.LogCaptureFixture) 
 
 @responses.activate
 def test_request_id_reaches_http_upstreams(make_app: Any, caplog: pytest.LogCaptureFixture) -> None:
-    responses.post("http://up.test/mcp", json={"jsonrpc": "2.0", "id": 1, "result": {"tools": []}})
+    def answer(request: Any) -> tuple[int, dict[str, str], str]:  # as a server does: the request's own id
+        return 200, {"Content-Type": "application/json"}, json.dumps(
+            {"jsonrpc": "2.0", "id": json.loads(request.body).get("id"), "result": {"tools": []}})
+
+    responses.add_callback(responses.POST, "http://up.test/mcp", callback=answer)
     client = make_app({"web": {"type": "http", "instances": [{"endpoint": "http://up.test"}]}}).test_client()
     with caplog.at_level(logging.INFO, logger="gateway.access"):
         client.post("/web/mcp", json=LIST, headers={"X-Request-Id": "abc-123"}).close()
