@@ -114,12 +114,13 @@ class StdioUpstream:
     ) -> Generator[Reply, None, None]:
         process = self.pool.acquire()
         request_id = message["id"]
-        failure: str | None = "abandoned"
+        failure: str | None = None  # until the request is written, the process is as clean as it came
         try:
             outgoing = protocol.request_for_server(message, client.era, process.era)
             # Bytes pass through untouched when no translation was needed and the
             # body is already one line (stdio framing forbids embedded newlines).
             data = body if outgoing is message and b"\n" not in body and b"\r" not in body else jsonrpc.encode(outgoing)
+            failure = "abandoned"  # from here until its response is read, the process is mid-exchange
             try:
                 process.send(data, deadline)
             except errors.ProcessFailed as exc:
@@ -130,8 +131,8 @@ class StdioUpstream:
                 if "method" in reply:
                     yield Reply(reply, raw, final=False, origin=origin)
                     continue
+                failure = None  # the response is read: the process is between messages whatever follows
                 translated = protocol.reply_for_client(reply, message["method"], client.era, process.era, self.server_id)
-                failure = None  # the client may hang up at this yield; the process is fine
                 yield Reply(translated, raw if translated is reply else None, final=True, origin=origin)
                 return
         except errors.GatewayError as exc:
@@ -139,8 +140,11 @@ class StdioUpstream:
             metrics.UPSTREAM_ERRORS.labels(self.server_id, metrics.error_kind(exc)).inc()
             raise
         finally:
-            if failure == "abandoned":
-                failure = _abandon(process, request_id, deadline)
+            try:
+                if failure == "abandoned":  # the client left, or the gateway failed, mid-exchange
+                    failure = _abandon(process, request_id, deadline)
+            except Exception as exc:  # noqa: BLE001  # whatever happens, the process goes back
+                failure = f"{type(exc).__name__} while winding down an abandoned request"
             self.pool.release(process, failure=failure)
 
 
