@@ -442,3 +442,11 @@ def test_a_failure_at_any_stage_returns_the_process_and_the_lease(app: Any, monk
     # And the server serves on.
     assert client.post(f"/{server}/mcp", json=body, headers=headers, buffered=True).status_code == 200
 
+
+
+def test_a_servers_malformed_input_request_becomes_an_error_not_a_crash() -> None:
+    # A handshake-era client cannot answer input_required; a server's garbled list of what it needs
+    # must still become that clear error, not an AttributeError.
+    reply = {"jsonrpc": "2.0", "id": 3, "result": {"resultType": "input_required", "inputRequests": ["not", "a", "map"]}}
+    answer = protocol.reply_for_client(reply, "tools/call", protocol.LEGACY, protocol.MODERN, "s")
+    assert answer["id"] == 3 and answer["error"]["code"] == errors.INTERNAL_ERROR and "needs input" in answer["error"]["message"]
