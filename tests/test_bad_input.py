@@ -27,13 +27,13 @@ from hypothesis import strategies as st
 from gateway import errors, jsonrpc, metrics, protocol, sse, stdio
 from gateway.extension import EXTENSION_KEY
 
-from .conftest import TIME_SERVER, Gunicorn, server_command, write_registry
+from .conftest import TIME_SERVER, Gunicorn, server_command, wait_for, write_registry
 
 # pool_size 1 per worker, so that the few requests which would leak a process
-# today are enough to jam a server; wait_timeout short, so a jammed one says so fast.
+# today are enough to jam a server; wait_timeout short, so a jammed one says so soon.
 SERVERS = {
-    "time": {"type": "stdio", "command": TIME_SERVER, "pool_size": 1, "wait_timeout": 2},
-    "legacy": {"type": "stdio", "command": server_command("legacy_server.py"), "pool_size": 1, "wait_timeout": 2},
+    "time": {"type": "stdio", "command": TIME_SERVER, "pool_size": 1, "wait_timeout": 5},
+    "legacy": {"type": "stdio", "command": server_command("legacy_server.py"), "pool_size": 1, "wait_timeout": 5},
 }
 ENVELOPE = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}
 JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -51,6 +51,8 @@ CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
     registry = write_registry(tmp_path_factory.mktemp("bad-input"), SERVERS)
     with Gunicorn(registry, workers=2, threads=4).serving() as instance:
+        # Every worker's process of every server started (a slow start is not what is tested here).
+        wait_for(lambda: all(pool(instance, server)["idle"] == instance.workers for server in SERVERS), 60)
         yield instance
 
 
@@ -83,7 +85,8 @@ def pool(gateway: Gunicorn, server: str) -> dict[str, Any]:
             break
     assert len(fresh) == gateway.workers, "not every worker answered /status"
     views = fresh.values()
-    return {"busy": sum(v["busy"] for v in views), "restarts": sum(v["restarts"] for v in views),
+    return {"busy": sum(v["busy"] for v in views), "idle": sum(v["idle"] for v in views),
+            "restarts": sum(v["restarts"] for v in views),
             "pids": sorted(pid for v in views for pid in v["pids"]), "capacity": sum(v["pool_size"] for v in views)}
 
 
