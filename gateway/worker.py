@@ -34,12 +34,12 @@ gateway, instead of gunicorn's HTML page; the log line says what was wrong,
 with its control characters escaped.
 
 4. A connection closed while request bytes are still unread (the rest of a
-body over `max_body_bytes`, a request refused before its body) is closed as
-nginx's lingering close does: the answer, then FIN, then whatever the client
-still sends is read and discarded, for at most `DRAIN_SECONDS`. Closing with
-unread bytes makes the kernel send a reset, and a client still sending its
-body then sees the reset instead of the answer. gunicorn itself discards
-only 64 KiB.
+body over `max_body_bytes`, a request refused before its body) first reads
+and discards them, for at most `DRAIN_SECONDS`: the rest of the body by its
+framing, anything else as nginx's lingering close does (FIN after the
+answer, then read until the client closes). Closing with unread bytes makes
+the kernel send a reset, and a client still sending its body then sees the
+reset instead of the answer. gunicorn itself discards only 64 KiB.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ import mmap
 import os
 import select
 import socket
+import sys
 import time
 from contextlib import suppress
 from http import HTTPStatus
@@ -163,7 +164,7 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
         while keep is True and self._may_linger(conn) and _next_request_soon(conn):
             keep = super().handle(conn)
         if keep is False and not conn.is_http2 and not self.cfg.is_ssl:
-            _drain_before_close(conn.sock)  # change 4; gunicorn's loop closes the socket next
+            _drain_before_close(conn)  # change 4; gunicorn's loop closes the socket next
         return keep
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
@@ -251,18 +252,25 @@ def printable(text: str, limit: int = 200) -> str:
     return escaped if len(escaped) <= limit else escaped[:limit] + "..."
 
 
-def _drain_before_close(sock: socket.socket) -> None:
-    """Read and discard what the client still sends, after the answer and a FIN, for a bounded time."""
+def _drain_before_close(conn: Any) -> None:
+    """Read and discard what the client still sends, for a bounded time, so that closing sends no reset."""
+    sock = conn.sock
     if sock.fileno() < 0:
         return  # gunicorn closed it already
+    deadline = time.monotonic() + DRAIN_SECONDS
+    finished = not _body_unfinished(conn.parser)
+    if not finished:
+        # The rest of a body the answer did not need: read through its framing, so a
+        # client still sending it is done when the last byte is in, whatever its speed.
+        with suppress(Exception):  # malformed, reset, or past the deadline: drained raw below
+            finished = bool(conn.parser.finish_body(deadline=deadline, max_bytes=sys.maxsize))
     poller = select.poll()
     poller.register(sock, select.POLLIN)
-    if not poller.poll(0):
+    if finished and not poller.poll(0):
         return  # nothing unread: a plain close sends no reset
     buffer = bytearray(1 << 16)
     try:
         sock.shutdown(socket.SHUT_WR)  # the answer is complete; the client may stop sending
-        deadline = time.monotonic() + DRAIN_SECONDS
         while (left := deadline - time.monotonic()) > 0:
             sock.settimeout(left)
             if not sock.recv_into(buffer):
@@ -272,6 +280,17 @@ def _drain_before_close(sock: socket.socket) -> None:
     finally:
         with suppress(OSError):
             sock.shutdown(socket.SHUT_RD)  # so gunicorn's own graceful close finds nothing to read
+
+
+def _body_unfinished(parser: Any) -> bool:
+    """Whether the request on `parser` has body bytes not read yet (gunicorn's Body and its readers)."""
+    body = getattr(getattr(parser, "mesg", None), "body", None)
+    if body is None:
+        return False
+    if getattr(body, "failed", False):
+        return True  # reading it raised: where it ends is unknown
+    reader = getattr(body, "reader", None)
+    return getattr(reader, "length", 0) > 0 or getattr(reader, "parser", None) is not None  # Length / ChunkedReader
 
 
 def release(worker: Any) -> None:

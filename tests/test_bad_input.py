@@ -16,6 +16,7 @@ import logging
 import re
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -287,6 +288,21 @@ def test_a_body_over_the_limit_gets_a_readable_413(gateway: Gunicorn, framing: s
     assert failure is None, f"the connection failed while the body was sent: {failure!r}"
     assert_jsonrpc_answer(answer, 413, f"request body is over the gateway's limit of {LIMIT} bytes")
     assert_still_serving(gateway, "time")
+
+
+def test_a_client_sending_its_body_slowly_reads_the_413_too(gateway: Gunicorn) -> None:
+    # The rest of the body arrives after the answer, in pauses longer than the worker takes to answer.
+    piece = b"x" * (64 * 1024)
+
+    def paced() -> Iterator[bytes]:
+        for _ in range(80):
+            time.sleep(0.005)
+            yield piece
+
+    head = b"POST /time/mcp HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (80 * len(piece))
+    answer, failure = send_and_read(gateway, head, paced())
+    assert failure is None, f"the connection failed while the body was sent: {failure!r}"
+    assert_jsonrpc_answer(answer, 413, f"request body is over the gateway's limit of {LIMIT} bytes")
 
 
 def test_a_client_that_sends_the_whole_body_first_reads_the_413(gateway: Gunicorn) -> None:
