@@ -33,11 +33,13 @@ class GatewayError(Exception):
     code = INTERNAL_ERROR
     retry_safe = False
 
-    def __init__(self, message: str, *, data: Any = None, retry_after: float | None = None):
+    def __init__(self, message: str, *, data: Any = None, retry_after: float | None = None, rpc_id: Any = None):
         super().__init__(message)
         self.message = message
         self.data = data
         self.retry_after = retry_after
+        # The id of the request refused, when it was read before the problem was found.
+        self.rpc_id = rpc_id
 
 
 # --- the client sent something we cannot use ---------------------------------
@@ -58,6 +60,12 @@ class ParseError(ClientError):
 
 class InvalidRequest(ClientError):
     """The body is JSON but not a JSON-RPC 2.0 message."""
+
+
+class InvalidParams(ClientError):
+    """The message is a request, but its params cannot be used (e.g. `_meta` not an object)."""
+
+    code = INVALID_PARAMS
 
 
 class BodyTooLarge(ClientError):

@@ -67,11 +67,15 @@ class Exchange:
 
     def finish(self, app: Flask, status: int) -> None:
         release, self.release = self.release, None
-        if release is not None:
-            release()
-        accesslog.write(app, self, status)
-        if self.server_id is not None:
-            metrics.record(self, status)
+        try:
+            if release is not None:
+                release()
+        finally:  # each step happens even if one before it failed
+            try:
+                accesslog.write(app, self, status)
+            finally:
+                if self.server_id is not None:
+                    metrics.record(self, status)
 
 
 def init_app(app: Flask) -> None:

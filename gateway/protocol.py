@@ -109,8 +109,7 @@ def client_context(headers: Headers, message: Mapping[str, Any], session_version
     """Decide the era of a request and enforce the 2026-07-28 header rules."""
     header_version = headers.get("MCP-Protocol-Version")
     params = message.get("params")
-    meta = params.get("_meta") if isinstance(params, dict) else None
-    body_version = meta.get(META_PROTOCOL_VERSION) if isinstance(meta, dict) else None
+    body_version = _envelope_version(params["_meta"]) if isinstance(params, dict) and "_meta" in params else None
     if header_version is None:
         if body_version is not None:
             raise errors.HeaderMismatch(
@@ -126,6 +125,33 @@ def client_context(headers: Headers, message: Mapping[str, Any], session_version
         f"protocol version {quoted(header_version)} is not supported",
         data={"supported": list(SUPPORTED_VERSIONS), "requested": bound(header_version)},
     )
+
+
+def _envelope_version(meta: Any) -> Any:
+    """The protocol version `params._meta` names; InvalidParams if it, or an envelope key, has the wrong type.
+
+    Checked here, for every request of either era before it goes anywhere,
+    so that translation (to_modern_request / to_legacy_request) can rely on
+    the shapes, and a server of either era never sees what it cannot read.
+    """
+    if not isinstance(meta, dict):
+        raise errors.InvalidParams(f"params._meta must be an object, not {_json_type(meta)}")
+    for key, kind in _ENVELOPE_TYPES:
+        value = meta.get(key)
+        if value is not None and not isinstance(value, kind):
+            raise errors.InvalidParams(
+                f"params._meta[{key!r}] must be {_JSON_TYPES[kind]}, not {_json_type(value)}"
+            )
+    return meta.get(META_PROTOCOL_VERSION)
+
+
+_ENVELOPE_TYPES = ((META_PROTOCOL_VERSION, str), (META_CLIENT_CAPABILITIES, dict), (META_CLIENT_INFO, dict))
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+               float: "a number", type(None): "null"}
+
+
+def _json_type(value: Any) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
 
 
 def _check_modern_headers(
@@ -211,7 +237,9 @@ def reply_for_client(reply: dict[str, Any], method: str, client_era: str, server
     if client_era == MODERN:
         return {**reply, "result": to_modern_result(method, result)}
     if result.get("resultType") == "input_required":
-        wanted = sorted({str(r.get("method")) for r in (result.get("inputRequests") or {}).values() if isinstance(r, dict)})
+        requests = result.get("inputRequests")
+        wanted = sorted({str(r.get("method")) for r in (requests.values() if isinstance(requests, dict) else ())
+                         if isinstance(r, dict)})
         return jsonrpc.error(
             reply.get("id"), errors.INTERNAL_ERROR,
             f"server '{server_id}' needs input from the client ({', '.join(wanted) or 'input'}), which a "

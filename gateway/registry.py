@@ -119,6 +119,7 @@ class GatewaySettings:
     reload_registry: bool = False
     health_check_interval: float = 30.0
     max_body_bytes: int = 4 * 1024 * 1024
+    max_json_depth: int = 64  # deeper request bodies are refused before any server must parse them
     session_secret: tuple[str, ...] | None = None  # a string or a list in the file; the first seals
     session_ttl: float = 24 * 3600.0
     template_dirs: tuple[str, ...] = ()

@@ -19,6 +19,7 @@ from flask import Flask
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.wsgi import get_content_length, get_input_stream, get_path_info
 
+from . import errors
 from .exchange import Exchange
 from .extension import EXTENSION_KEY, Gateway
 from .views import error_response, post
@@ -48,27 +49,34 @@ class McpPostRoute:
             gateway.start()
             gateway.rebinding.check(exchange.headers)
             exchange.principal = gateway.auth.check_server(match[1], exchange.headers)
-            body = read_body(environ, gateway.registry.gateway.max_body_bytes)
+            body = read_body(environ, gateway.registry.gateway.max_body_bytes, match[1])
             response = post(gateway, exchange, match[2] or "", environ.get("QUERY_STRING", "").encode("latin-1"), body)
         except Exception as exc:  # noqa: BLE001  # every failure becomes a JSON-RPC error, as Flask's handler does
             response = error_response(gateway, exchange, exc)
         return exchange.respond(self.app, response)(environ, start_response)
 
 
-def read_body(environ: dict[str, Any], limit: int) -> bytes:
+def read_body(environ: dict[str, Any], limit: int, server_id: str) -> bytes:
     """The request body; RequestEntityTooLarge past `limit` bytes, declared (Content-Length) or not (chunked).
 
     Not werkzeug's max_content_length, which ends a chunked body at the
-    limit without a word: the truncated JSON became a parse error.
+    limit without a word: the truncated JSON became a parse error. What is
+    left unread of a body over the limit, the worker discards after the
+    answer (gateway/worker.py), so that the client can read the 413.
     """
     declared = get_content_length(environ)
     if declared is not None and declared > limit:
         raise RequestEntityTooLarge()
     stream = get_input_stream(environ)
     body = bytearray()
-    while len(body) <= limit:
-        chunk = stream.read(limit + 1 - len(body))
-        if not chunk:
-            return bytes(body)
-        body += chunk
+    try:
+        while len(body) <= limit:
+            chunk = stream.read(limit + 1 - len(body))
+            if not chunk:
+                return bytes(body)
+            body += chunk
+    except Exception as exc:  # noqa: BLE001
+        # Whatever the server's body reader raises (gunicorn: InvalidChunkSize, ChunkMissingTerminator,
+        # NoMoreData when the client stops mid-body) means the client's body is malformed or cut short.
+        raise errors.ClientError(f"server '{server_id}': the request body could not be read: {exc}") from None
     raise RequestEntityTooLarge()

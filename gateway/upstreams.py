@@ -154,7 +154,7 @@ class StdioUpstream:
             # A late answer to the cancelled request with this id may still come: send this one
             # under an id no one else uses, so that answer can never be taken for this one's.
             request_id = scope.fresh_request_id()
-        failure: str | None = "abandoned"
+        failure: str | None = None  # until the request is written, the process is as clean as it came
         try:
             translated_request = protocol.request_for_server(message, client.era, process.era)
             # Only what the protocol ties to this request reaches its client (see scope.py).
@@ -164,6 +164,7 @@ class StdioUpstream:
             # Bytes pass through untouched when no translation was needed and the
             # body is already one line (stdio framing forbids embedded newlines).
             data = body if outgoing is message and b"\n" not in body and b"\r" not in body else jsonrpc.encode(outgoing)
+            failure = "abandoned"  # from here until its response is read, the process is mid-exchange
             try:
                 process.send(data, deadline)
             except errors.ProcessFailed as exc:
@@ -179,9 +180,9 @@ class StdioUpstream:
                     else:
                         self._dropped(process, reply, dropped)
                     continue
+                failure = None  # the response is read: the process is between messages whatever follows
                 answer = reply if request_id is client_id else {**reply, "id": client_id}
                 translated = protocol.reply_for_client(answer, message["method"], client.era, process.era, self.server_id)
-                failure = None  # the client may hang up at this yield; the process is fine
                 yield Reply(translated, raw if translated is reply else None, final=True, origin=origin)
                 return
         except errors.GatewayError as exc:
@@ -189,8 +190,11 @@ class StdioUpstream:
             metrics.UPSTREAM_ERRORS.labels(self.server_id, metrics.error_kind(exc)).inc()
             raise
         finally:
-            if failure == "abandoned":
-                failure = _abandon(process, request_id, deadline)
+            try:
+                if failure == "abandoned":  # the client left, or the gateway failed, mid-exchange
+                    failure = _abandon(process, request_id, deadline)
+            except Exception as exc:  # noqa: BLE001  # whatever happens, the process goes back
+                failure = f"{type(exc).__name__} while winding down an abandoned request"
             self.pool.release(process, failure=failure)
 
     def _dropped(self, process: StdioProcess, notification: dict[str, Any], reason: str) -> None:

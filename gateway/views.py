@@ -90,7 +90,7 @@ def post(gateway: Gateway, exchange: Exchange, path: str, query: bytes, body: by
     """POST /<server-id>[/<path>]: one JSON-RPC message (served by route.py, without Flask's request machinery)."""
     server_id = exchange.server_id or ""
     upstream = gateway.checkout(server_id, exchange)
-    message = jsonrpc.parse(body, server_id)
+    message = jsonrpc.parse(body, server_id, gateway.registry.gateway.max_json_depth)
     exchange.rpc_id = message.get("id")
     exchange.mcp_method = method = message.get("method")
     session = _session(gateway, exchange, server_id)
@@ -238,6 +238,10 @@ def _sse(first: Reply, replies: Generator[Reply, None, None], request_id: Any) -
     except errors.GatewayError as exc:
         # Headers are gone already; the failure travels as the final event.
         yield sse.event(jsonrpc.encode(jsonrpc.error(request_id, exc.code, exc.message, exc.data)))
+    except Exception as exc:  # a bug must still end the stream with an answer
+        log.exception("unhandled error while streaming an answer")
+        yield sse.event(jsonrpc.encode(jsonrpc.error(request_id, errors.INTERNAL_ERROR,
+                                                     f"internal gateway error: {type(exc).__name__}")))
     finally:
         replies.close()
 
@@ -260,7 +264,8 @@ def error_response(gateway: Gateway, exchange: Exchange, exc: Exception) -> Resp
     if isinstance(exc, errors.GatewayError):
         if exc.http_status >= 500:
             log.warning("%s %s -> %s: %s", exchange.method, exchange.path, exc.http_status, exc.message)
-        response = _json(jsonrpc.error(exchange.rpc_id, exc.code, exc.message, exc.data), exc.http_status)
+        rpc_id = exchange.rpc_id if exc.rpc_id is None else exc.rpc_id
+        response = _json(jsonrpc.error(rpc_id, exc.code, exc.message, exc.data), exc.http_status)
         if exc.retry_after is not None:
             response.headers["Retry-After"] = str(max(1, round(exc.retry_after)))
         if isinstance(exc, errors.MethodNotAllowed):

@@ -1,4 +1,4 @@
-"""gunicorn's threaded worker, with two changes for kept-alive clients.
+"""gunicorn's threaded worker, with two changes for kept-alive clients and two for bad ones.
 
 1. It takes only its fair share of new connections. gunicorn's workers share
 one listening socket, and whichever wakes first accepts. A client that opens
@@ -27,6 +27,19 @@ thread with none of that. Only while the worker holds no more connections
 than threads, so a waiting thread never keeps another connection from one;
 past that, or when the wait runs out, the connection goes back to the
 poller as in stock gthread.
+
+3. Requests its HTTP parser refuses (a NUL in a header, a bad request line
+or chunk size, ...) get a JSON-RPC error, as every other error of the
+gateway, instead of gunicorn's HTML page; the log line says what was wrong,
+with its control characters escaped.
+
+4. A connection closed while request bytes are still unread (the rest of a
+body over `max_body_bytes`, a request refused before its body) first reads
+and discards them, for at most `DRAIN_SECONDS`: the rest of the body by its
+framing, anything else as nginx's lingering close does (FIN after the
+answer, then read until the client closes). Closing with unread bytes makes
+the kernel send a reset, and a client still sending its body then sees the
+reset instead of the answer. gunicorn itself discards only 64 KiB.
 """
 
 from __future__ import annotations
@@ -34,10 +47,18 @@ from __future__ import annotations
 import mmap
 import os
 import select
+import socket
+import sys
 import time
+from contextlib import suppress
+from http import HTTPStatus
 from typing import Any
 
+from gunicorn import util
+from gunicorn.http import errors as http_errors
 from gunicorn.workers.gthread import ThreadWorker
+
+from . import errors, jsonrpc
 
 # Long enough for a sibling to be scheduled and accept even on a saturated
 # machine (20 ms was not, with two CPU hogs on 2 cores); it is only ever
@@ -50,6 +71,23 @@ ACCEPT_PAUSE = 0.05
 KEEPALIVE_LINGER = 0.01
 
 FREE, BOOTING, STOPPING = 0, -1, -2  # a slot's owner field; a pid when it is accepting
+
+# How long a closing connection may go on reading what the client still sends
+# (change 4). It holds the thread that long at most; nginx's lingering_time is 30 s.
+DRAIN_SECONDS = 3.0
+
+# The status of what gunicorn's parser refuses, where it is not 400 (the most specific class wins).
+REFUSAL_STATUS: dict[type[BaseException], int] = {
+    http_errors.LimitRequestLine: 414,
+    http_errors.LimitRequestHeaders: 431,
+    http_errors.ExpectationFailed: 417,
+    http_errors.ForbiddenProxyRequest: 403,
+    http_errors.UnsupportedTransferCoding: 501,
+    http_errors.ConfigurationProblem: 500,
+    # A header the application tried to send is the application's fault.
+    http_errors.InvalidResponseHeader: 500,
+    http_errors.InvalidResponseHeaderName: 500,
+}
 
 
 class ConnectionTable:
@@ -125,7 +163,28 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
         keep = super().handle(conn)
         while keep is True and self._may_linger(conn) and _next_request_soon(conn):
             keep = super().handle(conn)
+        if keep is False and not conn.is_http2 and not self.cfg.is_ssl:
+            _drain_before_close(conn)  # change 4; gunicorn's loop closes the socket next
         return keep
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        """Answer a request gunicorn could not parse (or serve) with a JSON-RPC error (change 3)."""
+        status = refusal_status(exc)
+        peer = addr[0] if addr else "-"
+        if status == 500:
+            self.log.exception("error serving a request from %s", peer)
+            message, code = "internal gateway error", errors.INTERNAL_ERROR
+        else:
+            what = printable(str(exc))
+            self.log.warning("could not read an HTTP request from %s: %s", peer, what)
+            message, code = f"the gateway could not read this HTTP request: {what}", errors.INVALID_REQUEST
+        body = jsonrpc.encode(jsonrpc.error(None, code, message))
+        head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nConnection: close\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+        try:
+            util.write_nonblock(client, head.encode("latin-1") + body)
+        except OSError:
+            self.log.debug("could not send the error answer to %s", peer)
 
     def _may_linger(self, conn: Any) -> bool:
         # Read from a pool thread: nr_conns and alive are plain values the loop
@@ -177,6 +236,61 @@ def _next_request_soon(conn: Any) -> bool:
     poller = select.poll()
     poller.register(conn.sock, select.POLLIN)
     return bool(poller.poll(KEEPALIVE_LINGER * 1000))
+
+
+def refusal_status(exc: BaseException) -> int:
+    """The HTTP status answering `exc`, raised while gunicorn read or served a request."""
+    for kind in type(exc).__mro__:
+        if kind in REFUSAL_STATUS:
+            return REFUSAL_STATUS[kind]
+    return 400 if isinstance(exc, http_errors.ParseException) else 500
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """`text` with control characters (and other non-ASCII) escaped, cut at `limit`: safe in one log line."""
+    escaped = text.encode("unicode_escape").decode("ascii")
+    return escaped if len(escaped) <= limit else escaped[:limit] + "..."
+
+
+def _drain_before_close(conn: Any) -> None:
+    """Read and discard what the client still sends, for a bounded time, so that closing sends no reset."""
+    sock = conn.sock
+    if sock.fileno() < 0:
+        return  # gunicorn closed it already
+    deadline = time.monotonic() + DRAIN_SECONDS
+    finished = not _body_unfinished(conn.parser)
+    if not finished:
+        # The rest of a body the answer did not need: read through its framing, so a
+        # client still sending it is done when the last byte is in, whatever its speed.
+        with suppress(Exception):  # malformed, reset, or past the deadline: drained raw below
+            finished = bool(conn.parser.finish_body(deadline=deadline, max_bytes=sys.maxsize))
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    if finished and not poller.poll(0):
+        return  # nothing unread: a plain close sends no reset
+    buffer = bytearray(1 << 16)
+    try:
+        sock.shutdown(socket.SHUT_WR)  # the answer is complete; the client may stop sending
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            if not sock.recv_into(buffer):
+                break
+    except OSError:
+        pass  # reset, timed out, or gone: nothing more to wait for
+    finally:
+        with suppress(OSError):
+            sock.shutdown(socket.SHUT_RD)  # so gunicorn's own graceful close finds nothing to read
+
+
+def _body_unfinished(parser: Any) -> bool:
+    """Whether the request on `parser` has body bytes not read yet (gunicorn's Body and its readers)."""
+    body = getattr(getattr(parser, "mesg", None), "body", None)
+    if body is None:
+        return False
+    if getattr(body, "failed", False):
+        return True  # reading it raised: where it ends is unknown
+    reader = getattr(body, "reader", None)
+    return getattr(reader, "length", 0) > 0 or getattr(reader, "parser", None) is not None  # Length / ChunkedReader
 
 
 def release(worker: Any) -> None:
