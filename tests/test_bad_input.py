@@ -278,10 +278,10 @@ def test_a_body_over_the_limit_gets_a_readable_413(gateway: Gunicorn, framing: s
     piece = b'{"pad":"' + b"x" * (64 * 1024 - 10) + b'"}'
     count = size // len(piece)
     if framing == "chunked":
-        head = b"POST /time/mcp HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        head = b"POST /time/mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
         chunks = iter([b"%x\r\n%s\r\n" % (len(piece), piece)] * count + [b"0\r\n\r\n"])
     else:
-        head = (b"POST /time/mcp HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+        head = (b"POST /time/mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                 b"Content-Length: %d\r\n\r\n" % (len(piece) * count))
         chunks = iter([piece] * count)
     answer, failure = send_and_read(gateway, head, chunks)
@@ -299,7 +299,7 @@ def test_a_client_sending_its_body_slowly_reads_the_413_too(gateway: Gunicorn) -
             time.sleep(0.005)
             yield piece
 
-    head = b"POST /time/mcp HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (80 * len(piece))
+    head = b"POST /time/mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (80 * len(piece))
     answer, failure = send_and_read(gateway, head, paced())
     assert failure is None, f"the connection failed while the body was sent: {failure!r}"
     assert_jsonrpc_answer(answer, 413, f"request body is over the gateway's limit of {LIMIT} bytes")
@@ -317,7 +317,7 @@ def test_a_client_that_sends_the_whole_body_first_reads_the_413(gateway: Gunicor
 
 def test_an_invalid_chunk_size_is_400_with_a_jsonrpc_error(gateway: Gunicorn) -> None:
     watch = LogWatch(gateway)
-    head = b"POST /time/mcp HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    head = b"POST /time/mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
     answer, failure = send_and_read(gateway, head, iter([b"zz\r\n{}\r\n0\r\n\r\n"]))
     assert failure is None
     assert_jsonrpc_answer(answer, 400, "server 'time': the request body could not be read: Invalid chunk size")
@@ -327,16 +327,16 @@ def test_an_invalid_chunk_size_is_400_with_a_jsonrpc_error(gateway: Gunicorn) ->
 # --- HTTP that gunicorn's parser refuses -----------------------------------------------
 
 REFUSED = [
-    ("nul-in-header-value", b"POST /time/mcp HTTP/1.1\r\nHost: gw\r\nX-Note: a\x00b\r\nContent-Length: 2\r\n\r\n{}", 400),
-    ("escape-in-header-value", b"POST /time/mcp HTTP/1.1\r\nHost: gw\r\nX-Note: \x1b[31mred\r\n\r\n", 400),
-    ("invalid-header-name", b"POST /time/mcp HTTP/1.1\r\nHost: gw\r\nX Note: b\r\n\r\n", 400),
+    ("nul-in-header-value", b"POST /time/mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Note: a\x00b\r\nContent-Length: 2\r\n\r\n{}", 400),
+    ("escape-in-header-value", b"POST /time/mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Note: \x1b[31mred\r\n\r\n", 400),
+    ("invalid-header-name", b"POST /time/mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nX Note: b\r\n\r\n", 400),
     ("invalid-request-line", b"GARBAGE\r\n\r\n", 400),
-    ("control-in-request-line", b"POST /time/\x1b[2Jmcp\x00 HTTP/1.1\r\nHost: gw\r\n\r\n", 400),
-    ("invalid-http-version", b"POST /time/mcp HTTP/7.1\r\nHost: gw\r\n\r\n", 400),
-    ("invalid-method", b"P\x01ST /time/mcp HTTP/1.1\r\nHost: gw\r\n\r\n", 400),
-    ("request-line-too-long", b"POST /time/" + b"m" * 9000 + b" HTTP/1.1\r\nHost: gw\r\n\r\n", 414),
+    ("control-in-request-line", b"POST /time/\x1b[2Jmcp\x00 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400),
+    ("invalid-http-version", b"POST /time/mcp HTTP/7.1\r\nHost: 127.0.0.1\r\n\r\n", 400),
+    ("invalid-method", b"P\x01ST /time/mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400),
+    ("request-line-too-long", b"POST /time/" + b"m" * 9000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 414),
     ("too-many-headers", b"POST /time/mcp HTTP/1.1\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(200)) + b"\r\n", 431),
-    ("unknown-transfer-coding", b"POST /time/mcp HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
+    ("unknown-transfer-coding", b"POST /time/mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
 ]
 
 
