@@ -29,9 +29,11 @@ from typing import Any
 from . import errors
 from .logtext import quoted
 
-# The worker's thread count (gunicorn's `threads`), set by the worker before the app is made.
-DEFAULT_THREADS = 8
-_worker_threads = DEFAULT_THREADS
+# The worker's thread count (gunicorn's `threads`), set by gateway/worker.py before the app is made.
+# Unset (another server, or the Flask test client), there is no fixed pool of threads to share
+# out, and only the limits the registry gives apply.
+_worker_threads: int | None = None
+UNBOUNDED = 2**31
 # How often a queued request looks whether another request is waiting for a thread.
 YIELD_CHECK = 0.05
 RETRY_AFTER = 1.0
@@ -44,6 +46,8 @@ def set_worker_threads(threads: int) -> None:
 
 def default_limits() -> tuple[int, int]:
     """(max_concurrent, max_queued) when the registry gives none: half the threads, and the rest."""
+    if _worker_threads is None:
+        return UNBOUNDED, 0
     concurrent = max(1, _worker_threads // 2)
     return concurrent, max(0, _worker_threads - concurrent)
 
@@ -120,4 +124,5 @@ class Bulkhead:
 
     def status(self) -> dict[str, Any]:
         return {"active": self.active, "queued": self.queued, "refused": self.refused,
-                "max_concurrent": self.max_concurrent, "max_queued": self.max_queued}
+                "max_concurrent": None if self.max_concurrent >= UNBOUNDED else self.max_concurrent,
+                "max_queued": self.max_queued}

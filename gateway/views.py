@@ -91,6 +91,7 @@ def post(gateway: Gateway, exchange: Exchange, path: str, query: bytes, body: by
     server_id = exchange.server_id or ""
     if server_id not in gateway.upstreams:
         gateway.checkout(server_id, exchange)  # UnknownServer, whatever the body is
+    exchange.served = True  # counted under the server's id, whatever the body is
     message = jsonrpc.parse(body, server_id)
     exchange.rpc_id = message.get("id")
     exchange.mcp_method = method = message.get("method")

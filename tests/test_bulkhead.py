@@ -175,8 +175,12 @@ def test_a_queued_request_gives_its_thread_up_when_another_request_needs_one(mon
     assert "needs the thread" in str(outcome[0]) and head.queued == 0 and head.active == 1
 
 
-def test_defaults_are_half_the_threads_and_the_rest_to_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_defaults_are_half_the_worker_threads_and_the_rest_to_queue(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bulkhead, "_worker_threads", 8)
     assert Bulkhead("s").status() | {} == {"active": 0, "queued": 0, "refused": 0, "max_concurrent": 4, "max_queued": 4}
     monkeypatch.setattr(bulkhead, "_worker_threads", 1)
     assert (Bulkhead("s").max_concurrent, Bulkhead("s").max_queued) == (1, 0)
+    # Outside gateway/worker.py no thread count is known: only the registry's limits apply.
+    monkeypatch.setattr(bulkhead, "_worker_threads", None)
+    assert Bulkhead("s").status()["max_concurrent"] is None
+    assert Bulkhead("s", max_concurrent=3).status()["max_concurrent"] == 3
