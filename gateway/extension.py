@@ -38,6 +38,7 @@ from flask import Flask, current_app
 from . import accesslog, errors, metrics, runtime, supervisor, upstreams
 from . import registry as registry_module
 from .auth import Authenticator
+from .bulkhead import Bulkhead
 from .logtext import quoted
 from .private import UnsafePath
 from .proxy import HttpUpstream
@@ -89,7 +90,8 @@ class Gateway:
         }
         self._app: Flask | None = None
         self._lock = threading.Lock()
-        self._leases: dict[AnyUpstream, int] = {}  # requests holding each upstream
+        # Each upstream's share of this worker's threads; it also counts the requests holding it.
+        self._bulkheads = {upstream: _bulkhead(registry.servers[sid]) for sid, upstream in self.upstreams.items()}
         self._draining: list[Draining] = []
         self._started_at = time.time()
         self._loaded_at = time.time()
@@ -123,19 +125,16 @@ class Gateway:
         upstream = self.upstreams.get(server_id)
         if upstream is None:
             raise errors.UnknownServer(f"no MCP server {quoted(server_id)} in this gateway's registry")
-        with self._lock:
-            self._leases[upstream] = self._leases.get(upstream, 0) + 1
         exchange.served = True
-        exchange.release = lambda: self._release(upstream)
+        bulkhead = self._bulkheads[upstream]
+        bulkhead.acquire()  # errors.Overloaded when the server has all the threads it may have
+        exchange.release = bulkhead.release
         return upstream
 
-    def _release(self, upstream: AnyUpstream) -> None:
-        with self._lock:
-            held = self._leases[upstream] - 1
-            if held:
-                self._leases[upstream] = held
-            else:
-                del self._leases[upstream]
+    def _holding(self, upstream: AnyUpstream) -> int:
+        """Requests that hold `upstream` now."""
+        bulkhead = self._bulkheads.get(upstream)
+        return bulkhead.active if bulkhead is not None else 0
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -253,8 +252,12 @@ class Gateway:
             if isinstance(upstream, HttpUpstream):
                 upstream.check_interval = interval
                 upstream.relearn()  # a reload is when an operator expects servers to be asked again
+        bulkheads = {upstream: self._bulkheads.get(upstream) or _bulkhead(new.servers[sid]) for sid, upstream in fresh.items()}
         with self._lock:
             self.registry, self.upstreams = new, fresh
+            # A drained upstream keeps its bulkhead until it is closed: its requests still give their slot back.
+            self._bulkheads = {**{item.upstream: self._bulkheads[item.upstream] for item in self._draining + draining},
+                               **bulkheads}
             self.auth, self.rebinding, self.signer, self.states = guards
             self._draining.extend(draining)
             self._loaded_at = time.time()
@@ -272,14 +275,15 @@ class Gateway:
     def _finish_draining(self) -> None:
         now = time.monotonic()
         for item in list(self._draining):
-            with self._lock:
-                holding = self._leases.get(item.upstream, 0)
+            holding = self._holding(item.upstream)
             if holding and now < item.deadline:
                 continue
             if holding:
                 log.warning("server %s: %d requests still hold the replaced upstream after %.0fs; closing it",
                             item.server_id, holding, DRAIN_TIMEOUT)
             self._draining.remove(item)
+            with self._lock:
+                self._bulkheads.pop(item.upstream, None)
             item.upstream.close()
             if item.supervisor is not None:
                 item.supervisor.stop()
@@ -289,18 +293,16 @@ class Gateway:
 
     def status(self) -> dict[str, Any]:
         with self._lock:
-            registry, current = self.registry, self.upstreams
+            registry, current, bulkheads = self.registry, self.upstreams, self._bulkheads
         return {
             sid: {"description": entry.description, **({"template": entry.template} if entry.template else {}),
-                  **current[sid].status()}
+                  **current[sid].status(), "requests": bulkheads[current[sid]].status()}
             for sid, entry in registry.servers.items()
         }
 
     def worker_status(self) -> dict[str, Any]:
         """This worker's view, as status.combine expects it."""
-        with self._lock:
-            draining = [{"server": item.server_id, "in_flight": self._leases.get(item.upstream, 0)}
-                        for item in self._draining]
+        draining = [{"server": item.server_id, "in_flight": self._holding(item.upstream)} for item in list(self._draining)]
         return {
             "pid": os.getpid(),
             "started": _iso(self._started_at),
@@ -320,6 +322,10 @@ def _guards(registry: Registry,
     keys = load_secrets(settings.session_secret)
     signer = SessionSigner(keys, settings.session_ttl, revocations=revocations)
     return Authenticator(registry), rebinding, signer, RequestStates(keys, settings.session_ttl)
+
+
+def _bulkhead(entry: ServerEntry) -> Bulkhead:
+    return Bulkhead(entry.id, entry.max_concurrent, entry.max_queued, entry.queue_timeout)
 
 
 def _configure(app: Flask, registry: Registry) -> None:

@@ -34,6 +34,9 @@ REGISTRY_ENV = "MCP_GATEWAY_REGISTRY"
 # Route prefixes the gateway itself answers; a server may not take these ids.
 RESERVED_IDS = frozenset({"healthz", "livez", "readyz", "status", "metrics", "static", "-"})
 
+# Every type of server takes these (ServerEntry; gateway/bulkhead.py).
+BULKHEAD_KEYS = ("max_concurrent", "max_queued", "queue_timeout")
+
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -110,6 +113,10 @@ class ServerEntry:
     launch: Launch | None = None  # for an http template: what the gateway starts, `instances` times
     instances: int = 1
     shown: Mapping[str, Any] = field(default_factory=dict)  # for /status: secrets masked (see masked())
+    # Its share of each worker's threads (gateway/bulkhead.py); None: half the threads, and the rest to queue.
+    max_concurrent: int | None = None
+    max_queued: int | None = None
+    queue_timeout: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -128,6 +135,10 @@ class GatewaySettings:
     allowed_origins: tuple[str, ...] = ()
     log_format: str = "text"
     trusted_proxies: tuple[str, ...] = ()
+    # How long a client may take to send a request, and to take each write of the answer (gateway/worker.py).
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    send_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -349,7 +360,8 @@ def _build(data: dict[str, Any], source: str, substituted: Mapping[str, str]) ->
         e["type"] == "template" for e in data["servers"].values()) else {}
     for server_id, entry in data["servers"].items():
         access = {"auth_tokens": entry.get("auth_tokens", {}),
-                  "allow": tuple(entry["allow"]) if "allow" in entry else None}
+                  "allow": tuple(entry["allow"]) if "allow" in entry else None,
+                  **{key: entry[key] for key in BULKHEAD_KEYS if key in entry}}
         if entry["type"] == "template":
             made = _from_template(server_id, entry, catalog[entry["template_name"]])
             shown = _stdio_shown(made.stdio, substituted) if made.stdio else {}

@@ -89,10 +89,14 @@ def _gateway_status() -> dict[str, Any]:
 def post(gateway: Gateway, exchange: Exchange, path: str, query: bytes, body: bytes) -> Response:
     """POST /<server-id>[/<path>]: one JSON-RPC message (served by route.py, without Flask's request machinery)."""
     server_id = exchange.server_id or ""
-    upstream = gateway.checkout(server_id, exchange)
+    if server_id not in gateway.upstreams:
+        gateway.checkout(server_id, exchange)  # UnknownServer, whatever the body is
+    exchange.served = True  # counted under the server's id, whatever the body is
     message = jsonrpc.parse(body, server_id, gateway.registry.gateway.max_json_depth)
     exchange.rpc_id = message.get("id")
     exchange.mcp_method = method = message.get("method")
+    # After parsing: a refusal (bulkhead full) carries the request's id.
+    upstream = gateway.checkout(server_id, exchange)
     session = _session(gateway, exchange, server_id)
     client = protocol.client_context(exchange.headers, message, session.protocol_version if session else None)
     if isinstance(upstream, HttpUpstream) and not upstream.bridges(client, session, message):

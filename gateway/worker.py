@@ -28,12 +28,24 @@ than threads, so a waiting thread never keeps another connection from one;
 past that, or when the wait runs out, the connection goes back to the
 poller as in stock gthread.
 
-3. Requests its HTTP parser refuses (a NUL in a header, a bad request line
+3. A thread gets a connection only once its whole request has arrived, and
+never waits on a client for longer than the registry says. Stock gthread
+hands a connection to a thread as soon as it is readable and the thread
+reads the request blocking, so clients that send their headers or body a
+byte at a time (or connect and send nothing) could hold every thread. Here
+the polling thread reads requests without blocking (gateway/inbound.py)
+and cuts, with one log line, a client whose headers have not all arrived
+within `gateway.header_timeout` or whose body has not within
+`gateway.body_timeout`. While a thread serves a request the socket has a
+timeout of `gateway.send_timeout`: a client that stops reading the answer
+is cut when a write to it has not completed by then.
+
+4. Requests its HTTP parser refuses (a NUL in a header, a bad request line
 or chunk size, ...) get a JSON-RPC error, as every other error of the
 gateway, instead of gunicorn's HTML page; the log line says what was wrong,
 with its control characters escaped.
 
-4. A connection closed while request bytes are still unread (the rest of a
+5. A connection closed while request bytes are still unread (the rest of a
 body over `max_body_bytes`, a request refused before its body) first reads
 and discards them, for at most `DRAIN_SECONDS`: the rest of the body by its
 framing, anything else as nginx's lingering close does (FIN after the
@@ -44,21 +56,31 @@ reset instead of the answer. gunicorn itself discards only 64 KiB.
 
 from __future__ import annotations
 
+import json
+import logging
 import mmap
 import os
 import select
+import selectors
 import socket
 import sys
 import time
 from contextlib import suppress
+from functools import partial
 from http import HTTPStatus
 from typing import Any
 
 from gunicorn import util
 from gunicorn.http import errors as http_errors
+from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import ThreadWorker
 
-from . import errors, jsonrpc
+from . import bulkhead, errors, jsonrpc
+from .inbound import CONTINUE, Inbound
+from .logtext import clean
+from .registry import GatewaySettings
+
+log = logging.getLogger(__name__)
 
 # Long enough for a sibling to be scheduled and accept even on a saturated
 # machine (20 ms was not, with two CPU hogs on 2 cores); it is only ever
@@ -88,6 +110,14 @@ REFUSAL_STATUS: dict[type[BaseException], int] = {
     http_errors.InvalidResponseHeader: 500,
     http_errors.InvalidResponseHeaderName: 500,
 }
+
+
+# Most bytes read from a client per readiness event: a large body does not keep
+# the polling thread from the other connections for long.
+READ_SIZE = 65536
+# How often the polling thread looks for clients past their deadline; they are cut within this of it.
+CUT_INTERVAL = 0.25
+DEFAULTS = GatewaySettings()
 
 
 class ConnectionTable:
@@ -146,10 +176,14 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
         super().__init__(*args, **kwargs)  # runs in the master, before the fork
         self.balance_slot = TABLE.claim()
         self._resume_accept_at = 0.0
+        self._inbound: dict[Any, Inbound] = {}  # connections whose request the polling thread is reading
+        self._cut_check_at = 0.0
 
     def init_process(self) -> None:
         if self.balance_slot is not None:
             TABLE.set_owner(self.balance_slot, os.getpid())
+        bulkhead.set_worker_threads(self.cfg.threads)  # before the app (and its upstreams) is made
+        bulkhead.threads_wanted = self._threads_wanted
         super().init_process()
 
     def handle_exit(self, sig: int, frame: Any) -> None:
@@ -161,7 +195,7 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
     def handle(self, conn: Any) -> Any:
         """Serve a connection's request, and its next ones while they come soon (change 2)."""
         keep = super().handle(conn)
-        while keep is True and self._may_linger(conn) and _next_request_soon(conn):
+        while keep is True and self._may_linger(conn) and self._whole_request_soon(conn):
             keep = super().handle(conn)
         if keep is False and not conn.is_http2 and not self.cfg.is_ssl:
             _drain_before_close(conn)  # change 4; gunicorn's loop closes the socket next
@@ -175,7 +209,7 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
             self.log.exception("error serving a request from %s", peer)
             message, code = "internal gateway error", errors.INTERNAL_ERROR
         else:
-            what = printable(str(exc))
+            what = clean(str(exc), 200)
             self.log.warning("could not read an HTTP request from %s: %s", peer, what)
             message, code = f"the gateway could not read this HTTP request: {what}", errors.INVALID_REQUEST
         body = jsonrpc.encode(jsonrpc.error(None, code, message))
@@ -185,6 +219,41 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
             util.write_nonblock(client, head.encode("latin-1") + body)
         except OSError:
             self.log.debug("could not send the error answer to %s", peer)
+
+
+    def _whole_request_soon(self, conn: Any) -> bool:
+        """Whether the connection's next request arrives whole within KEEPALIVE_LINGER (change 3).
+
+        Whatever part of it did arrive stays buffered, and the polling
+        thread reads the rest (finish_request hands a connection with
+        buffered bytes back to enqueue_req).
+        """
+        buffered = conn.parser.unreader.take_buffered()
+        if not buffered and not _readable_soon(conn):
+            return False
+        inbound = self._inbound_for(buffered)
+        conn.sock.setblocking(False)
+        try:
+            ended = _receive(conn.sock, inbound)
+        finally:
+            conn.sock.setblocking(True)
+            conn.parser.unreader.unread(bytes(inbound.buffer))
+        # An ended connection goes on too: the parser finds the end without waiting.
+        return ended or inbound.complete()
+
+    def handle_request(self, req: Any, conn: Any) -> Any:
+        """Serve one request, giving up on a client that does not take the answer (change 3)."""
+        if getattr(conn, "gateway_continued", False):
+            conn.gateway_continued = False
+            req._expected_100_continue = False  # the polling thread has sent "100 Continue" already
+        timeout = self._settings().send_timeout
+        conn.sock.settimeout(timeout)
+        try:
+            return super().handle_request(req, conn)
+        except TimeoutError:
+            log.warning("slow client %s cut: did not read the answer within %gs", _peer(conn), timeout)
+            _close_now(conn.sock)
+            return False
 
     def _may_linger(self, conn: Any) -> bool:
         # Read from a pool thread: nr_conns and alive are plain values the loop
@@ -206,6 +275,92 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
         if self.balance_slot is not None:
             TABLE.set_connections(self.balance_slot, self.nr_conns)
 
+    # --- change 3: requests are read whole by the polling thread ---------------------
+
+    def enqueue_req(self, conn: Any) -> None:
+        """Hand `conn` to a thread once its request is all there; until then read it here."""
+        if getattr(conn, "gateway_whole", False):
+            conn.gateway_whole = False
+            super().enqueue_req(conn)
+        elif self.cfg.is_ssl or conn.is_http2 or negotiation.prior_knowledge_allowed(self.cfg, conn.client):
+            super().enqueue_req(conn)  # TLS and HTTP/2 are read by their own machinery, as in stock gthread
+        else:
+            self._read_request(conn)
+
+    def _threads_wanted(self) -> bool:
+        """Whether a request that has arrived whole is waiting for a thread (gateway/bulkhead.py)."""
+        pool = self.tpool
+        return pool is not None and pool._work_queue.qsize() > 0
+
+    def _settings(self) -> GatewaySettings:
+        gateway = getattr(self.wsgi, "extensions", {}).get("mcp_gateway")
+        return gateway.registry.gateway if gateway is not None else DEFAULTS
+
+    def _inbound_for(self, buffered: bytes) -> Inbound:
+        settings = self._settings()
+        return Inbound(buffered, settings.header_timeout, settings.body_timeout, settings.max_body_bytes)
+
+    def _read_request(self, conn: Any) -> None:
+        """Start reading a request: a new connection, or a kept-alive one that became readable."""
+        buffered = conn.parser.unreader.take_buffered() if conn.parser is not None else b""
+        inbound = self._inbound_for(buffered)
+        conn.sock.setblocking(False)
+        ended = _receive(conn.sock, inbound)
+        if inbound.complete() or ended:
+            self._hand_over(conn, inbound)
+            return
+        self._inbound[conn] = inbound
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_request_readable, conn))
+        self._continue_if_asked(conn, inbound)
+
+    def _on_request_readable(self, conn: Any, client: Any) -> None:
+        inbound = self._inbound[conn]
+        ended = _receive(conn.sock, inbound)
+        if inbound.complete() or ended:
+            self.poller.unregister(client)
+            del self._inbound[conn]
+            self._hand_over(conn, inbound)
+        else:
+            self._continue_if_asked(conn, inbound)
+
+    @staticmethod
+    def _continue_if_asked(conn: Any, inbound: Inbound) -> None:
+        # A client that sent "Expect: 100-continue" waits for this before it sends the body.
+        if inbound.wants_continue and inbound.reading_body and not inbound.continued:
+            inbound.continued = True
+            try:
+                conn.sock.send(CONTINUE)
+            except OSError:
+                pass  # a full buffer or a gone client: the body deadline decides
+
+    def _hand_over(self, conn: Any, inbound: Inbound) -> None:
+        """To a thread, with the request in the parser's buffer: it is read without waiting on the client."""
+        conn.init()  # plain HTTP/1 here (see enqueue_req): only makes the parser
+        conn.parser.unreader.unread(bytes(inbound.buffer))
+        conn.data_ready = True  # no wait for data in the thread
+        conn.gateway_continued = inbound.continued
+        conn.gateway_whole = True
+        self.enqueue_req(conn)
+
+    def _cut_slow_clients(self) -> None:
+        now = time.monotonic()
+        if now < self._cut_check_at:
+            return
+        self._cut_check_at = now + CUT_INTERVAL
+        for conn, inbound in list(self._inbound.items()):
+            stopping_idle = not self.alive and not inbound.buffer  # nothing begun: nothing to finish
+            if stopping_idle or inbound.expired(now):
+                del self._inbound[conn]
+                try:
+                    self.poller.unregister(conn.sock)
+                except (KeyError, ValueError):
+                    pass
+                self.nr_conns -= 1
+                if not stopping_idle:
+                    log.warning("slow client %s cut: %s", _peer(conn), inbound.what())
+                    _answer_timeout(conn.sock, inbound.what())
+                _close_now(conn.sock)
+
     def set_accept_enabled(self, enabled: bool) -> None:
         # gunicorn's loop re-enables accepting whenever there is room; not while stepped back.
         if enabled and self._resume_accept_at:
@@ -224,15 +379,15 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
                     for listener in self.sockets:  # what the siblings left waiting is this worker's
                         self._accept_one(listener)
         super().wait_for_and_dispatch_events(timeout)
+        if self._inbound:
+            self._cut_slow_clients()
         if self.balance_slot is not None:
             # Connections also end in this loop (closed, timed out); keep the count current.
             TABLE.set_connections(self.balance_slot, self.nr_conns)
 
 
-def _next_request_soon(conn: Any) -> bool:
-    """Whether the connection has a request (or its end) to read within KEEPALIVE_LINGER."""
-    if conn.parser.unreader.buf.getbuffer().nbytes:
-        return True  # pipelined: already read past the last request
+def _readable_soon(conn: Any) -> bool:
+    """Whether the connection has bytes (or its end) to read within KEEPALIVE_LINGER."""
     poller = select.poll()
     poller.register(conn.sock, select.POLLIN)
     return bool(poller.poll(KEEPALIVE_LINGER * 1000))
@@ -244,12 +399,6 @@ def refusal_status(exc: BaseException) -> int:
         if kind in REFUSAL_STATUS:
             return REFUSAL_STATUS[kind]
     return 400 if isinstance(exc, http_errors.ParseException) else 500
-
-
-def printable(text: str, limit: int = 200) -> str:
-    """`text` with control characters (and other non-ASCII) escaped, cut at `limit`: safe in one log line."""
-    escaped = text.encode("unicode_escape").decode("ascii")
-    return escaped if len(escaped) <= limit else escaped[:limit] + "..."
 
 
 def _drain_before_close(conn: Any) -> None:
@@ -291,6 +440,44 @@ def _body_unfinished(parser: Any) -> bool:
         return True  # reading it raised: where it ends is unknown
     reader = getattr(body, "reader", None)
     return getattr(reader, "length", 0) > 0 or getattr(reader, "parser", None) is not None  # Length / ChunkedReader
+
+
+def _receive(sock: socket.socket, inbound: Inbound) -> bool:
+    """What has arrived on the non-blocking `sock`, added to `inbound`; True when the client is gone."""
+    try:
+        data = sock.recv(READ_SIZE)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+    inbound.buffer += data
+    return not data
+
+
+def _peer(conn: Any) -> str:
+    client = conn.client
+    return clean(f"{client[0]}:{client[1]}" if isinstance(client, tuple) and len(client) >= 2 else str(client))
+
+
+def _answer_timeout(sock: socket.socket, what: str) -> None:
+    """A best-effort 408 with a JSON-RPC error, without waiting: the client is not reading anyway."""
+    body = json.dumps({"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": what}}).encode()
+    head = (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body))
+    try:
+        sock.setblocking(False)
+        sock.send(head + body)
+    except OSError:
+        pass
+
+
+def _close_now(sock: socket.socket) -> None:
+    """Close without lingering: gunicorn's graceful close would wait on this client from the polling thread."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
 
 
 def release(worker: Any) -> None:

@@ -132,3 +132,30 @@ def test_x_forwarded_for_is_believed_only_from_the_trusted_proxy(stack: dict[str
     # Straight to gunicorn from an untrusted peer: the header is ignored.
     assert access_clients(gateway, "direct") == ["127.0.0.3"]
     assert "client=203.0.113.9" not in gateway.log()
+
+
+def test_slow_request_bodies_through_nginx_hold_no_gateway_thread(stack: dict[str, Any]) -> None:
+    # 2 workers x 4 threads: 8 clients sending their body a byte a second would take every thread
+    # if nginx passed the body on as it came (proxy_request_buffering off) and the gateway read it in one.
+    held: list[socket.socket] = []
+    try:
+        for _ in range(8):
+            sock = socket.create_connection(("127.0.0.1", stack["port"]), timeout=10, source_address=("127.0.0.3", 0))
+            held.append(sock)
+            sock.sendall(b"POST /time/mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n{")
+        for _ in range(3):  # a byte a second
+            time.sleep(1)
+            for sock in held:
+                sock.sendall(b" ")
+        for _ in range(3):
+            connection = http.client.HTTPConnection("127.0.0.1", stack["port"], timeout=4, source_address=("127.0.0.3", 0))
+            try:
+                connection.request("POST", "/time/mcp", body=json.dumps(LIST), headers={"Content-Type": "application/json"})
+                response = connection.getresponse()
+                assert response.status == 200 and "tools" in json.loads(response.read())["result"]
+            finally:
+                connection.close()
+    finally:
+        for sock in held:
+            sock.close()

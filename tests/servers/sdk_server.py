@@ -1,7 +1,7 @@
 """MCP test server built with the official SDK (``mcp.server.MCPServer``).
 
 Serves both protocol eras (legacy ``initialize`` and modern 2026-07-28) from one
-process.  Tools: ``add``, ``whoami``, ``slow``, ``ask``, ``sleep``, ``crash``.
+process.  Tools: ``add``, ``whoami``, ``slow``, ``ask``, ``sleep``, ``blob``, ``crash``.
 
 Usage::
 
@@ -98,6 +98,12 @@ async def sleep(seconds: float) -> str:
     """Sleep ``seconds`` then return "slept"."""
     await anyio.sleep(seconds)
     return "slept"
+
+
+@mcp.tool()
+def blob(size: int) -> str:
+    """A string of ``size`` x characters: a large answer."""
+    return "x" * size
 
 
 @mcp.tool()
