@@ -9,9 +9,10 @@ requests are served at once (default: half the worker's threads); past
 that a request waits in the server's own queue, at most `max_queued` of
 them for at most `queue_timeout`, and is refused with `errors.Overloaded`
 (503, Retry-After) when the queue is full, when its wait runs out, or when
-a request for any server is waiting for a thread meanwhile: a queued
+a request for another server is waiting for a thread meanwhile: a queued
 request holds a thread too, and gives it up rather than keep another
-server's request from one.
+server's request from one (the worker knows each waiting request's server
+from its path, read before a thread is given).
 
 Taking and giving back a slot is one lock acquire each; only a request that
 has to queue does more. A bulkhead also counts the requests that hold its
@@ -52,19 +53,21 @@ def default_limits() -> tuple[int, int]:
     return concurrent, max(0, _worker_threads - concurrent)
 
 
-def no_demand() -> bool:
+def no_demand(server_id: str) -> bool:
     return False
 
 
-# Whether a request is waiting for one of this worker's threads (the worker sets it; none outside gunicorn).
-threads_wanted: Callable[[], bool] = no_demand
+# Whether a request for a server other than the one named is waiting for one of this worker's
+# threads (the worker sets it; none outside gunicorn). Requests for the same server are not
+# helped by a refusal: they would take the freed thread only to queue here in turn.
+threads_wanted: Callable[[str], bool] = no_demand
 
 
 class Bulkhead:
     """One server's share of a worker's threads: `acquire` before serving, `release` after."""
 
     def __init__(self, server_id: str, max_concurrent: int | None = None, max_queued: int | None = None,
-                 queue_timeout: float = 2.0):
+                 queue_timeout: float = 10.0):
         concurrent, queued = default_limits()
         self.server_id = server_id
         self.max_concurrent = max_concurrent if max_concurrent is not None else concurrent
@@ -83,7 +86,8 @@ class Bulkhead:
             if self.active < self.max_concurrent and not self.queued:
                 self.active += 1
                 return
-            if self.queued >= self.max_queued:
+            # Waiters just woken by a freed slot have not taken it yet: count the slots as theirs.
+            if self.active + self.queued >= self.max_concurrent + self.max_queued:
                 self.refused += 1
                 raise self._overloaded(f"{self.queued} more are waiting, the most it queues (max_queued)")
             self._wait()
@@ -100,7 +104,7 @@ class Bulkhead:
                     self.refused += 1
                     raise self._overloaded(f"none freed within queue_timeout ({self.queue_timeout:g}s)")
                 self._freed.wait(min(left, YIELD_CHECK))
-                wanted = wanted + 1 if self.active >= self.max_concurrent and threads_wanted() else 0
+                wanted = wanted + 1 if self.active >= self.max_concurrent and threads_wanted(self.server_id) else 0
                 if wanted >= 2:
                     self.refused += 1
                     raise self._overloaded("a request for another server needs the thread this one waits in")

@@ -116,7 +116,7 @@ class ServerEntry:
     # Its share of each worker's threads (gateway/bulkhead.py); None: half the threads, and the rest to queue.
     max_concurrent: int | None = None
     max_queued: int | None = None
-    queue_timeout: float = 2.0
+    queue_timeout: float = 10.0  # like a stdio pool's wait_timeout; a queued request gives its thread up sooner when another server needs it
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,7 @@ import select
 import selectors
 import socket
 import sys
+import threading
 import time
 from contextlib import suppress
 from functools import partial
@@ -183,6 +184,9 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
         if self.balance_slot is not None:
             TABLE.set_owner(self.balance_slot, os.getpid())
         bulkhead.set_worker_threads(self.cfg.threads)  # before the app (and its upstreams) is made
+        # Requests read whole and waiting for a thread, by the server their path names.
+        self._waiting: dict[str | None, int] = {}
+        self._waiting_lock = threading.Lock()
         bulkhead.threads_wanted = self._threads_wanted
         super().init_process()
 
@@ -194,6 +198,7 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
 
     def handle(self, conn: Any) -> Any:
         """Serve a connection's request, and its next ones while they come soon (change 2)."""
+        self._has_thread(conn)
         keep = super().handle(conn)
         while keep is True and self._may_linger(conn) and self._whole_request_soon(conn):
             keep = super().handle(conn)
@@ -281,16 +286,31 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
         """Hand `conn` to a thread once its request is all there; until then read it here."""
         if getattr(conn, "gateway_whole", False):
             conn.gateway_whole = False
+            self._waits_for_thread(conn, getattr(conn, "gateway_server", None))
             super().enqueue_req(conn)
         elif self.cfg.is_ssl or conn.is_http2 or negotiation.prior_knowledge_allowed(self.cfg, conn.client):
+            self._waits_for_thread(conn, None)  # its server is not known: any server's
             super().enqueue_req(conn)  # TLS and HTTP/2 are read by their own machinery, as in stock gthread
         else:
             self._read_request(conn)
 
-    def _threads_wanted(self) -> bool:
-        """Whether a request that has arrived whole is waiting for a thread (gateway/bulkhead.py)."""
-        pool = self.tpool
-        return pool is not None and pool._work_queue.qsize() > 0
+    def _threads_wanted(self, server_id: str) -> bool:
+        """Whether a request for another server than `server_id` is waiting for a thread (gateway/bulkhead.py)."""
+        with self._waiting_lock:
+            return any(count for target, count in self._waiting.items() if target != server_id)
+
+    def _waits_for_thread(self, conn: Any, target: str | None) -> None:
+        with self._waiting_lock:
+            self._waiting[target] = self._waiting.get(target, 0) + 1
+        conn.gateway_target = target
+
+    def _has_thread(self, conn: Any) -> None:
+        if not hasattr(conn, "gateway_target"):
+            return
+        target: str | None = conn.gateway_target
+        del conn.gateway_target
+        with self._waiting_lock:
+            self._waiting[target] -= 1
 
     def _settings(self) -> GatewaySettings:
         gateway = getattr(self.wsgi, "extensions", {}).get("mcp_gateway")
@@ -339,6 +359,7 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
         conn.parser.unreader.unread(bytes(inbound.buffer))
         conn.data_ready = True  # no wait for data in the thread
         conn.gateway_continued = inbound.continued
+        conn.gateway_server = _server_of(inbound.buffer)
         conn.gateway_whole = True
         self.enqueue_req(conn)
 
@@ -440,6 +461,15 @@ def _body_unfinished(parser: Any) -> bool:
         return True  # reading it raised: where it ends is unknown
     reader = getattr(body, "reader", None)
     return getattr(reader, "length", 0) > 0 or getattr(reader, "parser", None) is not None  # Length / ChunkedReader
+
+
+def _server_of(request: bytes | bytearray) -> str | None:
+    """The server id a request's path names (`POST /<id>/...`), or None for no MCP route."""
+    line = bytes(request[:request.find(b"\r\n")]) if b"\r\n" in request else b""
+    parts = line.split(b" ")
+    if len(parts) != 3 or not parts[1].startswith(b"/"):
+        return None
+    return parts[1][1:].split(b"/", 1)[0].split(b"?", 1)[0].decode("latin-1") or None
 
 
 def _receive(sock: socket.socket, inbound: Inbound) -> bool:

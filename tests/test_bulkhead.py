@@ -33,7 +33,8 @@ from .conftest import (
     wait_for,
 )
 
-SLEEP = 15.0  # what each slow call takes: longer than the checks made while they hold the server
+SLEEP = 12.0  # what each slow call takes: longer than the checks made while they hold the server, and
+# twice it (a queued call waits for one, then sleeps) within the 30 s the client waits
 
 
 def servers(warm: int, **slow: Any) -> dict[str, Any]:
@@ -158,7 +159,7 @@ def test_a_queued_request_gives_its_thread_up_when_another_request_needs_one(mon
     head = Bulkhead("s", max_concurrent=1, max_queued=4, queue_timeout=30)
     head.acquire()
     wanted = threading.Event()
-    monkeypatch.setattr(bulkhead, "threads_wanted", wanted.is_set)
+    monkeypatch.setattr(bulkhead, "threads_wanted", lambda server_id: server_id == "s" and wanted.is_set())
     outcome: list[BaseException] = []
 
     def queue() -> None:
@@ -184,3 +185,34 @@ def test_defaults_are_half_the_worker_threads_and_the_rest_to_queue(monkeypatch:
     monkeypatch.setattr(bulkhead, "_worker_threads", None)
     assert Bulkhead("s").status()["max_concurrent"] is None
     assert Bulkhead("s", max_concurrent=3).status()["max_concurrent"] == 3
+
+
+def test_one_busy_server_alone_is_queued_not_refused(gunicorn: Any) -> None:
+    # Refusing gives a thread to another server's request; when every request waiting for a
+    # thread is for the same server, a refusal helps no one, so none is made.
+    gateway = gunicorn({"time": {"type": "stdio", "command": TIME_SERVER, "pool_size": 4, "pool_min": 4}},
+                       workers=1, threads=4)
+    statuses: Counter[int] = Counter()
+    lock = threading.Lock()
+
+    def client() -> None:
+        with requests.Session() as http:
+            for _ in range(25):
+                answer = curl(gateway, "time", "tools/list", client=http)
+                with lock:
+                    statuses[answer.status_code] += 1
+
+    with ThreadPoolExecutor(8) as pool:
+        for future in [pool.submit(client) for _ in range(8)]:
+            future.result(timeout=120)
+    assert statuses == Counter({200: 200})
+
+
+def test_the_worker_names_the_server_a_waiting_request_is_for() -> None:
+    from gateway.worker import _server_of
+
+    assert _server_of(b"POST /time/mcp HTTP/1.1\r\nHost: x\r\n\r\n") == "time"
+    assert _server_of(b"POST /time?x=1 HTTP/1.1\r\n") == "time"
+    assert _server_of(b"GET /healthz HTTP/1.1\r\n") == "healthz"
+    assert _server_of(b"GET / HTTP/1.1\r\n") is None
+    assert _server_of(b"garbage") is None

@@ -100,12 +100,13 @@ def test_client_values_write_one_escaped_bounded_line_each(gunicorn: Any, log_fo
                   for line in (path_line, separators_line, method_line)]
         assert fields[0]["http"] == "POST /nope\\r\\nrequest_id=FORGED\\r\\n/mcp"
         assert fields[1]["http"] == "POST /time\\r\\n\\x00\\x1b[31m\\x7f\\x85\\u2028\\u2029FORGED/mcp"
-        assert fields[2]["mcp_method"] == "tools/list\\r\\nrequest_id=FORGED status=200"
+        # A method that is not printable text is refused (400) before it is taken as the method.
+        assert fields[2]["mcp_method"] == "-" and fields[2]["status"] == "400"
     else:
         entries = [json.loads(line.split(" gateway.access: ", 1)[1]) for line in (path_line, separators_line, method_line)]
         assert entries[0]["http"] == "POST /nope\r\nrequest_id=FORGED\r\n/mcp"
         assert entries[1]["http"] == f"POST /time{SEPARATORS}FORGED/mcp"
-        assert entries[2]["mcp_method"] == "tools/list\r\nrequest_id=FORGED status=200"
+        assert entries[2]["mcp_method"] is None and entries[2]["status"] == 400
     assert "\x7f" not in separator_method_line and "\u2028" not in separator_method_line
     assert len(huge_line) < 2048 and "more characters]" in huge_line
 
