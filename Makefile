@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 NODE_STAMP := tests/node/node_modules/.installed
 
-.PHONY: install run test lint clean system-tools bench bench-tools bench-profile
+.PHONY: install run test test-unit lint clean system-tools bench bench-tools bench-profile
 
 install: $(STAMP)
 
@@ -55,6 +55,10 @@ run: install
 
 test: install $(NODE_STAMP) system-tools
 	$(BIN)/python -m pytest
+
+# The fast loop: tests that start no process (make test runs them all).
+test-unit: install
+	$(BIN)/python -m pytest -m "not integration" -q
 
 lint: install
 	$(BIN)/ruff check gateway tests wsgi.py conf

@@ -326,3 +326,35 @@ def http_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[McpH
         for server in servers:
             server.stop()
         assert all(server.process.poll() is not None for server in servers)
+
+
+# --- unit and integration tests ----------------------------------------------------------
+# `make test-unit` runs the tests that start no process (gunicorn, nginx, an MCP server) and so
+# take milliseconds (`-m "not integration"`): the fast loop. A test is integration when it, or a
+# fixture it uses, names what starts one.
+_STARTS_SERVERS = ("Gunicorn(", "McpHttpServer(", "nginx", "gunicorn(", "make_app", "TIME_SERVER", "server_command(",
+                   "subprocess.", "StdioProcess(", "StdioUpstream(", "spawn(")
+
+
+def _starts_servers(function: Any, seen: set[Any]) -> bool:
+    import inspect
+
+    if function in seen:
+        return False
+    seen.add(function)
+    try:
+        source = inspect.getsource(function)
+    except (OSError, TypeError):
+        return False
+    return any(marker in source for marker in _STARTS_SERVERS)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        seen: set[Any] = set()
+        functions = [getattr(item, "function", None)]
+        info = getattr(item, "_fixtureinfo", None)
+        for definitions in (info.name2fixturedefs.values() if info is not None else ()):
+            functions += [definition.func for definition in definitions]
+        if any(_starts_servers(function, seen) for function in functions if function is not None):
+            item.add_marker(pytest.mark.integration)
