@@ -69,7 +69,7 @@ class InvalidParams(ClientError):
 
 
 class BodyTooLarge(ClientError):
-    """The body is over the configured limit."""
+    """The body is over `gateway.max_body_bytes` (route.py reads it; werkzeug's limit guards the Flask routes)."""
 
     http_status = 413
 
@@ -185,6 +185,12 @@ class ProcessFailed(UpstreamError):
     kind = "process_failed"
 
 
+class RequestNotSent(ProcessFailed):
+    """The process failed while the request was being written to it: it never got the request, so a retry is safe."""
+
+    retry_safe = True
+
+
 class UpstreamTimeout(ProcessFailed):
     """The process did not answer within the request timeout."""
 
@@ -220,6 +226,16 @@ class UpstreamRefused(UpstreamFailed):
     """The instance answered, but refused what the gateway asked (e.g. a handshake)."""
 
     kind = "refused"
+
+
+class BadStatus(UpstreamFailed):
+    """The instance answered 502, 503 or 504; `response` is that answer, passed on unchanged if not retried."""
+
+    kind = "bad_status"
+
+    def __init__(self, message: str, response: Any):
+        super().__init__(message)
+        self.response = response
 
 
 class UpstreamReadTimeout(UpstreamFailed):

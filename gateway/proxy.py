@@ -235,8 +235,10 @@ class HttpUpstream:
                 return answer
             except errors.UpstreamError as exc:
                 if request.instance is not None or not self._may_retry(request.rpc_method, exc, tried, deadline):
-                    if isinstance(exc, BadStatus):
-                        return exc.response  # the instance's own answer, unchanged
+                    if isinstance(exc, errors.BadStatus):
+                        answer = exc.response
+                        assert isinstance(answer, ProxyResponse)
+                        return answer  # the instance's own answer, unchanged
                     raise
                 self._retrying(request.rpc_method or request.method, exc)
 
@@ -314,8 +316,8 @@ class HttpUpstream:
             else:
                 result.body = self._read_whole(instance, response)
             if result.status in RETRYABLE_STATUS:
-                failure = BadStatus(f"server '{self.server_id}': instance {instance.endpoint} answered HTTP {result.status}")
-                failure.response = result
+                failure = errors.BadStatus(
+                    f"server '{self.server_id}': instance {instance.endpoint} answered HTTP {result.status}", result)
                 raise self._failed(instance, failure)
             instance.health.request_succeeded()
             return result
@@ -598,13 +600,6 @@ class HttpUpstream:
             "retries": self.retries,
             "instances": instances,
         }
-
-
-class BadStatus(errors.UpstreamFailed):
-    """The instance answered 502, 503 or 504; `response` is that answer, to pass on if no retry."""
-
-    kind = "bad_status"
-    response: ProxyResponse
 
 
 def _answered(answer: ProxyResponse, server_id: str, what: str) -> None:

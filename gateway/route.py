@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from flask import Flask
-from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.wsgi import get_content_length, get_input_stream, get_path_info
 
 from . import errors
@@ -57,7 +56,7 @@ class McpPostRoute:
 
 
 def read_body(environ: dict[str, Any], limit: int, server_id: str) -> bytes:
-    """The request body; RequestEntityTooLarge past `limit` bytes, declared (Content-Length) or not (chunked).
+    """The request body; BodyTooLarge past `limit` bytes, declared (Content-Length) or not (chunked).
 
     Not werkzeug's max_content_length, which ends a chunked body at the
     limit without a word: the truncated JSON became a parse error. What is
@@ -66,7 +65,7 @@ def read_body(environ: dict[str, Any], limit: int, server_id: str) -> bytes:
     """
     declared = get_content_length(environ)
     if declared is not None and declared > limit:
-        raise RequestEntityTooLarge()
+        raise _too_large(server_id, limit)
     stream = get_input_stream(environ)
     body = bytearray()
     try:
@@ -79,4 +78,8 @@ def read_body(environ: dict[str, Any], limit: int, server_id: str) -> bytes:
         # Whatever the server's body reader raises (gunicorn: InvalidChunkSize, ChunkMissingTerminator,
         # NoMoreData when the client stops mid-body) means the client's body is malformed or cut short.
         raise errors.ClientError(f"server '{server_id}': the request body could not be read: {exc}") from None
-    raise RequestEntityTooLarge()
+    raise _too_large(server_id, limit)
+
+
+def _too_large(server_id: str, limit: int) -> errors.BodyTooLarge:
+    return errors.BodyTooLarge(f"server '{server_id}': request body is over the gateway's limit of {limit} bytes")

@@ -168,8 +168,7 @@ class StdioUpstream:
             try:
                 process.send(data, deadline)
             except errors.ProcessFailed as exc:
-                exc.retry_safe = True  # the request never reached the process
-                raise
+                raise errors.RequestNotSent(exc.message) from None
             origin = f"pid {process.pid}"
             for reply, raw in process.messages(request_id, deadline):
                 if "method" in reply:
