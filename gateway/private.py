@@ -11,6 +11,7 @@ fstat), so what was checked is what is used.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -112,9 +113,7 @@ def _create(folder_fd: int, name: str) -> None:
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(secrets.token_hex(32))
-        try:
+        with contextlib.suppress(FileExistsError):  # another worker made it first: read theirs
             os.link(temporary, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
-        except FileExistsError:
-            pass  # another worker made it first: read theirs
     finally:
         os.unlink(temporary, dir_fd=folder_fd)

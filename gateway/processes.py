@@ -12,6 +12,7 @@ staged: close stdin, wait; SIGTERM the group, wait; SIGKILL the group; reap.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -178,7 +179,5 @@ def kill(popen: subprocess.Popen[bytes]) -> None:
 
 
 def _kill_group(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass

@@ -509,8 +509,8 @@ class HttpUpstream:
                                 yield Reply(reply, None, final=False, origin=instance.endpoint)
                         elif reply.get("id") in (outgoing.get("id"), None):
                             # An error without an id answers the one request of this exchange.
-                            reply = {**reply, "id": message["id"]}
-                            translated = protocol.reply_for_client(reply, message["method"], client.era, server_era,
+                            mapped = {**reply, "id": message["id"]}
+                            translated = protocol.reply_for_client(mapped, message["method"], client.era, server_era,
                                                                    self.server_id)
                             yield Reply(translated, None, final=True, origin=instance.endpoint)
                             return

@@ -348,10 +348,8 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
         # A client that sent "Expect: 100-continue" waits for this before it sends the body.
         if inbound.wants_continue and inbound.reading_body and not inbound.continued:
             inbound.continued = True
-            try:
+            with suppress(OSError):  # a full buffer or a gone client: the body deadline decides
                 conn.sock.send(CONTINUE)
-            except OSError:
-                pass  # a full buffer or a gone client: the body deadline decides
 
     def _hand_over(self, conn: Any, inbound: Inbound) -> None:
         """To a thread, with the request in the parser's buffer: it is read without waiting on the client."""
@@ -372,10 +370,8 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
             stopping_idle = not self.alive and not inbound.buffer  # nothing begun: nothing to finish
             if stopping_idle or inbound.expired(now):
                 del self._inbound[conn]
-                try:
+                with suppress(KeyError, ValueError):
                     self.poller.unregister(conn.sock)
-                except (KeyError, ValueError):
-                    pass
                 self.nr_conns -= 1
                 if not stopping_idle:
                     log.warning("slow client %s cut: %s", _peer(conn), inbound.what())
@@ -503,10 +499,8 @@ def _answer_timeout(sock: socket.socket, what: str) -> None:
 
 def _close_now(sock: socket.socket) -> None:
     """Close without lingering: gunicorn's graceful close would wait on this client from the polling thread."""
-    try:
+    with suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
     sock.close()
 
 

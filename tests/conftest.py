@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -192,10 +192,8 @@ class Gunicorn:
             time.sleep(0.05)
         left = still_running(self.seen)
         for pid in left:  # clean up before failing, by the PIDs we hold
-            try:
+            with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         assert not left, f"processes left behind after gunicorn stopped: {sorted(left)}"
         assert code == 0, f"gunicorn exited with {code}:\n{self.log()}"
 

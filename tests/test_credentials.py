@@ -92,7 +92,7 @@ def test_no_credential_header_reaches_an_http_upstream(tmp_path: Any, recorder: 
             answer = requests.post(f"{gateway.url}/web/mcp", data=BODY, timeout=30,
                                    headers=tools_list({**credential, "X-Trace": "kept"}))
             assert answer.status_code == 200, answer.text
-            calls = [seen for seen in recorder.seen if "tools/list" == seen.get("mcp-method")]
+            calls = [seen for seen in recorder.seen if seen.get("mcp-method") == "tools/list"]
             assert calls, recorder.seen
             for seen in calls:
                 assert seen.get("x-trace") == "kept"  # other headers pass

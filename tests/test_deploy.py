@@ -19,9 +19,8 @@ def installed_copy(folder: Path, text: str) -> Path:
     path = folder / "mcp-gateway.service"
     lines = []
     for line in text.replace("/opt/mcp-gateway", str(ROOT)).splitlines():
-        if line.startswith(("User=", "Group=")):
-            line = line.split("=")[0] + "=root"  # the test machine has no mcp-gateway user
-        lines.append(line)
+        # The test machine has no mcp-gateway user.
+        lines.append(line.split("=")[0] + "=root" if line.startswith(("User=", "Group=")) else line)
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -14,7 +14,7 @@ def test_a_legacy_request_gets_the_2026_envelope_and_keeps_its_own_meta() -> Non
                "params": {"name": "x", "_meta": {"progressToken": "p"}}}
     modern = protocol.request_for_server(message, protocol.LEGACY, protocol.MODERN)
     meta = modern["params"]["_meta"]
-    assert ENVELOPE_KEYS <= set(meta) and meta["progressToken"] == "p" and meta[protocol.META_PROTOCOL_VERSION] == "2026-07-28"
+    assert set(meta) >= ENVELOPE_KEYS and meta["progressToken"] == "p" and meta[protocol.META_PROTOCOL_VERSION] == "2026-07-28"
     assert message["params"]["_meta"] == {"progressToken": "p"}, "the client's message is not changed in place"
 
 

@@ -12,6 +12,7 @@ Every answer must be a JSON-RPC result; the run is bounded in time and count.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -92,10 +93,8 @@ class PipeServer:
         try:
             await asyncio.wait_for(self.process.wait(), 2)
         except TimeoutError:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             await self.process.wait()
         self.reader.cancel()
 

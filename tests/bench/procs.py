@@ -8,6 +8,7 @@ end of the run can say whether any is left.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -149,10 +150,8 @@ class Child:
 
 
 def _signal_group(pgid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def still_running() -> list[tuple[int, str]]:
@@ -174,10 +173,8 @@ def stop_all() -> list[tuple[int, str]]:
         time.sleep(0.05)
     left = still_running()
     for pid, _ in left:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     return left
 
 

@@ -161,7 +161,7 @@ def layer_of(frames: list[tuple[str, str]]) -> str:
     answer) and its main thread (the event loop that accepts and polls keep-alive
     connections and hands them to the thread pool).
     """
-    for name, where in reversed(frames):
+    for _, where in reversed(frames):
         if where in TRANSPARENT:
             continue
         if where == "gunicorn" or where == "stdlib selectors" or where == "stdlib concurrent":
