@@ -77,14 +77,29 @@ def call_ok(gateway: Gunicorn, server: str, request_id: int = 1) -> bool:
     return answer.status_code == 200 and "result" in answer.json()
 
 
+def whole_status(gateway: Gunicorn, ready: Any) -> dict[str, Any]:
+    """The servers of a /status answer that combined every worker's view (a sibling's file can be a
+    moment late), once `ready(servers)` holds."""
+    found: dict[str, Any] = {}
+
+    def settled() -> bool:
+        nonlocal found
+        status = gateway.status()
+        found = status["servers"]
+        return len(status["workers"]) == gateway.workers and bool(ready(found))
+
+    wait_for(settled)
+    return found
+
+
 def test_a_changed_file_reaches_every_worker_and_unchanged_servers_keep_their_state(
         tmp_path: Path, http_servers: list[McpHttpServer]) -> None:
     web = {"type": "http", "instances": [{"endpoint": http_servers[0].url}]}
     first = {"keep": time_server(pool_min=1), "change": time_server(pool_min=1),
              "remove": time_server(pool_min=1), "web": web}
     with Gunicorn(write_registry(tmp_path, first, WATCH), workers=2).serving() as gateway:
-        wait_for(lambda: all(gateway.status()["servers"][sid]["processes"] == 2 for sid in ("keep", "change", "remove")))
-        before = gateway.status()["servers"]
+        before = whole_status(gateway, lambda found: all(len(found[sid]["pids"]) == 2
+                                                         for sid in ("keep", "change", "remove")))
         # A session held by the HTTP instance, through the gateway.
         init = requests.post(f"{gateway.url}/web/mcp", headers=ACCEPT_BOTH, timeout=30, data=json.dumps({
             "jsonrpc": "2.0", "id": 1, "method": "initialize",
@@ -95,7 +110,7 @@ def test_a_changed_file_reaches_every_worker_and_unchanged_servers_keep_their_st
                   "added": time_server(), "web": web}
         every_worker_serves(gateway, rewrite(gateway, second, WATCH))
 
-        after = gateway.status()["servers"]
+        after = whole_status(gateway, lambda found: "added" in found and "remove" not in found)
         assert set(after) == {"keep", "change", "added", "web"}
         assert after["keep"]["pids"] == before["keep"]["pids"], "an unchanged server keeps its processes"
         assert after["change"]["description"] == "changed"
