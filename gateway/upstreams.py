@@ -184,7 +184,9 @@ class StdioUpstream:
                 translated = protocol.reply_for_client(answer, message["method"], client.era, process.era, self.server_id)
                 yield Reply(translated, raw if translated is reply else None, final=True, origin=origin)
                 return
-        except errors.GatewayError as exc:
+        except errors.UpstreamError as exc:
+            # The process failed. A client's error (a ClientError) says nothing about it:
+            # `failure` then stays as the exchange left it (kept, or wound down if mid-message).
             failure = exc.message
             metrics.UPSTREAM_ERRORS.labels(self.server_id, metrics.error_kind(exc)).inc()
             raise

@@ -429,3 +429,21 @@ def test_closing_stops_a_process_still_starting(upstreams: Any, tmp_path: Path) 
     assert upstream.pool.stats()["starting"] == 1
     upstream.close()
     assert not _alive({child}) and upstream.pool.stats()["starting"] == 0
+
+
+def test_a_client_error_before_the_request_is_written_keeps_the_process(upstreams: Any,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # The process never saw the request: refusing it says nothing about the process.
+    upstream = upstreams(TIME_SERVER)
+    call(upstream, "tools/list")
+    before = upstream.pool.stats()
+
+    def refuse(*args: Any) -> Any:
+        raise errors.InvalidParams("params the translation cannot use")
+
+    monkeypatch.setattr(protocol, "request_for_server", refuse)
+    with pytest.raises(errors.InvalidParams):
+        call(upstream, "tools/list")
+    monkeypatch.undo()
+    after = upstream.pool.stats()
+    assert after["pids"] == before["pids"] and after["restarts"] == 0 and after["busy"] == 0
