@@ -61,17 +61,17 @@ def _app_class() -> type[Flask]:
 
 
 def create_app(test_config: Mapping[str, Any] | None = None, registry: Registry | None = None) -> Flask:
-    """Build the app from `registry` (default: the one this gateway serves, see runtime.serving_registry)."""
-    from . import exchange, runtime
-    from .extension import Gateway
-    from .route import McpPostRoute
+    """Build the app from `registry` (default: the one this gateway serves, see rundir.serving_registry)."""
+    from . import exchange, rundir
+    from .post import McpPostRoute
+    from .runtime import Gateway
 
     configure_logging()
     app = _app_class()(__name__)
     if test_config:
         app.config.update(test_config)
     if registry is None:
-        registry = runtime.serving_registry(app.config.get("REGISTRY_PATH"))
+        registry = rundir.serving_registry(app.config.get("REGISTRY_PATH"))
     exchange.init_app(app)
     Gateway(registry).init_app(app)
     from .views import bp

@@ -69,7 +69,7 @@ class InvalidParams(ClientError):
 
 
 class BodyTooLarge(ClientError):
-    """The body is over `gateway.max_body_bytes` (route.py reads it; werkzeug's limit guards the Flask routes)."""
+    """The body is over `gateway.max_body_bytes` (post.py reads it; werkzeug's limit guards the Flask routes)."""
 
     http_status = 413
 

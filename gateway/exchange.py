@@ -1,7 +1,7 @@
 """One request from its first byte to its last: what it was, and what happens when it ends.
 
 An `Exchange` is begun for every request, by the Flask hooks here or by the
-MCP POST route (route.py), which serves its requests without Flask. As the
+MCP POST route (post.py), which serves its requests without Flask. As the
 request is served it learns the caller, the MCP method and the upstream.
 When the response closes (after the last byte of a stream, not when the view
 returns) `finish` hands the upstream back to the gateway, writes the access

@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from . import configure_logging, runtime, sessions, supervisor
+from . import configure_logging, rundir, sessions, supervisor
 from . import registry as registry_module
 from . import worker as gateway_worker
 from .private import UnsafePath
@@ -44,7 +44,7 @@ def load_settings() -> GatewaySettings:
     first = os.environ.get(MASTER_ENV) != str(os.getpid())
     if first:
         try:
-            runtime.prepare()
+            rundir.prepare()
         except UnsafePath as error:
             _not_starting(str(error))
         os.environ[MASTER_ENV] = str(os.getpid())
@@ -55,7 +55,7 @@ def load_settings() -> GatewaySettings:
         # Made (if need be) and checked here, once, before the workers read it.
         sessions.load_secrets(registry.gateway.session_secret)
     except (registry_module.RegistryError, UnsafePath) as error:
-        saved = None if first else runtime.saved_registry(source)
+        saved = None if first else rundir.saved_registry(source)
         if saved is None:  # nothing to fall back on: stop before any worker starts, with the reason
             if isinstance(error, UnsafePath):
                 _not_starting(str(error))
@@ -64,7 +64,7 @@ def load_settings() -> GatewaySettings:
         problem = error.one_line() if isinstance(error, registry_module.RegistryError) else str(error)
         log.error("registry %s not reloaded, the running one stays: %s", source, problem)
         return registry_module.parse(saved, source).gateway
-    runtime.save_registry(source, text)
+    rundir.save_registry(source, text)
     return registry.gateway
 
 
@@ -117,14 +117,14 @@ def _templates(server: Any) -> Templates:
 
 
 def on_starting(server: Any) -> None:
-    _templates(server).reconcile(runtime.serving_registry())
+    _templates(server).reconcile(rundir.serving_registry())
 
 
 def on_reload(server: Any) -> None:
     """HUP: run the registry now in force (the new one, or the old if the new failed) before new workers fork."""
     templates = _templates(server)
     old_workers = set(server.WORKERS)
-    for retired in templates.reconcile(runtime.serving_registry()):
+    for retired in templates.reconcile(rundir.serving_registry()):
         if old_workers:
             templates.retiring.append((set(old_workers), retired))
         else:
@@ -133,10 +133,10 @@ def on_reload(server: Any) -> None:
 
 def child_exit(server: Any, worker: Any) -> None:
     gateway_worker.release(worker)
-    runtime.forget_worker(worker.pid)
+    rundir.forget_worker(worker.pid)
     _templates(server).worker_gone(worker.pid)
 
 
 def on_exit(server: Any) -> None:
     _templates(server).stop()
-    runtime.remove()
+    rundir.remove()

@@ -3,7 +3,7 @@
 Counters and histograms are recorded where things happen (a request ends, a
 process is replaced, an instance is ejected). Under gunicorn every worker
 writes them to prometheus_client's multiprocess files in the runtime
-directory (see runtime.py), so the worker that answers /metrics adds up the
+directory (see rundir.py), so the worker that answers /metrics adds up the
 whole gateway, dead workers' counts included. Gauges (pool processes, waiting
 requests, instance health) are not kept in those files: they are read at
 scrape time from the whole-gateway status, the same numbers /status shows,
@@ -33,7 +33,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from .runtime import METRICS_ENV
+from .rundir import METRICS_ENV
 
 if TYPE_CHECKING:
     from .exchange import Exchange

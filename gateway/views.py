@@ -5,7 +5,7 @@ both MCP eras. The gateway answers the handshake-era lifecycle itself
 (initialize, sessions, ping, DELETE) and `server/discover`, and hands every
 other request to the server's upstream. GET, DELETE and the operator
 endpoints are Flask routes of the blueprint; POST, every MCP message, is
-`post` here, called by route.py without Flask's request machinery (the hot
+`post` here, called by post.py without Flask's request machinery (the hot
 path; see README, Performance). Every error a client can get leaves here as
 a JSON-RPC error object, mapped from the exception in one function.
 """
@@ -20,17 +20,17 @@ from typing import Any
 from flask import Blueprint, Response, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from . import errors, jsonrpc, metrics, protocol, runtime, sse
+from . import errors, jsonrpc, metrics, protocol, rundir, sse
 from . import status as status_module
 from .exchange import Exchange
 from .exchange import current as current_exchange
-from .extension import Gateway, current_gateway
 from .jsonrpc import Reply
 from .logtext import clean, quoted
 from .protocol import ClientContext
-from .proxy import HttpUpstream, ProxyRequest
+from .runtime import Gateway, current_gateway
 from .sessions import Session
 from .upstreams import MessageUpstream
+from .upstreams.http import HttpUpstream, ProxyRequest
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +80,14 @@ def metrics_page() -> Response:
 
 
 def _gateway_status() -> dict[str, Any]:
-    return status_module.combine(current_gateway().worker_status(), runtime.sibling_statuses())
+    return status_module.combine(current_gateway().worker_status(), rundir.sibling_statuses())
 
 
 # --- MCP routes --------------------------------------------------------------
 
 
 def post(gateway: Gateway, exchange: Exchange, path: str, query: bytes, body: bytes) -> Response:
-    """POST /<server-id>[/<path>]: one JSON-RPC message (served by route.py, without Flask's request machinery)."""
+    """POST /<server-id>[/<path>]: one JSON-RPC message (served by post.py, without Flask's request machinery)."""
     server_id = exchange.server_id or ""
     if server_id not in gateway.upstreams:
         gateway.checkout(server_id, exchange)  # UnknownServer, whatever the body is

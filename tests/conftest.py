@@ -248,7 +248,7 @@ def gunicorn(tmp_path: Path) -> Iterator[Any]:
 @pytest.fixture
 def make_app(tmp_path: Path) -> Iterator[Any]:
     """Factory: make_app(servers, gateway=None) -> a Flask app; its children are stopped after."""
-    from gateway import create_app, extension
+    from gateway import create_app, runtime
 
     apps = []
 
@@ -260,7 +260,7 @@ def make_app(tmp_path: Path) -> Iterator[Any]:
 
     yield make
     for app in apps:
-        app.extensions[extension.EXTENSION_KEY].close()
+        app.extensions[runtime.EXTENSION_KEY].close()
 
 
 EVERYTHING = ROOT / "tests/node/node_modules/@modelcontextprotocol/server-everything/dist/index.js"

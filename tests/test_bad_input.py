@@ -25,8 +25,8 @@ import requests
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import errors, jsonrpc, metrics, protocol, sse, stdio
-from gateway.extension import EXTENSION_KEY
+from gateway import errors, jsonrpc, metrics, protocol, sse, stdio_process
+from gateway.runtime import EXTENSION_KEY
 
 from .conftest import TIME_SERVER, Gunicorn, server_command, wait_for, write_registry
 
@@ -428,7 +428,7 @@ def test_a_failure_at_any_stage_returns_the_process_and_the_lease(app: Any, monk
     elif stage == "request encoding":
         fail_once(monkeypatch, jsonrpc, "encode", when=lambda message: message.get("method") == "tools/list")
     elif stage == "reading the answer":
-        monkeypatch.setattr(stdio.StdioProcess, "messages", _failing_messages(stdio.StdioProcess.messages))
+        monkeypatch.setattr(stdio_process.StdioProcess, "messages", _failing_messages(stdio_process.StdioProcess.messages))
     elif stage == "reply translation":
         fail_once(monkeypatch, protocol, "reply_for_client")
     elif stage == "answer encoding":

@@ -23,7 +23,7 @@ import responses
 from gateway import errors, registry
 from gateway.balancer import Balancer, Instance
 from gateway.health import HealthPolicy, InstanceHealth
-from gateway.proxy import HttpUpstream, ProxyRequest
+from gateway.upstreams.http import HttpUpstream, ProxyRequest
 
 from .conftest import free_port
 

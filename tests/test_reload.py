@@ -243,11 +243,11 @@ def test_changing_an_http_template_restarts_workers_and_its_processes(tmp_path: 
 
 
 def test_a_reload_asks_unchanged_http_servers_their_era_again(make_app: Any, tmp_path: Path) -> None:
-    from gateway import extension, registry
+    from gateway import registry, runtime
 
     web = {"type": "http", "instances": [{"endpoint": "http://127.0.0.1:9"}]}
     app = make_app({"web": web})
-    gateway = app.extensions[extension.EXTENSION_KEY]
+    gateway = app.extensions[runtime.EXTENSION_KEY]
     kept = gateway.upstreams["web"]
     kept._speaks["2026-07-28"] = False  # learned from an instance that may since have been redeployed
     text = json.dumps({"servers": {"web": web, "time": {"type": "stdio", "command": TIME_SERVER}},

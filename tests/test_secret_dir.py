@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway import runtime, sessions
+from gateway import rundir, sessions
 from gateway.private import UnsafePath
 
 from .conftest import TIME_SERVER, Gunicorn, write_registry
@@ -122,9 +122,9 @@ def test_a_secret_file_of_another_user_is_refused(tmpdir_: Path) -> None:
 @pytest.fixture
 def runtime_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     path = tmp_path / "runtime"
-    monkeypatch.setenv(runtime.RUNTIME_ENV, str(path))
-    monkeypatch.setenv(runtime.METRICS_ENV, str(path / "metrics"))
-    monkeypatch.delenv(runtime.OWNED_ENV, raising=False)
+    monkeypatch.setenv(rundir.RUNTIME_ENV, str(path))
+    monkeypatch.setenv(rundir.METRICS_ENV, str(path / "metrics"))
+    monkeypatch.delenv(rundir.OWNED_ENV, raising=False)
     return path
 
 
@@ -132,8 +132,8 @@ def test_a_given_runtime_directory_writable_by_others_is_refused(runtime_env: Pa
     runtime_env.mkdir()
     runtime_env.chmod(0o777)
     with pytest.raises(UnsafePath, match=r"runtime is writable by other users \(mode 0777\)") as caught:
-        runtime.prepare()
-    assert str(runtime_env) in str(caught.value) and runtime.RUNTIME_ENV in str(caught.value)
+        rundir.prepare()
+    assert str(runtime_env) in str(caught.value) and rundir.RUNTIME_ENV in str(caught.value)
 
 
 @as_root
@@ -141,18 +141,18 @@ def test_a_given_runtime_directory_of_another_user_is_refused(runtime_env: Path)
     runtime_env.mkdir(mode=0o700)
     os.chown(runtime_env, NOBODY, NOBODY)
     with pytest.raises(UnsafePath, match=f"owned by uid {NOBODY}"):
-        runtime.prepare()
+        rundir.prepare()
 
 
 def test_a_symlinked_runtime_directory_is_refused(runtime_env: Path, tmp_path: Path) -> None:
     (tmp_path / "real").mkdir(mode=0o700)
     runtime_env.symlink_to(tmp_path / "real")
     with pytest.raises(UnsafePath, match="symbolic link"):
-        runtime.prepare()
+        rundir.prepare()
 
 
 def test_a_missing_runtime_directory_is_created_private(runtime_env: Path) -> None:
-    runtime.prepare()
+    rundir.prepare()
     assert os.stat(runtime_env).st_mode & 0o777 == 0o700
     assert (runtime_env / "status").is_dir() and (runtime_env / "revoked").is_dir()
 

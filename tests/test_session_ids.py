@@ -326,23 +326,23 @@ def test_delete_of_a_passed_through_http_session_ends_it_in_the_gateway_on_every
 
 
 def test_the_runtime_directory_gets_a_revoked_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from gateway import runtime
+    from gateway import rundir
 
     folder = tmp_path / "rt"
     folder.mkdir(mode=0o700)
-    monkeypatch.setenv(runtime.RUNTIME_ENV, str(folder))
-    monkeypatch.setenv(runtime.METRICS_ENV, str(folder / "metrics"))
-    runtime.prepare()
-    assert (folder / "revoked").is_dir() and runtime.revoked_dir() == folder / "revoked"
+    monkeypatch.setenv(rundir.RUNTIME_ENV, str(folder))
+    monkeypatch.setenv(rundir.METRICS_ENV, str(folder / "metrics"))
+    rundir.prepare()
+    assert (folder / "revoked").is_dir() and rundir.revoked_dir() == folder / "revoked"
     assert os.stat(folder / "revoked").st_mode & 0o077 == 0
 
 
 def test_upkeep_forgets_revocations_of_expired_sessions(make_app: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from gateway import extension
+    from gateway import runtime
 
-    monkeypatch.setattr(extension, "PRUNE_INTERVAL", 0.0)
+    monkeypatch.setattr(runtime, "PRUNE_INTERVAL", 0.0)
     app = make_app({"time": {"type": "stdio", "command": TIME_SERVER, "pool_size": 1, "pool_min": 0}})
-    gateway = app.extensions[extension.EXTENSION_KEY]
+    gateway = app.extensions[runtime.EXTENSION_KEY]
     gateway.revocations.add("a" * 32, 1.0)  # expired long ago
     gateway.revocations.add("b" * 32, 4_000_000_000.0)
     gateway.start()

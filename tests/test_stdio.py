@@ -20,7 +20,7 @@ import pytest
 from gateway import errors, protocol, registry
 from gateway.jsonrpc import Reply
 from gateway.protocol import ClientContext
-from gateway.upstreams import StdioUpstream
+from gateway.upstreams.stdio import StdioUpstream
 
 from .conftest import TIME_SERVER, server_command
 
@@ -128,7 +128,7 @@ def test_modern_client_reaches_a_legacy_server_with_the_envelope_stripped(upstre
 ])
 def test_era_detection_after_a_silent_discover(upstreams: Any, monkeypatch: pytest.MonkeyPatch, mode: str,
                                                client: ClientContext, era: str) -> None:
-    monkeypatch.setattr("gateway.stdio.DISCOVER_TIMEOUT", 0.3)
+    monkeypatch.setattr("gateway.stdio_process.DISCOVER_TIMEOUT", 0.3)
     upstream = upstreams(server_command("faulty_server.py", mode))
     assert "result" in tool(upstream, "work", client=client)
     assert upstream.pool.hello is not None and upstream.pool.hello.era == era
@@ -271,7 +271,7 @@ def test_client_hanging_up_mid_stream_cancels_and_keeps_the_process(upstreams: A
 
 
 def test_children_get_a_minimal_environment_plus_their_own(upstreams: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from gateway.stdio import child_environment
+    from gateway.stdio_process import child_environment
 
     monkeypatch.setenv("GATEWAY_SECRET_SHOULD_NOT_LEAK", "x")
     monkeypatch.setenv("WANTED", "y")
@@ -387,7 +387,7 @@ def test_a_cancelled_call_keeps_a_process_that_behaves(upstreams: Any, mode: str
 def test_an_answer_to_a_cancelled_id_after_the_grace_never_reaches_the_next_request(
     upstreams: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("gateway.upstreams.CANCEL_GRACE", 0.3)
+    monkeypatch.setattr("gateway.upstreams.stdio.CANCEL_GRACE", 0.3)
     upstream = upstreams(server_command("faulty_server.py", "cancel-answers"), env_vars={"FAULTY_LATE_SECONDS": "1"})
     pid = _cancelled_mid_call(upstream, request_id=5)
     assert upstream.pool.stats()["pids"] == [pid]  # silent within the grace: kept

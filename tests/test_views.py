@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from flask import request
 
-from gateway import errors, route
+from gateway import errors, post
 
 from .conftest import TIME_SERVER, server_command
 
@@ -108,7 +108,7 @@ def test_body_over_the_limit_is_413(client: Any) -> None:
 
 
 def test_the_post_route_runs_no_flask_request_hook(make_app: Any) -> None:
-    # POST, every MCP message, is served by gateway/route.py without Flask's request
+    # POST, every MCP message, is served by gateway/post.py without Flask's request
     # machinery (the hot path): a Flask hook added for all routes sees the other routes only.
     app = make_app({"time": {"type": "stdio", "command": TIME_SERVER, "pool_min": 0}})
     seen: list[str] = []
@@ -124,7 +124,7 @@ def test_an_unexpected_failure_on_the_post_route_is_a_jsonrpc_500(client: Any, m
     def broken(*args: Any) -> None:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(route, "post", broken)
+    monkeypatch.setattr(post, "post", broken)
     response = client.post("/time/mcp", json=rpc("tools/list"))
     assert response.status_code == 500
     assert error_of(response)["message"] == "internal gateway error serving server 'time': RuntimeError"

@@ -121,7 +121,7 @@ COST_CENTRES: tuple[tuple[str, Callable[[str], bool]], ...] = (
     ("gunicorn environ (wsgi.create)", lambda f: f.startswith("create (gunicorn/http/wsgi")),
     ("gunicorn response writing", lambda f: f.startswith(("Response.write (gunicorn", "Response.close (gunicorn",
                                                            "Response.send_headers", "write_chunk"))),
-    ("the POST route (gateway/route.py), view included", lambda f: f.startswith("McpPostRoute.__call__")),
+    ("the POST route (gateway/post.py), view included", lambda f: f.startswith("McpPostRoute.__call__")),
     ("Flask request/app context push+pop (GET, DELETE, operator endpoints)", lambda f: f.startswith((
         "RequestContext.push", "RequestContext.pop", "AppContext.push", "AppContext.pop"))),
     ("request end (gateway/exchange.py: lease, access line, metrics)", lambda f: f.startswith("Exchange.finish")),

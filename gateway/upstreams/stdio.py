@@ -1,11 +1,10 @@
-"""Upstreams: what a registry entry becomes, and the one interface views use.
+"""Stdio upstreams: a stdio server (stdio templates included) served from a per-worker process pool.
 
-A message upstream turns one client JSON-RPC request into the stream of
-messages that answers it (notifications first, the response last), whatever
-transport and protocol era sits behind it. `StdioUpstream` serves `stdio`
-entries (stdio templates included) from a process pool; `proxy.HttpUpstream`
-serves `http` entries (http templates included), passing requests through and
-answering like a message upstream only for traffic it bridges between eras.
+One client JSON-RPC request becomes the stream of messages that answers it
+(notifications first, the response last): a process is checked out of the
+pool, the request written to it under the gateway's own id, the messages
+that belong to the request (scope.py) read back, and the process returned,
+kept or replaced after a cancellation.
 """
 
 from __future__ import annotations
@@ -15,15 +14,14 @@ import threading
 import time
 from collections.abc import Generator
 from contextlib import closing
-from typing import Any, Protocol
+from typing import Any
 
-from . import errors, jsonrpc, metrics, protocol, scope
-from .jsonrpc import Reply
-from .pool import StdioPool
-from .protocol import ClientContext, ServerHello
-from .proxy import HttpUpstream
-from .registry import ServerEntry, StdioSettings
-from .stdio import StdioProcess, hashable_id
+from .. import errors, jsonrpc, metrics, protocol, scope
+from ..jsonrpc import Reply
+from ..pool import StdioPool
+from ..protocol import ClientContext, ServerHello
+from ..registry import ServerEntry, StdioSettings
+from ..stdio_process import StdioProcess, hashable_id
 
 log = logging.getLogger(__name__)
 
@@ -36,25 +34,6 @@ CANCEL_GRACE = 1.0
 CANCEL_QUIET = 0.25
 # More cancelled requests than this left unanswered on one process: it is replaced.
 MAX_CANCELLED = 16
-
-
-class Upstream(Protocol):
-    """What every registry entry becomes: run by upkeep, reported by /status."""
-
-    server_id: str
-    type: str
-
-    def maintain(self) -> None: ...
-    def close(self) -> None: ...
-    def status(self) -> dict[str, Any]: ...
-
-
-class MessageUpstream(Upstream, Protocol):
-    """An upstream the gateway speaks JSON-RPC messages to (the gateway ends MCP HTTP)."""
-
-    def hello(self) -> ServerHello: ...
-    def call(self, message: dict[str, Any], body: bytes, client: ClientContext,
-             request_id: str | None = None) -> Generator[Reply, None, None]: ...
 
 
 class StdioUpstream:
@@ -261,11 +240,3 @@ def _abandon(process: StdioProcess, request_id: Any, deadline: float) -> str | N
         return (f"server '{process.server_id}': process {process.pid} left {len(process.cancelled)} cancelled "
                 "requests unanswered")
     return None
-
-
-def build(entry: ServerEntry, check_interval: float) -> MessageUpstream | HttpUpstream:
-    if entry.type == "stdio":
-        return StdioUpstream(entry)
-    if entry.http is not None:
-        return HttpUpstream(entry, check_interval)
-    raise ValueError(f"server '{entry.id}' has neither stdio nor http settings")

@@ -32,14 +32,14 @@ from requests.structures import CaseInsensitiveDict
 from requests.utils import requote_uri
 from werkzeug.datastructures import Headers
 
-from . import errors, jsonrpc, metrics, protocol, sse
-from .backoff import Backoff
-from .balancer import Balancer, Instance
-from .health import HealthPolicy, InstanceHealth
-from .jsonrpc import Reply
-from .protocol import ClientContext, ServerHello
-from .registry import HttpSettings, ServerEntry
-from .sessions import Session
+from .. import errors, jsonrpc, metrics, protocol, sse
+from ..backoff import Backoff
+from ..balancer import Balancer, Instance
+from ..health import HealthPolicy, InstanceHealth
+from ..jsonrpc import Reply
+from ..protocol import ClientContext, ServerHello
+from ..registry import HttpSettings, ServerEntry
+from ..sessions import Session
 
 log = logging.getLogger(__name__)
 

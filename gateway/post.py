@@ -20,7 +20,7 @@ from werkzeug.wsgi import get_content_length, get_input_stream, get_path_info
 
 from . import errors
 from .exchange import Exchange
-from .extension import EXTENSION_KEY, Gateway
+from .runtime import EXTENSION_KEY, Gateway
 from .views import error_response, post
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]

@@ -59,7 +59,7 @@ class StdioProcess:
         self._close_lock = threading.Lock()
         self.hello: protocol.ServerHello | None = None
         # Ids of requests cancelled without an answer yet: a late answer to one is dropped,
-        # and a later request reusing such an id is sent under a fresh id (upstreams.py).
+        # and a later request reusing such an id is sent under a fresh id (upstreams/stdio.py).
         self.cancelled: set[Any] = set()
         self._stderr_thread = processes.log_lines(self._popen.stderr, server_id, self.pid)
 

@@ -1,0 +1,48 @@
+"""Upstreams: what a registry entry becomes, and the interface the views use.
+
+A message upstream turns one client JSON-RPC request into the stream of
+messages that answers it (notifications first, the response last), whatever
+transport and protocol era sits behind it. `stdio.StdioUpstream` serves
+`stdio` entries (stdio templates included) from a process pool;
+`http.HttpUpstream` serves `http` entries (http templates included), passing
+requests through and answering like a message upstream only for traffic it
+bridges between eras.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any, Protocol
+
+from ..jsonrpc import Reply
+from ..protocol import ClientContext, ServerHello
+from ..registry import ServerEntry
+from .http import HttpUpstream
+from .stdio import StdioUpstream
+
+
+class Upstream(Protocol):
+    """What every registry entry becomes: run by upkeep, reported by /status."""
+
+    server_id: str
+    type: str
+
+    def maintain(self) -> None: ...
+    def close(self) -> None: ...
+    def status(self) -> dict[str, Any]: ...
+
+
+class MessageUpstream(Upstream, Protocol):
+    """An upstream the gateway speaks JSON-RPC messages to (the gateway ends MCP HTTP)."""
+
+    def hello(self) -> ServerHello: ...
+    def call(self, message: dict[str, Any], body: bytes, client: ClientContext,
+             request_id: str | None = None) -> Generator[Reply, None, None]: ...
+
+
+def build(entry: ServerEntry, check_interval: float) -> MessageUpstream | HttpUpstream:
+    if entry.type == "stdio":
+        return StdioUpstream(entry)
+    if entry.http is not None:
+        return HttpUpstream(entry, check_interval)
+    raise ValueError(f"server '{entry.id}' has neither stdio nor http settings")
