@@ -403,10 +403,14 @@ class HttpUpstream:
         session (curl), which the gateway sends in a session of its own.
         """
         if client.era == protocol.MODERN:
-            return not self._speaks_era(protocol.MODERN)
+            return not self.passes_through(protocol.MODERN)
         if session is not None:
             return session.instance is None  # the gateway minted it for a bridged session
-        return message.get("method") != "initialize" or not self._speaks_era(protocol.LEGACY)
+        return message.get("method") != "initialize" or not self.passes_through(protocol.LEGACY)
+
+    def passes_through(self, era: str) -> bool:
+        """Whether the instances speak `era` (asked once; see _speaks_era)."""
+        return self._speaks_era(era)
 
     def hello(self) -> ServerHello:
         """What the server says of itself, for the gateway's own initialize/discover answers."""

@@ -97,6 +97,9 @@ class StdioUpstream:
     def status(self) -> dict[str, Any]:
         return {"type": self.type, **self.shown, **self.pool.stats()}
 
+    def passes_through(self, era: str) -> bool:
+        return False  # the gateway ends MCP HTTP itself: a process speaks JSON-RPC lines
+
     def call(self, message: dict[str, Any], body: bytes, client: ClientContext,
              request_id: str | None = None) -> Generator[Reply, None, None]:
         """Serve one request; retry once on a fresh process where that is safe.
