@@ -11,33 +11,43 @@ carry a credential (Authorization, X-API-Key, the hook's) is never forwarded
 upstream (the MCP spec forbids token passthrough), and token values are never
 logged. With any token configured, /status and /metrics need a gateway-wide
 token unless `protect_operator_endpoints: false` opens them. Host and Origin
-(the DNS-rebinding defence) are rebinding.py's.
+(the DNS-rebinding defence) are rebinding.py's. It takes the settings it needs
+(`gateway.auth`, and each server's `auth_tokens` and `allow`), not the registry,
+and loads the hook through hooks.py, so it and registry.py import neither other.
 """
 
 from __future__ import annotations
 
 import hmac
-import importlib
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from . import errors
+from .hooks import Hook, load_hook
 from .protocol import Headers
-from .registry import Registry
 
-Hook = Callable[[str, Headers], "str | None"]
 # The headers a caller's credential travels in, whatever auth is configured.
 CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key"})
 
 
+class ServerAccess(Protocol):
+    """What auth reads of a server's settings (registry.ServerEntry has them)."""
+
+    @property
+    def auth_tokens(self) -> Mapping[str, str]: ...
+
+    @property
+    def allow(self) -> tuple[str, ...] | None: ...
+
+
 class Authenticator:
-    def __init__(self, registry: Registry):
-        settings = registry.gateway.auth
+    def __init__(self, settings: Mapping[str, Any], servers: Mapping[str, ServerAccess]):
+        """`settings`: the registry's `gateway.auth`; `servers`: every server by id."""
         self.tokens: dict[str, bytes] = {name: value.encode() for name, value in (settings.get("tokens") or {}).items()}
         self.hook: Hook | None = load_hook(settings["hook"]) if settings.get("hook") else None
-        self.servers = registry.servers
+        self.servers = servers
         self.server_tokens = {sid: {name: value.encode() for name, value in entry.auth_tokens.items()}
-                              for sid, entry in registry.servers.items()}
+                              for sid, entry in servers.items()}
         any_token = bool(self.tokens or self.hook or any(self.server_tokens.values()))
         # Secure by default: once anything asks for a token, so do the operator endpoints.
         self.protect_operator = bool(settings.get("protect_operator_endpoints", any_token))
@@ -97,14 +107,3 @@ def presented(headers: Headers) -> bytes | None:
     api_key = headers.get("X-API-Key")
     return api_key.encode() if api_key else None
 
-
-def load_hook(path: str) -> Hook:
-    """`package.module:function` (or `package.module.function`) -> the callable."""
-    module_name, sep, attribute = path.partition(":")
-    if not sep:
-        module_name, _, attribute = path.rpartition(".")
-    hook: Any = getattr(importlib.import_module(module_name), attribute)
-    if not callable(hook):
-        raise TypeError(f"auth hook {path!r} is not callable")
-    result: Hook = hook
-    return result

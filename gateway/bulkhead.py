@@ -29,6 +29,7 @@ from typing import Any
 
 from . import errors
 from .logtext import quoted
+from .settings import COMMON
 
 # The worker's thread count (gunicorn's `threads`), set by gateway/worker.py before the app is made.
 # Unset (another server, or the Flask test client), there is no fixed pool of threads to share
@@ -67,7 +68,7 @@ class Bulkhead:
     """One server's share of a worker's threads: `acquire` before serving, `release` after."""
 
     def __init__(self, server_id: str, max_concurrent: int | None = None, max_queued: int | None = None,
-                 queue_timeout: float = 10.0):
+                 queue_timeout: float = COMMON.default("queue_timeout")):
         concurrent, queued = default_limits()
         self.server_id = server_id
         self.max_concurrent = max_concurrent if max_concurrent is not None else concurrent

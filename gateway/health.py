@@ -18,15 +18,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from .settings import HTTP
+
 MAX_EJECTION_MULTIPLIER = 10
 
 
 @dataclass(frozen=True)
 class HealthPolicy:
-    rise: int = 2
-    fall: int = 3
-    max_fails: int = 3
-    ejection_time: float = 30.0
+    """An HTTP server's health settings (defaults: the registry's, gateway/settings.py)."""
+
+    rise: int = HTTP.default("health_check_rise")
+    fall: int = HTTP.default("health_check_fall")
+    max_fails: int = HTTP.default("max_fails")
+    ejection_time: float = HTTP.default("ejection_time")
 
 
 class InstanceHealth:

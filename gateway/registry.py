@@ -25,7 +25,9 @@ import jsonschema
 import yaml
 
 from . import mcpservers, rebinding, templates
+from .hooks import load_hook
 from .sessions import split_secrets
+from .settings import COMMON, GATEWAY, HTTP, HTTP_INSTANCE, STDIO, TEMPLATE
 from .templates import Launch
 
 DEFAULT_PATH = "conf/registry.yaml"
@@ -33,9 +35,6 @@ REGISTRY_ENV = "MCP_GATEWAY_REGISTRY"
 
 # Route prefixes the gateway itself answers; a server may not take these ids.
 RESERVED_IDS = frozenset({"healthz", "livez", "readyz", "status", "metrics", "static", "-"})
-
-# Every type of server takes these (ServerEntry; gateway/bulkhead.py).
-BULKHEAD_KEYS = ("max_concurrent", "max_queued", "queue_timeout")
 
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -57,24 +56,24 @@ class StdioSettings:
     """How one stdio server's processes are started and pooled (per worker)."""
 
     command: tuple[str, ...]
-    working_dir: str | None = None
+    working_dir: str | None = STDIO.default("working_dir")
     env_vars: Mapping[str, str] = field(default_factory=dict)
-    inherit_env: tuple[str, ...] = ()
-    pool_size: int = 4
-    pool_min: int = 1
-    idle_timeout: float = 300.0
-    max_waiting: int = 64
-    wait_timeout: float = 10.0
-    request_timeout: float = 60.0
-    startup_timeout: float = 20.0
-    max_line_bytes: int = 16 * 1024 * 1024
+    inherit_env: tuple[str, ...] = STDIO.default("inherit_env")
+    pool_size: int = STDIO.default("pool_size")
+    pool_min: int = STDIO.default("pool_min")
+    idle_timeout: float = STDIO.default("idle_timeout")
+    max_waiting: int = STDIO.default("max_waiting")
+    wait_timeout: float = STDIO.default("wait_timeout")
+    request_timeout: float = STDIO.default("request_timeout")
+    startup_timeout: float = STDIO.default("startup_timeout")
+    max_line_bytes: int = STDIO.default("max_line_bytes")
 
 
 @dataclass(frozen=True)
 class HttpInstanceSettings:
     endpoint: str  # never with user:pass@: that became `authorization`, so the endpoint can be shown
-    weight: int = 1
-    authorization: str | None = None  # HTTP Basic, from the endpoint's userinfo
+    weight: int = HTTP_INSTANCE.default("weight")
+    authorization: str | None = None  # HTTP Basic, from the endpoint's userinfo (not a setting of its own)
 
 
 @dataclass(frozen=True)
@@ -82,19 +81,19 @@ class HttpSettings:
     """How one HTTP server's instances are reached, balanced and checked."""
 
     instances: tuple[HttpInstanceSettings, ...]
-    load_balancing: str = "round_robin"
-    health_check: str | None = None
+    load_balancing: str = HTTP.default("load_balancing")
+    health_check: str | None = HTTP.default("health_check")
     headers: Mapping[str, str] = field(default_factory=dict)
-    mcp_path: str = "/mcp"
-    connect_timeout: float = 5.0
-    read_timeout: float = 300.0
-    request_timeout: float = 300.0
-    max_connections: int = 16
-    sticky_header: str | None = None
-    max_fails: int = 3
-    ejection_time: float = 30.0
-    health_check_rise: int = 2
-    health_check_fall: int = 3
+    mcp_path: str = HTTP.default("mcp_path")
+    connect_timeout: float = HTTP.default("connect_timeout")
+    read_timeout: float = HTTP.default("read_timeout")
+    request_timeout: float = HTTP.default("request_timeout")
+    max_connections: int = HTTP.default("max_connections")
+    sticky_header: str | None = HTTP.default("sticky_header")
+    max_fails: int = HTTP.default("max_fails")
+    ejection_time: float = HTTP.default("ejection_time")
+    health_check_rise: int = HTTP.default("health_check_rise")
+    health_check_fall: int = HTTP.default("health_check_fall")
 
 
 @dataclass(frozen=True)
@@ -108,37 +107,39 @@ class ServerEntry:
     stdio: StdioSettings | None = None
     http: HttpSettings | None = None
     auth_tokens: Mapping[str, str] = field(default_factory=dict)  # valid for this server only
-    allow: tuple[str, ...] | None = None  # gateway-wide token names that may reach it (None: all)
+    allow: tuple[str, ...] | None = COMMON.default("allow")  # gateway-wide token names that may reach it (None: all)
     template: str | None = None  # the template it was made from
     launch: Launch | None = None  # for an http template: what the gateway starts, `instances` times
-    instances: int = 1
+    instances: int = TEMPLATE.default("instances")
     shown: Mapping[str, Any] = field(default_factory=dict)  # for /status: secrets masked (see masked())
     # Its share of each worker's threads (gateway/bulkhead.py); None: half the threads, and the rest to queue.
-    max_concurrent: int | None = None
-    max_queued: int | None = None
-    queue_timeout: float = 10.0  # like a stdio pool's wait_timeout; a queued request gives its thread up sooner when another server needs it
+    max_concurrent: int | None = COMMON.default("max_concurrent")
+    max_queued: int | None = COMMON.default("max_queued")
+    # Like a stdio pool's wait_timeout; a queued request gives its thread up sooner when another server needs it.
+    queue_timeout: float = COMMON.default("queue_timeout")
 
 
 @dataclass(frozen=True)
 class GatewaySettings:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    reload_registry: bool = False
-    health_check_interval: float = 30.0
-    max_body_bytes: int = 4 * 1024 * 1024
-    max_json_depth: int = 64  # deeper request bodies are refused before any server must parse them
-    session_secret: tuple[str, ...] | None = None  # a string or a list in the file; the first seals
-    session_ttl: float = 24 * 3600.0
-    template_dirs: tuple[str, ...] = ()
+    host: str = GATEWAY.default("host")
+    port: int = GATEWAY.default("port")
+    reload_registry: bool = GATEWAY.default("reload_registry")
+    health_check_interval: float = GATEWAY.default("health_check_interval")
+    max_body_bytes: int = GATEWAY.default("max_body_bytes")
+    max_json_depth: int = GATEWAY.default("max_json_depth")  # deeper bodies are refused before a server parses them
+    # A string or a list in the file; the first seals.
+    session_secret: tuple[str, ...] | None = GATEWAY.default("session_secret")
+    session_ttl: float = GATEWAY.default("session_ttl")
+    template_dirs: tuple[str, ...] = GATEWAY.default("template_dirs")
     auth: Mapping[str, Any] = field(default_factory=dict)
-    allowed_hosts: tuple[str, ...] = ()
-    allowed_origins: tuple[str, ...] = ()
-    log_format: str = "text"
-    trusted_proxies: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = GATEWAY.default("allowed_hosts")
+    allowed_origins: tuple[str, ...] = GATEWAY.default("allowed_origins")
+    log_format: str = GATEWAY.default("log_format")
+    trusted_proxies: tuple[str, ...] = GATEWAY.default("trusted_proxies")
     # How long a client may take to send a request, and to take each write of the answer (gateway/worker.py).
-    header_timeout: float = 10.0
-    body_timeout: float = 30.0
-    send_timeout: float = 30.0
+    header_timeout: float = GATEWAY.default("header_timeout")
+    body_timeout: float = GATEWAY.default("body_timeout")
+    send_timeout: float = GATEWAY.default("send_timeout")
 
 
 @dataclass(frozen=True)
@@ -215,8 +216,6 @@ def validate(data: Any, base: Path = Path(".")) -> list[str]:
     problems.extend(_template_problems(data, base))
     auth_settings = (data.get("gateway") or {}).get("auth") or {}
     if isinstance(auth_settings, dict) and isinstance(auth_settings.get("hook"), str):
-        from .auth import load_hook  # late: auth builds on this module
-
         try:
             load_hook(auth_settings["hook"])
         except (ImportError, AttributeError, TypeError, ValueError) as exc:
@@ -346,7 +345,7 @@ def split_userinfo(endpoint: str) -> tuple[str, str | None]:
 
 def _instance(entry: Mapping[str, Any]) -> HttpInstanceSettings:
     endpoint, authorization = split_userinfo(entry["endpoint"].rstrip("/"))
-    return HttpInstanceSettings(endpoint, entry.get("weight", 1), authorization)
+    return HttpInstanceSettings(endpoint, entry.get("weight", HTTP_INSTANCE.default("weight")), authorization)
 
 
 def _stdio_shown(settings: StdioSettings, substituted: Mapping[str, str]) -> dict[str, Any]:
@@ -359,9 +358,10 @@ def _build(data: dict[str, Any], source: str, substituted: Mapping[str, str]) ->
     catalog = template_catalog(data, Path(source).parent) if any(
         e["type"] == "template" for e in data["servers"].values()) else {}
     for server_id, entry in data["servers"].items():
-        access = {"auth_tokens": entry.get("auth_tokens", {}),
-                  "allow": tuple(entry["allow"]) if "allow" in entry else None,
-                  **{key: entry[key] for key in BULKHEAD_KEYS if key in entry}}
+        # Who may reach it and its share of the threads: the keys every server type takes.
+        access = {name: entry[name] for name in COMMON.names if name in entry and name != "description"}
+        if "allow" in access:
+            access["allow"] = tuple(access["allow"])
         if entry["type"] == "template":
             made = _from_template(server_id, entry, catalog[entry["template_name"]])
             shown = _stdio_shown(made.stdio, substituted) if made.stdio else {}
@@ -380,7 +380,7 @@ def _build(data: dict[str, Any], source: str, substituted: Mapping[str, str]) ->
                 known["pool_min"] = min(StdioSettings.pool_min, known.get("pool_size", StdioSettings.pool_size))
             stdio = StdioSettings(**known)
         servers[server_id] = ServerEntry(
-            id=server_id, type=entry["type"], description=entry.get("description", ""), raw=entry, stdio=stdio, http=http,
+            id=server_id, type=entry["type"], description=entry.get("description", COMMON.default("description")), raw=entry, stdio=stdio, http=http,
             shown=_stdio_shown(stdio, substituted) if stdio else {}, **access,
         )
     gateway = dict(data.get("gateway", {}))
@@ -395,7 +395,7 @@ def _build(data: dict[str, Any], source: str, substituted: Mapping[str, str]) ->
 
 def _from_template(server_id: str, entry: dict[str, Any], template: templates.Template) -> ServerEntry:
     launch = template.launch(entry.get("config", {}), entry.get("transport"))
-    instances = entry.get("instances", 1)
+    instances = entry.get("instances", TEMPLATE.default("instances"))
     description = entry.get("description", template.description)
     if launch.transport == "stdio":
         stdio = StdioSettings(command=launch.command, env_vars=launch.env, working_dir=launch.working_dir,

@@ -321,7 +321,7 @@ def _guards(registry: Registry,
     rebinding = RebindingGuard(settings.allowed_hosts, settings.allowed_origins, (settings.host, bound))
     keys = load_secrets(settings.session_secret)
     signer = SessionSigner(keys, settings.session_ttl, revocations=revocations)
-    return Authenticator(registry), rebinding, signer, RequestStates(keys, settings.session_ttl)
+    return Authenticator(registry.gateway.auth, registry.servers), rebinding, signer, RequestStates(keys, settings.session_ttl)
 
 
 def _bulkhead(entry: ServerEntry) -> Bulkhead:

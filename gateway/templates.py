@@ -22,6 +22,8 @@ from typing import Any
 import jsonschema
 import yaml
 
+from .settings import HTTP
+
 TEMPLATE_SUFFIXES = (".yaml", ".yml", ".json")
 
 
@@ -33,7 +35,7 @@ class Launch:
     command: tuple[str, ...]  # {host} and {port} still to fill for http
     env: Mapping[str, str] = field(default_factory=dict)
     working_dir: str | None = None
-    mcp_path: str = "/mcp"
+    mcp_path: str = HTTP.default("mcp_path")
     health_check: str | None = None
 
 
@@ -76,7 +78,7 @@ class Template:
                 command += [how["arg"], text]
         return Launch(
             transport=chosen, command=tuple(command), env=env, working_dir=run.get("working_dir"),
-            mcp_path=run.get("mcp_path", "/mcp"), health_check=run.get("health_check"),
+            mcp_path=run.get("mcp_path", HTTP.default("mcp_path")), health_check=run.get("health_check"),
         )
 
     def describe(self) -> dict[str, Any]:

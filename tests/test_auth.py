@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import requests
 
 from gateway import errors, registry
+from gateway.auth import Authenticator
 from gateway.registry import RegistryError
 
 from .conftest import TIME_SERVER, Gunicorn, write_registry
@@ -123,3 +125,18 @@ def test_tokens_come_from_the_environment_and_never_reach_the_log(tmp_path: Path
     assert "POST /time/mcp" in log
     for secret in (CI, ALICE, "not-the-token-at-all"):
         assert secret not in log
+
+
+def test_the_authenticator_takes_auth_settings_and_server_access_not_the_registry() -> None:
+    """What it needs and nothing more: `gateway.auth` and each server's auth_tokens and allow."""
+    access = {"open": SimpleNamespace(auth_tokens={}, allow=None),
+              "restricted": SimpleNamespace(auth_tokens={"own": OWN}, allow=("ci",))}
+    auth = Authenticator({"tokens": {"ci": CI, "alice": ALICE}, "hook": "tests.auth_hook:team_header"}, access)
+    assert auth.check_server("open", {"Authorization": f"Bearer {ALICE}"}) == "alice"
+    assert auth.check_server("restricted", {"X-API-Key": OWN}) == "own"
+    assert auth.check_server("restricted", {"X-Team": "blue"}) == "blue-team"
+    with pytest.raises(errors.Forbidden):
+        auth.check_server("restricted", {"Authorization": f"Bearer {ALICE}"})
+    with pytest.raises(errors.Unauthorized):
+        auth.check_operator({})
+    assert auth.hook_credential_headers == {"x-team"}

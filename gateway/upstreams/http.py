@@ -40,6 +40,7 @@ from ..jsonrpc import Reply
 from ..protocol import ClientContext, ServerHello
 from ..registry import HttpSettings, ServerEntry
 from ..sessions import Session
+from ..settings import GATEWAY
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def forwardable(headers: Mapping[str, str] | Headers, drop: frozenset[str]) -> d
 class HttpUpstream:
     type = "http"
 
-    def __init__(self, entry: ServerEntry, check_interval: float = 30.0):
+    def __init__(self, entry: ServerEntry, check_interval: float = GATEWAY.default("health_check_interval")):
         assert entry.http is not None
         self.server_id = entry.id
         self.settings: HttpSettings = entry.http
