@@ -15,7 +15,7 @@ from typing import Any
 
 import requests
 
-from tests.conftest import ROOT, Gunicorn, still_running
+from tests.harness import ROOT, Gunicorn, still_running
 
 CALL = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "say_hello", "arguments": {"name": "Ada"}}}
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import responses
 
-from .conftest import TIME_SERVER
+from .harness import TIME_SERVER
 
 LIST = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
 

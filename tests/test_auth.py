@@ -14,7 +14,7 @@ from gateway import errors, registry
 from gateway.auth import Authenticator
 from gateway.registry import RegistryError
 
-from .conftest import TIME_SERVER, Gunicorn, write_registry
+from .harness import TIME_SERVER, Gunicorn, write_registry
 
 CI, ALICE, OWN = "ci-token-0123456789abcdef", "alice-token-0123456789abcd", "own-token-0123456789abcdef"
 LIST = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}

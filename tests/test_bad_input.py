@@ -28,7 +28,14 @@ from hypothesis import strategies as st
 from gateway import errors, jsonrpc, metrics, protocol, sse, stdio_process
 from gateway.runtime import EXTENSION_KEY
 
-from .conftest import TIME_SERVER, Gunicorn, server_command, wait_for, write_registry
+from .harness import (
+    TIME_SERVER,
+    Gunicorn,
+    parse_answer,
+    server_command,
+    wait_for,
+    write_registry,
+)
 
 # pool_size 1 per worker, so that the few requests which would leak a process
 # today are enough to jam a server; wait_timeout short, so a jammed one says so soon.
@@ -255,13 +262,6 @@ def send_and_read(gateway: Gunicorn, head: bytes, chunks: Iterator[bytes]) -> tu
     sender.join(30)
     sock.close()
     return answer, failure[0] if failure else None
-
-
-def parse_answer(raw: bytes) -> tuple[int, dict[str, str], bytes]:
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = dict(line.split(": ", 1) for line in lines[1:])
-    return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body[: int(headers.get("Content-Length", len(body)))]
 
 
 def assert_jsonrpc_answer(raw: bytes, status: int, message_part: str) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import requests
 
-from .conftest import CURL_HEADERS, Gunicorn, McpHttpServer, write_registry
+from .harness import CURL_HEADERS, Gunicorn, McpHttpServer, write_registry
 
 
 def test_killing_one_of_two_instances_fails_no_bridged_curl_call(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ import requests
 from gateway import bulkhead, errors
 from gateway.bulkhead import Bulkhead
 
-from .conftest import (
+from .harness import (
     SHARED_STATE_KEY,
     TIME_SERVER,
     Gunicorn,

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .conftest import (
+from .harness import (
     ROOT,
     SHARED_STATE_KEY,
     TIME_SERVER,

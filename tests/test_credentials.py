@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import requests
 
-from .conftest import Gunicorn, free_port, server_command, write_registry
+from .harness import Gunicorn, free_port, server_command, write_registry
 
 CI = "ci-token-0123456789abcdef"
 SECRET = "s3cr3t-from-the-environment"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT
+from .harness import ROOT
 
 UNIT = ROOT / "conf/mcp-gateway.service"
 

@@ -27,7 +27,7 @@ import pytest
 import requests
 import yaml
 
-from .conftest import (
+from .harness import (
     ACCEPT_BOTH,
     CURL_HEADERS,
     TIME_SERVER,

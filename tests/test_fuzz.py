@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -23,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from .conftest import TIME_SERVER, Gunicorn, wait_for, write_registry
+from .harness import TIME_SERVER, Gunicorn, raw_exchange, wait_for, write_registry
 
 EXAMPLES = 150
 # A record of ours (gateway/__init__.py's format) or of gunicorn's own logger.
@@ -98,14 +97,9 @@ def send(port: int, verb: str, path: str, headers: dict[str, bytes], body: bytes
         head.append(b"Host: 127.0.0.1")
     head += [name.encode() + b": " + value for name, value in headers.items()]
     head += [b"Content-Length: " + str(len(body)).encode(), b"Connection: close"]
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(b"\r\n".join(head) + b"\r\n\r\n" + body)
-        answer = b""
-        while b"\r\n" not in answer:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return 0
-            answer += chunk
+    answer = raw_exchange(port, b"\r\n".join(head) + b"\r\n\r\n" + body)
+    if not answer:
+        return 0
     match = re.match(rb"HTTP/1\.[01] (\d{3}) ", answer)
     assert match, answer[:200]
     return int(match[1])

@@ -31,7 +31,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 
-from .conftest import (
+from .harness import (
     ROOT,
     SHARED_STATE_KEY,
     TIME_SERVER,
@@ -40,6 +40,7 @@ from .conftest import (
     descendants,
     free_port,
     parent_of,
+    read_answer,
     server_command,
     still_running,
     wait_for,
@@ -261,14 +262,9 @@ def test_killed_worker_takes_its_children_with_it(gateway: Gunicorn) -> None:
     children = {entry for entry in descendants(worker)}
     assert children, "each worker keeps pool_min processes warm"
     os.kill(worker, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while still_running(children) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not still_running(children)
+    wait_for(lambda: not still_running(children), 10, "the killed worker's children gone")
     # gunicorn replaces the worker; the gateway keeps serving.
-    deadline = time.monotonic() + 20
-    while len(gateway.worker_pids()) < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for(lambda: len(gateway.worker_pids()) == 2, 20, "a replacement worker")
     gateway.remember()
     assert curl(gateway, "time", "tools/list").status_code == 200
 
@@ -344,7 +340,7 @@ def test_pipelined_requests_are_answered_in_order(gunicorn: Any) -> None:
                     b"Content-Length: %d\r\n\r\n%s" % (len(call), call) for call in calls)
     with socket.create_connection(("127.0.0.1", instance.port), timeout=10) as sock, sock.makefile("rb") as reader:
         sock.sendall(wire)  # all three at once: the worker reads past the first
-        answers = [_read_answer(reader) for _ in calls]
+        answers = [read_answer(reader) for _ in calls]
     assert [status for status, _ in answers] == [200, 200, 200]
     ids = [json.loads(body)["id"] for _, body in answers]
     assert ids == [1, 2, 3]
@@ -363,23 +359,12 @@ def test_a_chunked_body_is_read_whole_and_refused_past_the_limit(gunicorn: Any) 
 
     with socket.create_connection(("127.0.0.1", instance.port), timeout=10) as sock, sock.makefile("rb") as reader:
         sock.sendall(chunked({"jsonrpc": "2.0", "id": 1, "method": "ping", "params": {"pad": "x" * 3900}}))
-        status, body = _read_answer(reader)
+        status, body = read_answer(reader)
         assert status == 200 and json.loads(body)["result"] == {}, body
         sock.sendall(chunked({"jsonrpc": "2.0", "id": 2, "method": "ping", "params": {"pad": "x" * 5000}}))
-        status, body = _read_answer(reader)
+        status, body = read_answer(reader)
     assert status == 413, body
     assert json.loads(body)["error"]["message"] == "server 'time': request body is over the gateway's limit of 4096 bytes"
-
-
-def _read_answer(reader: Any) -> tuple[int, bytes]:
-    """One HTTP answer with a Content-Length off a connection's reader (http.client cannot pipeline)."""
-    status = int(reader.readline().split()[1])
-    length = 0
-    while (line := reader.readline()) not in (b"\r\n", b""):
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    return status, reader.read(length)
 
 
 def test_full_pool_answers_503_with_retry_after_at_once(gunicorn: Any) -> None:
@@ -421,10 +406,8 @@ def serve_until_answered(argv: list[str], port: int, env: dict[str, str], log_pa
     finally:
         process.send_signal(signal.SIGTERM)
         code = process.wait(30)
-    deadline = time.monotonic() + 5
-    while still_running(seen) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not still_running(seen) and code == 0
+    wait_for(lambda: not still_running(seen), 5, "every process of the gateway gone")
+    assert code == 0
 
 
 def test_bare_gunicorn_wsgi_app_also_serves(tmp_path: Path) -> None:

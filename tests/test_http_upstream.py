@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -23,13 +22,14 @@ from mcp.client.streamable_http import streamable_http_client
 
 from gateway.sessions import SessionSigner
 
-from .conftest import (
+from .harness import (
     ACCEPT_BOTH,
     GUNICORN_SECRET,
     ROOT,
     Gunicorn,
     McpHttpServer,
     sse_or_json,
+    wait_for,
     write_registry,
 )
 
@@ -176,10 +176,9 @@ def test_the_seed_example_http_entry_serves_end_to_end(gateway: Gunicorn) -> Non
     seed = gateway.status()["servers"]["seed-github"]
     assert seed["load_balancing"] == "round_robin"
     # Its health_check path (/health) is what the active checks used, and it answered.
-    deadline = time.monotonic() + 10
-    while not all(i["checked"] for i in seed["instances"]) and time.monotonic() < deadline:
-        time.sleep(0.1)
-        seed = gateway.status()["servers"]["seed-github"]
+    wait_for(lambda: all(i["checked"] for i in gateway.status()["servers"]["seed-github"]["instances"]), 10,
+             "an active check of every instance")
+    seed = gateway.status()["servers"]["seed-github"]
     assert all(i["checked"] and i["healthy"] for i in seed["instances"]), seed
 
 

@@ -12,7 +12,6 @@ import json
 import logging
 import re
 import shlex
-import socket
 import sys
 import time
 from typing import Any
@@ -24,7 +23,7 @@ from hypothesis import strategies as st
 
 from gateway import logtext
 
-from .conftest import TIME_SERVER, Gunicorn, server_command, wait_for
+from .harness import TIME_SERVER, Gunicorn, raw_exchange, server_command, wait_for
 
 # Every line of the log is one of ours (asctime first) or one of gunicorn's ([asctime]).
 LINE_START = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \[\d+\] [A-Z]+ [\w.-]+: |\[\d{4}-\d\d-\d\d )")
@@ -34,13 +33,8 @@ SEPARATORS = "\r\n\x00\x1b[31m\x7f\x85\u2028\u2029"
 
 
 def raw_request(gateway: Gunicorn, head: str, body: bytes = b"") -> bytes:
-    """Send bytes as they are (requests and http.client quote or refuse them); the answer's bytes."""
-    with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as sock:
-        sock.sendall(head.encode("latin-1") + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
-    return answer
+    """Send the head's bytes as they are, with this body; the answer's bytes."""
+    return raw_exchange(gateway.port, head.encode("latin-1") + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
 
 
 def post(gateway: Gunicorn, request_id: str, body: Any, path: str = "/time/mcp", **headers: str) -> requests.Response:

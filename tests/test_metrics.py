@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +18,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import (
+from .harness import (
     TIME_SERVER,
     Gunicorn,
     McpHttpServer,
@@ -207,9 +206,7 @@ def test_a_killed_worker_keeps_its_counts_and_leaves_the_status(gateway: Gunicor
     victim = next(iter(gateway.worker_pids()))
     gateway.remember()
     os.kill(victim, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and (victim in gateway.worker_pids() or len(gateway.worker_pids()) < 2):
-        time.sleep(0.1)
+    wait_for(lambda: victim not in gateway.worker_pids() and len(gateway.worker_pids()) == 2, 30, "a replacement worker")
     gateway.wait_ready()
     wait_for(lambda: {w["pid"] for w in gateway.status()["workers"]} == gateway.worker_pids())
     # Counters of a dead worker stay in the sum (requests it served did happen).

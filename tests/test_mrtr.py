@@ -24,7 +24,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from gateway import errors, request_state
 
-from .conftest import ACCEPT_BOTH, Gunicorn, McpHttpServer, sse_or_json, write_registry
+from .harness import ACCEPT_BOTH, Gunicorn, McpHttpServer, sse_or_json, write_registry
 
 MODERN = "2026-07-28"
 HEADERS = {**ACCEPT_BOTH, "MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": "ask"}

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import (
+from .harness import (
     ROOT,
     SHARED_STATE_KEY,
     TIME_SERVER,
@@ -31,6 +31,8 @@ from .conftest import (
     free_port,
     server_command,
     still_running,
+    wait_for,
+    wait_for_port,
     write_registry,
 )
 
@@ -63,15 +65,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         with open(folder / "nginx.out", "wb") as output:
             nginx = subprocess.Popen([NGINX, "-p", str(folder), "-c", str(folder / "nginx.conf")],
                                      stdout=output, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 15
-        while True:
-            assert nginx.poll() is None, (folder / "nginx.out").read_text() + (folder / "error.log").read_text()
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "nginx did not start listening"
-                time.sleep(0.05)
+        wait_for_port(port, nginx, 15, "nginx",
+                      lambda: (folder / "nginx.out").read_text() + (folder / "error.log").read_text())
         yield {"gateway": gateway, "port": port, "nginx": nginx}
     finally:
         if nginx is not None:
@@ -124,9 +119,7 @@ def test_x_forwarded_for_is_believed_only_from_the_trusted_proxy(stack: dict[str
         response.read()
     with post(gateway.port, "time", LIST, {**spoof, "X-Request-Id": "direct"}) as response:
         response.read()
-    deadline = time.monotonic() + 10
-    while not (access_clients(gateway, "via-nginx") and access_clients(gateway, "direct")) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for(lambda: access_clients(gateway, "via-nginx") and access_clients(gateway, "direct"), 10, "both access lines")
     # Through nginx: the address nginx saw (it appended it), not what the client claimed.
     assert access_clients(gateway, "via-nginx") == ["127.0.0.3"]
     # Straight to gunicorn from an untrusted peer: the header is ignored.

@@ -15,6 +15,8 @@ from gateway.pool import StdioPool
 from gateway.protocol import MODERN, ServerHello
 from gateway.registry import StdioSettings
 
+from .harness import Clock
+
 HELLO = ServerHello(era=MODERN, protocol_version="2026-07-28", capabilities={}, server_info={"name": "fake"})
 _pids = itertools.count(1000)
 
@@ -38,14 +40,6 @@ class FakeProcess:
 
     def kill(self) -> None:
         self.killed = True  # a signal: the pipes stay open for the thread using them
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Spawner:

@@ -15,7 +15,7 @@ from typing import Any
 
 import requests
 
-from .conftest import ACCEPT_BOTH, curl, server_command, wait_for
+from .harness import ACCEPT_BOTH, curl, server_command, wait_for
 
 
 def pool(instance: Any, server: str = "srv") -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import requests
 
-from .conftest import Gunicorn, server_command
+from .harness import Gunicorn, server_command
 
 LOG_LEVEL = "io.modelcontextprotocol/logLevel"
 ENVELOPE = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}

@@ -25,7 +25,7 @@ from gateway.balancer import Balancer, Instance
 from gateway.health import HealthPolicy, InstanceHealth
 from gateway.upstreams.http import HttpUpstream, ProxyRequest
 
-from .conftest import free_port
+from .harness import Clock, free_port
 
 A, B = "http://a.test", "http://b.test"
 OK_BODY = {"jsonrpc": "2.0", "id": 1, "result": {"tools": []}}
@@ -314,14 +314,6 @@ def test_active_checks_take_an_instance_down_and_bring_it_back(good: GoodServer,
 # --- policies with an injected clock --------------------------------------------
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_rise_and_fall_thresholds_are_exact() -> None:
     health = InstanceHealth(HealthPolicy(rise=2, fall=3))
     assert health.up and not health.checked  # routable before the first check
@@ -337,7 +329,7 @@ def test_rise_and_fall_thresholds_are_exact() -> None:
 
 
 def test_ejection_time_grows_with_each_ejection() -> None:
-    clock = Clock()
+    clock = Clock(0.0)
     health = InstanceHealth(HealthPolicy(max_fails=2, ejection_time=10), clock)
     assert [health.request_failed("x", True) for _ in range(2)] == [False, True]
     assert health.ejected and health.ejected_until == 10
@@ -396,7 +388,7 @@ def test_sticky_keys_map_the_same_way_in_every_process() -> None:
 
 
 def test_a_good_active_check_ends_an_ejection() -> None:
-    clock = Clock()
+    clock = Clock(0.0)
     health = InstanceHealth(HealthPolicy(max_fails=1, ejection_time=30), clock)
     health.request_failed("reset", True)
     assert health.ejected and not health.settled

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, Gunicorn
+from .harness import ROOT, Gunicorn
 
 README = (ROOT / "README.md").read_text()
 

@@ -17,7 +17,7 @@ import pytest
 
 from gateway import errors
 
-from .conftest import TIME_SERVER, Gunicorn
+from .harness import TIME_SERVER, Gunicorn
 
 LIST = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
 

@@ -12,7 +12,7 @@ import pytest
 from gateway import registry
 from gateway.registry import RegistryError
 
-from .conftest import ROOT, write_registry
+from .harness import ROOT, write_registry
 
 SEED_EXAMPLE = ROOT / "conf/example-registry.json"
 

@@ -19,7 +19,7 @@ import yaml
 
 from gateway.registry import text_digest
 
-from .conftest import (
+from .harness import (
     ACCEPT_BOTH,
     TIME_SERVER,
     Gunicorn,

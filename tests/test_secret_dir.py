@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ import pytest
 from gateway import rundir, sessions
 from gateway.private import UnsafePath
 
-from .conftest import TIME_SERVER, Gunicorn, write_registry
+from .harness import TIME_SERVER, Gunicorn, wait_for, write_registry
 
 NOBODY = 65534
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="planting another user's files needs root")
@@ -192,7 +191,4 @@ def test_gunicorn_refuses_to_start_on_a_planted_secret_folder(tmp_path: Path) ->
     assert code != 0, log
     assert f"{folder} is writable by other users (mode 0777)" in log
     assert "Traceback" not in log
-    deadline = time.monotonic() + 5
-    while gateway_processes(gateway.port) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert gateway_processes(gateway.port) == []
+    wait_for(lambda: gateway_processes(gateway.port) == [], 5, "every gateway process gone")

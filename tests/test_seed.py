@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import ROOT
+from .harness import ROOT
 
 
 def test_seed_registry_as_written_serves_its_template_and_reports_the_rest(tmp_path: Path) -> None:

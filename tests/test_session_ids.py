@@ -20,11 +20,13 @@ import requests
 from gateway import errors, registry, sessions
 from gateway.sessions import Revocations, SessionSigner
 
-from .conftest import (
+from .harness import (
     ACCEPT_BOTH,
     TIME_SERVER,
+    Clock,
     Gunicorn,
     McpHttpServer,
+    rpc,
     sse_or_json,
     wait_for,
     write_registry,
@@ -34,17 +36,12 @@ OLD, NEW = b"the-old-secret-of-this-gateway", b"the-new-secret-of-this-gateway"
 INIT = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}
 
 
-class Clock:
-    def __init__(self, now: float = 1_750_000_000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+WALL = 1_750_000_000.0  # a wall-clock time, as session expiry uses
 
 
 def signer(*secrets: bytes, ttl: float = 3600.0, clock: Clock | None = None,
            revocations: Revocations | None = None) -> SessionSigner:
-    return SessionSigner(list(secrets or (OLD,)), ttl, clock=clock or Clock(), revocations=revocations)
+    return SessionSigner(list(secrets or (OLD,)), ttl, clock=clock or Clock(WALL), revocations=revocations)
 
 
 def refused(signer_: SessionSigner, token: str, server_id: str = "github-server", principal: str | None = None) -> bool:
@@ -88,7 +85,7 @@ def test_a_session_id_reveals_neither_instance_nor_upstream_session_nor_server_n
 
 
 def test_the_sealed_session_round_trips() -> None:
-    clock = Clock()
+    clock = Clock(WALL)
     seal = signer(clock=clock)
     token = seal.mint("github-server", "2025-06-18", instance="http://a:1", upstream_session="u-1", principal="alice")
     session = seal.verify(token, "github-server", "alice")
@@ -129,7 +126,7 @@ def test_a_session_of_one_server_is_refused_on_another() -> None:
 
 
 def test_an_expired_session_is_refused() -> None:
-    clock = Clock()
+    clock = Clock(WALL)
     seal = signer(ttl=60, clock=clock)
     token = seal.mint("time", "2025-11-25")
     clock.now += 59
@@ -140,7 +137,7 @@ def test_an_expired_session_is_refused() -> None:
 
 
 def test_a_shorter_ttl_after_minting_applies_and_a_longer_one_does_not_extend() -> None:
-    clock = Clock()
+    clock = Clock(WALL)
     token = signer(ttl=60, clock=clock).mint("time", "2025-11-25")
     clock.now += 30
     assert refused(signer(ttl=10, clock=clock), token, "time")
@@ -212,7 +209,7 @@ def test_a_revoked_session_is_refused_in_this_process() -> None:
 
 
 def test_a_revocation_record_is_seen_by_every_process_sharing_the_folder_and_kept_until_expiry(tmp_path: Path) -> None:
-    clock = Clock()
+    clock = Clock(WALL)
     folder = tmp_path / "revoked"
     folder.mkdir()
     mine, theirs = signer(clock=clock, revocations=Revocations(folder)), signer(clock=clock, revocations=Revocations(folder))
@@ -240,10 +237,6 @@ def test_pruning_in_process_revocations_forgets_expired_ones() -> None:
 
 
 # --- through the HTTP surface: 404 JSON-RPC errors, never 500 ------------------------------------
-
-
-def rpc(method: str, params: dict[str, Any] | None = None, request_id: int = 1) -> dict[str, Any]:
-    return {"jsonrpc": "2.0", "id": request_id, "method": method, **({"params": params} if params else {})}
 
 
 def test_tampered_and_revoked_ids_are_json_rpc_404s_through_the_app(make_app: Any) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import requests
 
-from .conftest import SHARED_STATE_KEY, TIME_SERVER, Gunicorn, server_command, wait_for
+from .harness import SHARED_STATE_KEY, TIME_SERVER, Gunicorn, server_command, wait_for
 
 THREADS = 4
 WORKERS = 2

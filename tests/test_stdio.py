@@ -22,7 +22,7 @@ from gateway.jsonrpc import Reply
 from gateway.protocol import ClientContext
 from gateway.upstreams.stdio import StdioUpstream
 
-from .conftest import TIME_SERVER, server_command
+from .harness import TIME_SERVER, server_command, wait_for
 
 MODERN = ClientContext(protocol.MODERN, "2026-07-28")
 LEGACY = ClientContext(protocol.LEGACY, "2025-11-25")
@@ -252,9 +252,8 @@ def test_stderr_flood_is_drained_and_the_call_still_answers(upstreams: Any, capl
     upstream = upstreams(server_command("faulty_server.py", "stderr-flood"))
     with caplog.at_level(logging.INFO, logger="gateway.stdio.srv"):
         reply = tool(upstream, "work")
-        deadline = time.monotonic() + 10
-        while sum(1 for r in caplog.records if r.name == "gateway.stdio.srv") < 20000 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: sum(1 for r in caplog.records if r.name == "gateway.stdio.srv") >= 20000, 10,
+                 "20000 stderr lines logged")
     assert "result" in reply
     assert sum(1 for r in caplog.records if r.name == "gateway.stdio.srv") >= 20000
 
@@ -422,9 +421,7 @@ def test_closing_stops_a_process_still_starting(upstreams: Any, tmp_path: Path) 
     upstream = upstreams(server_command("faulty_server.py", "slow-start", str(pidfile)),
                          pool_min=1, env_vars={"FAULTY_START_SECONDS": "20"})
     upstream.maintain()  # upkeep tops the pool up: a spawn in the background
-    deadline = time.monotonic() + 10
-    while not _pids_in(pidfile) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: _pids_in(pidfile), 10, "the slow process started")
     [child] = _pids_in(pidfile)
     assert upstream.pool.stats()["starting"] == 1
     upstream.close()

@@ -21,7 +21,7 @@ from mcp import Client
 from gateway import registry, templates
 from gateway.registry import RegistryError
 
-from .conftest import (
+from .harness import (
     ROOT,
     Gunicorn,
     descendants,

@@ -15,7 +15,7 @@ from flask import request
 
 from gateway import errors, post
 
-from .conftest import TIME_SERVER, server_command
+from .harness import TIME_SERVER, rpc, server_command
 
 MODERN_HEADERS = {"MCP-Protocol-Version": "2026-07-28", "Accept": "application/json, text/event-stream"}
 ENVELOPE = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}
@@ -34,13 +34,6 @@ def client(make_app: Any) -> Any:
         {"max_body_bytes": 4096},
     )
     return app.test_client()
-
-
-def rpc(method: str, params: dict[str, Any] | None = None, request_id: Any = 1) -> dict[str, Any]:
-    message: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id, "method": method}
-    if params is not None:
-        message["params"] = params
-    return message
 
 
 def modern(client: Any, server: str, method: str, params: dict[str, Any] | None = None, **headers: str) -> Any:

@@ -17,16 +17,13 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ..harness import (
+    free_port as free_port,  # one way to pick a port, for the tests and the bench
+)
+
 # (pid, start time) of everything the bench started or saw below what it started.
 _seen: set[tuple[int, str]] = set()
 _started: list[Child] = []
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _stat(pid: int) -> list[str] | None:
