@@ -68,7 +68,7 @@ def http_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[McpH
 # `make test-unit` runs the tests that start no process (gunicorn, nginx, an MCP server) and so
 # take milliseconds (`-m "not integration"`): the fast loop. A test is integration when it, or a
 # fixture it uses, names what starts one.
-_STARTS_SERVERS = ("Gunicorn(", "McpHttpServer(", "nginx", "gunicorn(", "make_app", "TIME_SERVER", "server_command(",
+_STARTS_SERVERS = ("Gunicorn(", "McpHttpServer(", "gunicorn(", "make_app", "TIME_SERVER", "server_command(",
                    "subprocess.", "StdioProcess(", "StdioUpstream(", "spawn(")
 
 

@@ -11,7 +11,7 @@ import ast
 import importlib
 from pathlib import Path
 
-from .conftest import ROOT
+from .harness import ROOT
 
 PACKAGE = ROOT / "gateway"
 

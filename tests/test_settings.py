@@ -25,7 +25,7 @@ from gateway import balancer, bulkhead, health, registry, settings, templates
 from gateway.settings import COMMON, GATEWAY, HTTP, HTTP_INSTANCE, STDIO, TEMPLATE
 from gateway.upstreams.http import HttpUpstream
 
-from .conftest import ROOT
+from .harness import ROOT
 
 README = ROOT / "README.md"
 REGENERATE = "regenerate with: python -m gateway.settings --write-schema --write-readme"
@@ -203,14 +203,13 @@ def test_a_field_default_or_copy_changed_alone_is_found(monkeypatch: pytest.Monk
 
 # --- values in the deployment files that must agree with the gateway's -----------------------------
 
-# Named for what it is, not by the proxy's name: conftest marks a test naming that as one starting a process.
-PROXY_CONF = ROOT / "conf" / "nginx.conf"
+NGINX_CONF = ROOT / "conf" / "nginx.conf"
 
 
 def proxy_directives() -> dict[str, str]:
     """conf/nginx.conf's simple `name value;` directives (each is set once in that file)."""
     found: dict[str, str] = {}
-    for line in PROXY_CONF.read_text().splitlines():
+    for line in NGINX_CONF.read_text().splitlines():
         match = re.match(r"\s*([a-z_]+)\s+([^;{]+);", line.split("#", 1)[0])
         if match:
             assert match[1] not in found or match[1].startswith("proxy_set_header"), f"{match[1]} is set twice"
