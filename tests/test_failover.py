@@ -7,7 +7,6 @@ as it is fixed, one of an hour has not.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import pytest
@@ -82,7 +81,7 @@ def test_the_deadline_starts_at_begin_not_when_the_policy_is_made() -> None:
 
 def test_a_policy_is_an_immutable_value() -> None:
     policy = Failover(tries=2, timeout=HOUR)
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):
         policy.tries = 5  # type: ignore[misc]
     begun = policy.begin()
     assert begun is not policy and not policy.begun and policy.tried == 1

@@ -17,30 +17,34 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .. import errors, metrics, protocol
 
 log = logging.getLogger(__name__)
 
+NOT_BEGUN = math.inf  # a deadline that never passes
+_tuple = tuple.__new__  # a value made per request on the hot path: no Python-level __init__
 
-@dataclass(frozen=True, slots=True)
-class Failover:
+
+class Failover(NamedTuple):
+    """A failover policy, and where a request is in it: a tuple, so never changed and cheap to make."""
+
     tries: int = 1  # in all, the first included
     timeout: float = 30.0  # seconds from begin() to the deadline every try shares
     retry_on: tuple[type[errors.GatewayError], ...] = (errors.UpstreamError,)
     tried: int = 1  # tries made, the one under way included
-    deadline: float = math.inf  # time.monotonic(); never passes until begin() fixes it
+    deadline: float = NOT_BEGUN  # time.monotonic(); fixed by begin()
 
     @property
     def begun(self) -> bool:
-        return self.deadline != math.inf
+        return self.deadline != NOT_BEGUN
 
     def begin(self) -> Failover:
         """This policy with its deadline fixed from now (kept if it was fixed already)."""
-        if self.begun:
+        if self.deadline != NOT_BEGUN:
             return self
-        return Failover(self.tries, self.timeout, self.retry_on, self.tried, time.monotonic() + self.timeout)
+        return _tuple(Failover, (self.tries, self.timeout, self.retry_on, self.tried, time.monotonic() + self.timeout))
 
     def remaining(self) -> float:
         """Seconds left to the deadline (all of `timeout` before begin())."""
@@ -57,7 +61,7 @@ class Failover:
             return None  # it reached the upstream, and may have changed something there
         if self.tried >= self.tries or self.passed():
             return None
-        return Failover(self.tries, self.timeout, self.retry_on, self.tried + 1, self.deadline)
+        return _tuple(Failover, (self.tries, self.timeout, self.retry_on, self.tried + 1, self.deadline))
 
 
 def retrying(server_id: str, what: str, elsewhere: str, error: errors.GatewayError) -> None:
