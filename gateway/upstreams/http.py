@@ -23,10 +23,9 @@ from ..jsonrpc import Reply
 from ..protocol import ClientContext, ServerHello
 from ..registry import HttpSettings, ServerEntry
 from ..sessions import Session
-from . import failover
 from .bridge import Bridge, session_lost
 from .checks import HealthChecks
-from .failover import Failover
+from .failover import Failover, retrying
 from .transport import ProxyRequest, ProxyResponse, Transport
 
 __all__ = ["HttpUpstream", "ProxyRequest", "ProxyResponse"]
@@ -109,7 +108,7 @@ class HttpUpstream:
     def _retrying(self, what: str, exc: errors.UpstreamError) -> None:
         """A request passed through or bridged goes to another instance."""
         self.retries += 1
-        failover.retrying(self.server_id, what, "another instance", exc)
+        retrying(self.server_id, what, "another instance", exc)
 
     def available(self, endpoint: str) -> bool:
         """Whether requests pinned to `endpoint` can still reach it."""

@@ -22,8 +22,7 @@ from ..pool import StdioPool
 from ..protocol import ClientContext, ServerHello
 from ..registry import ServerEntry, StdioSettings
 from ..stdio_process import StdioProcess, hashable_id
-from . import failover
-from .failover import Failover
+from .failover import Failover, retrying
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +129,7 @@ class StdioUpstream:
                 if retry is None:
                     raise
                 policy = retry
-                failover.retrying(self.server_id, message["method"], "another process", exc)
+                retrying(self.server_id, message["method"], "another process", exc)
 
     def _call_once(
         self, process: StdioProcess, message: dict[str, Any], body: bytes, client: ClientContext, deadline: float
