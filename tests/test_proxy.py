@@ -403,14 +403,14 @@ def test_era_probe_asks_another_instance_when_one_is_down(good: GoodServer) -> N
     upstream = make_upstream([refused, good.url])
     # GoodServer answers a result for another id: not an answer to learn an era from.
     with pytest.raises(errors.UpstreamFailed, match="no JSON-RPC response"):
-        upstream._speaks_era("2026-07-28")
+        upstream.bridge.speaks_era("2026-07-28")
     assert good.requests == 1
 
 
 def test_keep_alive_pool_size_is_set_per_server(good: GoodServer) -> None:
     upstream = make_upstream([good.url], max_connections=3)
-    adapter = upstream.session.get_adapter(good.url)
-    assert adapter._pool_maxsize == 3 and upstream.session.trust_env is False  # type: ignore[attr-defined]
+    adapter = upstream.transport.session.get_adapter(good.url)
+    assert adapter._pool_maxsize == 3 and upstream.transport.session.trust_env is False  # type: ignore[attr-defined]
     assert upstream.forward(request("tools/list")).status == 200
 
 
@@ -432,8 +432,8 @@ def test_a_failed_era_probe_is_not_learned(first: dict[str, Any]) -> None:
     responses.post(f"{A}/mcp", json=discovered)
     upstream = make_upstream([A])
     with pytest.raises(errors.UpstreamError):
-        upstream._speaks_era("2026-07-28")
-    assert upstream._speaks_era("2026-07-28") is True
+        upstream.bridge.speaks_era("2026-07-28")
+    assert upstream.bridge.speaks_era("2026-07-28") is True
 
 
 @responses.activate
@@ -445,19 +445,19 @@ def test_a_refused_initialize_after_a_500_is_learned_only_from_the_real_answer()
     responses.post(f"{A}/mcp", status=202)
     upstream = make_upstream([A])
     with pytest.raises(errors.UpstreamError):
-        upstream._speaks_era("legacy")
-    assert upstream._speaks_era("legacy") is True
+        upstream.bridge.speaks_era("legacy")
+    assert upstream.bridge.speaks_era("legacy") is True
 
 
 @responses.activate
 def test_eras_are_learned_again_when_an_instance_comes_back() -> None:
     responses.post(f"{A}/mcp", json={"jsonrpc": "2.0", "id": "mcp-gateway-discover", "error": {"code": -32601, "message": "no"}})
     upstream = make_upstream([A])
-    assert upstream._speaks_era("2026-07-28") is False
+    assert upstream.bridge.speaks_era("2026-07-28") is False
     upstream.relearn()
     responses.replace(responses.POST, f"{A}/mcp", json={
         "jsonrpc": "2.0", "id": "mcp-gateway-discover", "result": {"supportedVersions": ["2026-07-28"], "capabilities": {}}})
-    assert upstream._speaks_era("2026-07-28") is True
+    assert upstream.bridge.speaks_era("2026-07-28") is True
 
 
 def test_two_instances_failing_at_once_are_never_both_ejected(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -474,7 +474,7 @@ def test_two_instances_failing_at_once_are_never_both_ejected(monkeypatch: pytes
 
     def fail(instance: Instance) -> None:
         start.wait()
-        upstream._failed(instance, errors.UpstreamFailed("reset"))
+        upstream.transport.failed(instance, errors.UpstreamFailed("reset"))
 
     threads = [threading.Thread(target=fail, args=(instance,)) for instance in upstream.balancer.instances]
     for thread in threads:

@@ -249,8 +249,8 @@ def test_a_reload_asks_unchanged_http_servers_their_era_again(make_app: Any, tmp
     app = make_app({"web": web})
     gateway = app.extensions[runtime.EXTENSION_KEY]
     kept = gateway.upstreams["web"]
-    kept._speaks["2026-07-28"] = False  # learned from an instance that may since have been redeployed
+    kept.bridge._speaks["2026-07-28"] = False  # learned from an instance that may since have been redeployed
     text = json.dumps({"servers": {"web": web, "time": {"type": "stdio", "command": TIME_SERVER}},
                        "gateway": {"session_secret": "x" * 32}})
     gateway.reload(registry.parse(text, str(tmp_path / "new.json")), text)
-    assert gateway.upstreams["web"] is kept and kept._speaks == {}
+    assert gateway.upstreams["web"] is kept and kept.bridge._speaks == {}

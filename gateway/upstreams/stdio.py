@@ -22,6 +22,7 @@ from ..pool import StdioPool
 from ..protocol import ClientContext, ServerHello
 from ..registry import ServerEntry, StdioSettings
 from ..stdio_process import StdioProcess, hashable_id
+from .failover import Failover, retrying
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class StdioUpstream:
         self._starting: set[StdioProcess] = set()
         self._starting_lock = threading.Lock()
         self._closing = False
+        # Once more on a fresh process, where safe; one deadline from the first write to a process.
+        self.failover = Failover(tries=2, timeout=self.settings.request_timeout, retry_on=(errors.ProcessFailed,))
 
     def _spawn(self) -> StdioProcess:
         """A started, handshaken process; any failure kills the child and is SpawnFailed."""
@@ -109,27 +112,28 @@ class StdioUpstream:
         One deadline (request_timeout) covers both tries; it starts when the
         request is first written to a process, not while one starts up.
         """
-        deadline = _Deadline(self.settings.request_timeout)
-        for tries_left in (1, 0):
+        policy = self.failover
+        while True:
+            process = self.pool.acquire()
+            policy = policy.begin()  # at the first try only: later ones keep its deadline
             started = False
             try:
-                with closing(self._call_once(message, body, client, deadline)) as replies:
+                # The generator runs at once (the for below), so the process is always released.
+                with closing(self._call_once(process, message, body, client, policy.deadline)) as replies:
                     for reply in replies:
                         started = True
                         yield reply
                 return
-            except errors.ProcessFailed as exc:
-                safe = exc.retry_safe or message["method"] in protocol.READ_ONLY_METHODS
-                if started or not tries_left or not safe or deadline.passed():
+            except errors.GatewayError as exc:
+                retry = None if started else policy.retry(exc, message["method"])
+                if retry is None:
                     raise
-                metrics.RETRIES.labels(self.server_id).inc()
-                log.info("server %s: retrying %s on another process after: %s", self.server_id, message["method"], exc.message)
+                policy = retry
+                retrying(self.server_id, message["method"], "another process", exc)
 
     def _call_once(
-        self, message: dict[str, Any], body: bytes, client: ClientContext, budget: _Deadline
+        self, process: StdioProcess, message: dict[str, Any], body: bytes, client: ClientContext, deadline: float
     ) -> Generator[Reply, None, None]:
-        process = self.pool.acquire()
-        deadline = budget.start()
         client_id = message["id"]
         request_id = scope.process_request_id(client_id)
         if process.cancelled and request_id is client_id and _reuses_cancelled(process, client_id):
@@ -189,24 +193,6 @@ class StdioUpstream:
 
 def _reuses_cancelled(process: StdioProcess, client_id: Any) -> bool:
     return hashable_id(client_id) and client_id in process.cancelled
-
-
-class _Deadline:
-    """request_timeout from the first write to a process, shared by every try."""
-
-    __slots__ = ("at", "seconds")
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self.at: float | None = None
-
-    def start(self) -> float:
-        if self.at is None:
-            self.at = time.monotonic() + self.seconds
-        return self.at
-
-    def passed(self) -> bool:
-        return self.at is not None and time.monotonic() >= self.at
 
 
 def _abandon(process: StdioProcess, request_id: Any, deadline: float) -> str | None:
