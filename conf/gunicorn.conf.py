@@ -46,9 +46,13 @@ on_exit = _master.on_exit
 
 
 def post_worker_init(worker):  # type: ignore[no-untyped-def]
-    """Start this worker's pools now rather than on its first request."""
+    """Start this worker's pools now rather than on its first request.
+
+    A reload lets requests on a replaced upstream run as long as a HUP lets them: graceful_timeout.
+    """
     gateway = worker.wsgi.extensions.get("mcp_gateway")
     if gateway is not None:
+        gateway.drain_timeout = float(worker.cfg.graceful_timeout)
         gateway.start()
 
 

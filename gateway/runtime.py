@@ -1,21 +1,20 @@
 """The gateway's per-worker runtime, attached to the Flask app.
 
-Owns the upstreams built from the registry, the authenticator, the session
-signer (and the revocations of ended sessions, which outlive a reload) and the
-upkeep thread. Every second upkeep keeps pools at their minimum, retires idle
-processes, runs HTTP health checks, publishes this worker's status (for the
-whole-gateway /status and /metrics), now and then forgets revocations of
-sessions that have expired anyway and, with `gateway.reload_registry: true`,
-looks at the registry file.
+`Gateway` puts together what one worker serves with: the leases of the
+upstreams built from the registry (leases.py), the authenticator, the session
+signer (and the revocations of ended sessions, which outlive a reload), the
+supervisors of http templates when no gunicorn master runs them, and the
+upkeep thread (upkeep.py).
 
-A reload keeps the upstream of every server whose entry did not change (its
-pool, connections, health and sessions go on) and builds new ones for added
-and changed servers. The replaced upstreams drain: requests no longer reach
-them, and each is closed, its processes stopped, once the requests that
-hold it are done (at the latest after DRAIN_TIMEOUT). A file that fails
-validation is refused in one log line (one per gateway, not per worker) and
-the running registry goes on. http templates' processes belong to gunicorn's
-master, so a change to one asks it for a graceful reload (HUP) instead.
+A reload (upkeep's, when the registry file changed) carries out the plan of
+reload.py: the upstream of every server whose entry did not change goes on
+(its pool, connections, health and sessions), added and changed servers get
+new ones, and the replaced upstreams drain: requests no longer reach them,
+and each is closed, its processes stopped, once the requests that hold it
+are done (at the latest after `drain_timeout`: gunicorn's graceful_timeout,
+which conf/gunicorn.conf.py hands over at worker init). http templates'
+processes belong to gunicorn's master, so a change to one asks it for a
+graceful reload (HUP) instead.
 
 Nothing starts at import or in create_app: `start()` runs after gunicorn
 forks (from the post_worker_init hook, or lazily on the first request), and
@@ -30,76 +29,55 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any
 
 from flask import Flask, current_app
 
-from . import accesslog, errors, metrics, rundir, supervisor, upstreams
-from . import registry as registry_module
+from . import accesslog, metrics, rundir, supervisor, upstreams
 from .auth import Authenticator
-from .bulkhead import Bulkhead
-from .logtext import quoted
-from .private import UnsafePath
+from .leases import AnyUpstream, Draining, Leases
 from .rebinding import RebindingGuard
-from .registry import Registry, RegistryError, ServerEntry
+from .registry import Registry, ServerEntry
+from .reload import plan_reload
 from .request_state import RequestStates
 from .sessions import Revocations, SessionSigner, load_secrets
 from .supervisor import Supervisor
-from .upstreams import MessageUpstream
+from .upkeep import Upkeep, guarded, iso
 from .upstreams.http import HttpUpstream
-
-if TYPE_CHECKING:
-    from .exchange import Exchange
 
 log = logging.getLogger(__name__)
 
 EXTENSION_KEY = "mcp_gateway"
-UPKEEP_INTERVAL = 1.0
-DRAIN_TIMEOUT = 30.0  # gunicorn's graceful_timeout: what a request may still take after a reload
-# Revocation records only need to go some time after their session expires: a scan a minute is plenty.
-PRUNE_INTERVAL = 60.0
-
-AnyUpstream = MessageUpstream | HttpUpstream
-
-
-@dataclass
-class Draining:
-    """An upstream a reload replaced, closed when the requests holding it end."""
-
-    server_id: str
-    upstream: AnyUpstream
-    supervisor: Supervisor | None
-    deadline: float
+# What a request may still take after a reload replaced its upstream, when no gunicorn worker
+# says (gunicorn's own default graceful_timeout); under gunicorn, its graceful_timeout.
+DRAIN_TIMEOUT = 30.0
 
 
 class Gateway:
     def __init__(self, registry: Registry):
-        self.registry = registry
         self.revocations = Revocations(rundir.revoked_dir())
         self.auth, self.rebinding, self.signer, self.states = _guards(registry, self.revocations)
-        self._pruned_at = time.monotonic()
+        self.drain_timeout = DRAIN_TIMEOUT
         # http templates: gunicorn's master runs their processes and publishes where they
         # listen; without it, this gateway process runs its own supervisor per template.
         self._master_runs_templates = supervisor.ENDPOINTS_ENV in os.environ
         self._published = supervisor.inherited_endpoints()
         self._supervisors: dict[str, Supervisor] = {}
         self._started_in: int | None = None
-        self.upstreams: dict[str, AnyUpstream] = {
-            sid: self._build(entry, registry.gateway.health_check_interval) for sid, entry in registry.servers.items()
-        }
+        interval = registry.gateway.health_check_interval
+        self.leases = Leases(registry, {sid: self._build(entry, interval) for sid, entry in registry.servers.items()})
+        # For the request path, plain attributes rather than properties: every POST reads them. They are
+        # the leases' current table's, set again where a reload swaps it; whoever needs the two to agree
+        # (status) reads the table.
+        self.checkout = self.leases.checkout
+        self.registry: Registry = registry
+        self.upstreams: Mapping[str, AnyUpstream] = self.leases.table.upstreams
         self._app: Flask | None = None
-        self._lock = threading.Lock()
-        # Each upstream's share of this worker's threads; it also counts the requests holding it.
-        self._bulkheads = {upstream: _bulkhead(registry.servers[sid]) for sid, upstream in self.upstreams.items()}
-        self._draining: list[Draining] = []
+        self._start_lock = threading.Lock()
         self._started_at = time.time()
-        self._loaded_at = time.time()
-        self._stopping = threading.Event()
-        self._upkeep: threading.Thread | None = None
-        # The registry file as upkeep last saw it, and as it last acted on it.
-        self._seen_file: tuple[int, int, int] | None = None
-        self._handled_file: tuple[int, int, int] | None = None
+        self.loaded_at = time.time()
+        self._upkeep = Upkeep(self)
 
     def init_app(self, app: Flask) -> None:
         self._app = app
@@ -118,112 +96,34 @@ class Gateway:
             entry = supervisor.as_http(entry, endpoints)
         return upstreams.build(entry, check_interval)
 
-    # --- requests hold upstreams ----------------------------------------------------
-
-    def checkout(self, server_id: str, exchange: Exchange) -> AnyUpstream:
-        """The upstream serving `server_id`, held by `exchange` until its response closes."""
-        upstream = self.upstreams.get(server_id)
-        if upstream is None:
-            raise errors.UnknownServer(f"no MCP server {quoted(server_id)} in this gateway's registry")
-        exchange.served = True
-        bulkhead = self._bulkheads[upstream]
-        bulkhead.acquire()  # errors.Overloaded when the server has all the threads it may have
-        exchange.release = bulkhead.release
-        return upstream
-
-    def _holding(self, upstream: AnyUpstream) -> int:
-        """Requests that hold `upstream` now."""
-        bulkhead = self._bulkheads.get(upstream)
-        return bulkhead.active if bulkhead is not None else 0
-
     # --- lifecycle -----------------------------------------------------------------
 
     def start(self) -> None:
         """Start upkeep in this process; cheap and idempotent (called per request)."""
         if self._started_in == os.getpid():
             return
-        with self._lock:
+        with self._start_lock:
             if self._started_in == os.getpid():
                 return
             self._started_in = os.getpid()
-            self._stopping.clear()
             for own in self._supervisors.values():
                 own.start()
-            self._upkeep = threading.Thread(target=self._run_upkeep, name="mcp-gateway-upkeep", daemon=True)
             self._upkeep.start()
             atexit.register(self.close)
         log.info("gateway started in pid %s with %d servers from %s", os.getpid(), len(self.upstreams), self.registry.source)
 
-    def _run_upkeep(self) -> None:
-        while not self._stopping.is_set():
-            for upstream in list(self.upstreams.values()):
-                if self._stopping.is_set():
-                    return
-                self._guarded(upstream.maintain, f"upkeep of server {upstream.server_id}")
-            self._guarded(self._finish_draining, "draining replaced servers")
-            if time.monotonic() - self._pruned_at >= PRUNE_INTERVAL:
-                self._pruned_at = time.monotonic()
-                self._guarded(lambda: self.revocations.prune(time.time()), "forgetting expired session revocations")
-            if self.registry.gateway.reload_registry:
-                self._guarded(self._look_at_registry, "reading the registry")
-            self._guarded(lambda: rundir.publish_status(self.worker_status()), "publishing status")
-            self._stopping.wait(UPKEEP_INTERVAL)
-
-    @staticmethod
-    def _guarded(step: Any, what: str) -> None:
-        try:
-            step()
-        except Exception:  # upkeep must survive anything one server or file does
-            log.exception("%s failed", what)
-
     def close(self) -> None:
         """Stop upkeep and every child process this worker started."""
-        self._stopping.set()
-        if self._upkeep is not None and self._upkeep is not threading.current_thread():
-            self._upkeep.join(timeout=30)
-        for upstream in self.upstreams.values():
+        self._upkeep.stop()
+        table = self.leases.table
+        for upstream in table.upstreams.values():
             upstream.close()
-        for item in self._draining:
-            item.upstream.close()
-            if item.supervisor is not None:
-                item.supervisor.stop()
+        for item in table.draining:
+            item.close()
         for own in self._supervisors.values():
             own.stop()
 
     # --- reloading the registry ------------------------------------------------------
-
-    def _look_at_registry(self) -> None:
-        source = self.registry.source
-        try:
-            stat = os.stat(source)
-            seen: tuple[int, int, int] | None = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-        except OSError:
-            seen = None
-        if seen != self._seen_file:
-            self._seen_file = seen  # act once it has stayed the same for a tick: not mid-write
-            return
-        if seen == self._handled_file:
-            return
-        self._handled_file = seen
-        try:
-            text = registry_module.read(source)
-            new = registry_module.parse(text, source)
-        except RegistryError as error:
-            self._refuse(source, error)
-            return
-        if new.digest != self.registry.digest:
-            try:
-                self.reload(new, text)
-            except UnsafePath as error:
-                self._refuse(source, RegistryError(source, [str(error)]))
-
-    def _refuse(self, source: str, error: RegistryError) -> None:
-        metrics.RELOADS.labels("rejected").inc()
-        # Every worker sees the bad file; the first one to claim it says so.
-        stamp = "-".join(map(str, self._seen_file)) if self._seen_file else "unreadable"
-        if rundir.claim(f"refused-{stamp}"):
-            log.error("registry %s changed but is invalid, still serving the version loaded %s: %s", source,
-                      _iso(self._loaded_at), error.one_line())
 
     def reload(self, new: Registry, text: str) -> None:
         """Serve `new`: keep unchanged servers as they are, drain replaced ones.
@@ -231,83 +131,66 @@ class Gateway:
         UnsafePath, before anything changed, if its session secret cannot be trusted.
         """
         guards = _guards(new, self.revocations)
-        old = self.registry
-        changed = {sid for sid, entry in new.servers.items() if old.servers.get(sid) != entry}
-        removed = set(old.servers) - set(new.servers)
-        templates = {sid for sid in changed | removed
-                     if any(e is not None and e.launch is not None for e in (old.servers.get(sid), new.servers.get(sid)))}
-        if templates and self._master_runs_templates:
+        table = self.leases.table
+        old, current = table.registry, table.upstreams
+        plan = plan_reload(old, new)
+        if plan.templates and self._master_runs_templates:
             if rundir.claim(f"hup-{new.digest}"):
                 log.warning("registry %s changes http templates %s: asking gunicorn for a graceful reload (HUP)",
-                            new.source, ", ".join(sorted(templates)))
+                            new.source, ", ".join(sorted(plan.templates)))
                 os.kill(os.getppid(), signal.SIGHUP)
             return
-        deadline = time.monotonic() + DRAIN_TIMEOUT
-        draining = [Draining(sid, self.upstreams[sid], self._supervisors.pop(sid, None), deadline)
-                    for sid in sorted((changed & set(old.servers)) | removed)]
+        deadline = time.monotonic() + self.drain_timeout
+        draining = [Draining(sid, current[sid], deadline, self._supervisors.pop(sid, None)) for sid in plan.draining]
         interval = new.gateway.health_check_interval
-        fresh = {sid: self._build(entry, interval) if sid in changed else self.upstreams[sid]
+        fresh = {sid: self._build(entry, interval) if sid in plan.rebuilt else current[sid]
                  for sid, entry in new.servers.items()}
         for upstream in fresh.values():
             if isinstance(upstream, HttpUpstream):
                 upstream.check_interval = interval
                 upstream.relearn()  # a reload is when an operator expects servers to be asked again
-        bulkheads = {upstream: self._bulkheads.get(upstream) or _bulkhead(new.servers[sid]) for sid, upstream in fresh.items()}
-        with self._lock:
-            self.registry, self.upstreams = new, fresh
-            # A drained upstream keeps its bulkhead until it is closed: its requests still give their slot back.
-            self._bulkheads = {**{item.upstream: self._bulkheads[item.upstream] for item in self._draining + draining},
-                               **bulkheads}
-            self.auth, self.rebinding, self.signer, self.states = guards
-            self._draining.extend(draining)
-            self._loaded_at = time.time()
+        self.leases.swap(new, fresh, draining)
+        self.registry, self.upstreams = new, self.leases.table.upstreams
+        self.auth, self.rebinding, self.signer, self.states = guards
+        self.loaded_at = time.time()
         if self._app is not None:
             _configure(self._app, new)
         rundir.save_registry(new.source, text)  # workers started from now on serve this one
         metrics.RELOADS.labels("applied").inc()
-        added = sorted(changed - set(old.servers))
         log.info("registry %s reloaded (%s): added %s, changed %s, removed %s, %d unchanged", new.source, new.digest,
-                 added or "none", sorted(changed - set(added)) or "none", sorted(removed) or "none",
-                 len(new.servers) - len(changed))
-        if (old.gateway.host, old.gateway.port) != (new.gateway.host, new.gateway.port):
+                 sorted(plan.added) or "none", sorted(plan.changed) or "none", sorted(plan.removed) or "none",
+                 len(plan.unchanged))
+        if plan.moves_listener:
             log.warning("gateway.host/port changed in %s: the listening address moves on HUP or restart", new.source)
 
-    def _finish_draining(self) -> None:
-        now = time.monotonic()
-        for item in list(self._draining):
-            holding = self._holding(item.upstream)
-            if holding and now < item.deadline:
-                continue
+    def finish_draining(self) -> None:
+        """Close the replaced upstreams no request holds any more, or that ran out of time."""
+        for item, holding in self.leases.drained(time.monotonic()):
             if holding:
                 log.warning("server %s: %d requests still hold the replaced upstream after %.0fs; closing it",
-                            item.server_id, holding, DRAIN_TIMEOUT)
-            self._draining.remove(item)
-            with self._lock:
-                self._bulkheads.pop(item.upstream, None)
-            item.upstream.close()
-            if item.supervisor is not None:
-                item.supervisor.stop()
+                            item.server_id, holding, self.drain_timeout)
+            guarded(item.close, f"closing the replaced upstream of server {item.server_id}")
             log.info("server %s: the replaced upstream is drained and closed", item.server_id)
 
     # --- reporting ---------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        with self._lock:
-            registry, current, bulkheads = self.registry, self.upstreams, self._bulkheads
+        table = self.leases.table
         return {
             sid: {"description": entry.description, **({"template": entry.template} if entry.template else {}),
-                  **current[sid].status(), "requests": bulkheads[current[sid]].status()}
-            for sid, entry in registry.servers.items()
+                  **table.upstreams[sid].status(), "requests": table.routes[sid][1].status()}
+            for sid, entry in table.registry.servers.items()
         }
 
     def worker_status(self) -> dict[str, Any]:
         """This worker's view, as status.combine expects it."""
-        draining = [{"server": item.server_id, "in_flight": self._holding(item.upstream)} for item in list(self._draining)]
+        table = self.leases.table
         return {
             "pid": os.getpid(),
-            "started": _iso(self._started_at),
-            "registry": {"source": self.registry.source, "digest": self.registry.digest, "loaded": _iso(self._loaded_at)},
-            "draining": draining,
+            "started": iso(self._started_at),
+            "registry": {"source": table.registry.source, "digest": table.registry.digest, "loaded": iso(self.loaded_at)},
+            "draining": [{"server": item.server_id, "in_flight": self.leases.holding(item.upstream)}
+                         for item in table.draining],
             "servers": self.status(),
         }
 
@@ -324,18 +207,10 @@ def _guards(registry: Registry,
     return Authenticator(registry.gateway.auth, registry.servers), rebinding, signer, RequestStates(keys, settings.session_ttl)
 
 
-def _bulkhead(entry: ServerEntry) -> Bulkhead:
-    return Bulkhead(entry.id, entry.max_concurrent, entry.max_queued, entry.queue_timeout)
-
-
 def _configure(app: Flask, registry: Registry) -> None:
     """The app-wide settings of `registry`: body limit and access line (at start and on reload)."""
     app.config["MAX_CONTENT_LENGTH"] = registry.gateway.max_body_bytes
     accesslog.configure(app, registry.gateway.log_format, registry.gateway.trusted_proxies)
-
-
-def _iso(at: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
 
 
 def current_gateway() -> Gateway:

@@ -455,7 +455,7 @@ def test_a_failure_at_any_stage_returns_the_process_and_the_lease(app: Any, monk
     assert stats["busy"] == 0 and stats["idle"] == 1, stats
     if stage != "reading the answer":  # between messages: the very process is reused
         assert stats["pids"] == pids and stats["restarts"] == 0, stats
-    assert all(gateway._holding(held) == 0 for held in gateway.upstreams.values())  # every lease was handed back
+    assert all(gateway.leases.holding(held) == 0 for held in gateway.upstreams.values())  # every lease was handed back
     assert [r for r in caplog.records if r.name == "gateway.access" and f"server={server}" in r.getMessage()]
     assert requests_counted(server) == counted + 1
     # And the server serves on.

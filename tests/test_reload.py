@@ -163,6 +163,26 @@ def test_in_flight_calls_of_a_changed_server_finish_before_its_processes_stop(tm
         wait_for(lambda: not running(gateway, busy) and not gateway.status()["workers"][0]["draining"])
 
 
+def test_a_replaced_upstream_still_held_is_closed_after_gunicorns_graceful_timeout(tmp_path: Path) -> None:
+    # The drain timeout is gunicorn's graceful_timeout (what a request may still take after a HUP),
+    # read from the worker's config: here set on gunicorn's command line, over conf/gunicorn.conf.py.
+    slow = {"type": "stdio", "command": server_command("sdk_server.py", "stdio"), "pool_size": 1}
+    env = {"GUNICORN_CMD_ARGS": "--graceful-timeout 2"}
+    with Gunicorn(write_registry(tmp_path, {"slow": slow}, WATCH), workers=1, env=env).serving() as gateway:
+        answers: list[requests.Response] = []
+        call = threading.Thread(target=lambda: answers.append(
+            curl(gateway, "slow", "tools/call", {"name": "sleep", "arguments": {"seconds": 20}})))
+        call.start()
+        wait_for(lambda: gateway.status()["servers"]["slow"]["busy"] == 1)
+        busy = gateway.status()["servers"]["slow"]["pids"]
+        every_worker_serves(gateway, rewrite(gateway, {"slow": {**slow, "description": "v2"}}, WATCH))
+        wait_for(lambda: "1 requests still hold the replaced upstream after 2s; closing it" in gateway.log(), 15)
+        wait_for(lambda: not running(gateway, busy) and not gateway.status()["workers"][0]["draining"])
+        call.join(30)
+        assert answers and answers[0].status_code == 502 and "killed" in answers[0].json()["error"]["message"]
+        assert "tools" in curl(gateway, "slow", "tools/list").json()["result"], "the new entry serves"
+
+
 def test_reloads_and_hup_under_steady_load_fail_no_request(tmp_path: Path) -> None:
     servers = {"steady": time_server(pool_min=1), "moving": time_server(pool_min=1)}
     gateway = Gunicorn(write_registry(tmp_path, servers, WATCH), workers=2, threads=4)

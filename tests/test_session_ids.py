@@ -331,9 +331,9 @@ def test_the_runtime_directory_gets_a_revoked_folder(tmp_path: Path, monkeypatch
 
 
 def test_upkeep_forgets_revocations_of_expired_sessions(make_app: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from gateway import runtime
+    from gateway import runtime, upkeep
 
-    monkeypatch.setattr(runtime, "PRUNE_INTERVAL", 0.0)
+    monkeypatch.setattr(upkeep, "PRUNE_INTERVAL", 0.0)
     app = make_app({"time": {"type": "stdio", "command": TIME_SERVER, "pool_size": 1, "pool_min": 0}})
     gateway = app.extensions[runtime.EXTENSION_KEY]
     gateway.revocations.add("a" * 32, 1.0)  # expired long ago
