@@ -286,7 +286,9 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
         """Hand `conn` to a thread once its request is all there; until then read it here."""
         if getattr(conn, "gateway_whole", False):
             conn.gateway_whole = False
-            self._waits_for_thread(conn, getattr(conn, "gateway_server", None))
+            server = getattr(conn, "gateway_server", None)
+            if server != NO_REQUEST:
+                self._waits_for_thread(conn, server)
             super().enqueue_req(conn)
         elif self.cfg.is_ssl or conn.is_http2 or negotiation.prior_knowledge_allowed(self.cfg, conn.client):
             self._waits_for_thread(conn, None)  # its server is not known: any server's
@@ -357,7 +359,9 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
         conn.parser.unreader.unread(bytes(inbound.buffer))
         conn.data_ready = True  # no wait for data in the thread
         conn.gateway_continued = inbound.continued
-        conn.gateway_server = _server_of(inbound.buffer)
+        # A client that closed without sending anything (a kept-alive connection ending) leaves a
+        # socket to close, not a request: no queued request should give its thread up for it.
+        conn.gateway_server = _server_of(inbound.buffer) if inbound.buffer else NO_REQUEST
         conn.gateway_whole = True
         self.enqueue_req(conn)
 
@@ -457,6 +461,9 @@ def _body_unfinished(parser: Any) -> bool:
         return True  # reading it raised: where it ends is unknown
     reader = getattr(body, "reader", None)
     return getattr(reader, "length", 0) > 0 or getattr(reader, "parser", None) is not None  # Length / ChunkedReader
+
+
+NO_REQUEST = ""  # as a connection's server: nothing arrived to serve
 
 
 def _server_of(request: bytes | bytearray) -> str | None:

@@ -11,7 +11,9 @@ calls sleep far longer than the test needs, and each check waits until
 from __future__ import annotations
 
 import json
+import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -216,3 +218,19 @@ def test_the_worker_names_the_server_a_waiting_request_is_for() -> None:
     assert _server_of(b"GET /healthz HTTP/1.1\r\n") == "healthz"
     assert _server_of(b"GET / HTTP/1.1\r\n") is None
     assert _server_of(b"garbage") is None
+
+
+def test_a_connection_closed_while_threads_are_busy_is_no_request_for_another_server(gunicorn: Any) -> None:
+    # A client that closes its kept-alive connection leaves the worker a connection to
+    # close, not a request: it must not make a queued request give its thread up (it did,
+    # as if a request for another server waited: 503s on a gateway serving one server).
+    gateway = warmed(gunicorn(servers(4, max_concurrent=2, max_queued=2, queue_timeout=60), workers=1, threads=4), 4)
+    with slow_calls(gateway, 2) as running:
+        wait_for(lambda: requests_of(gateway, "slow")[0]["active"] == 2)
+        with slow_calls(gateway, 2) as queued:  # every thread is taken now: /status cannot be asked
+            for _ in range(40):  # over 2 s, from when the queued calls arrive
+                socket.create_connection(("127.0.0.1", gateway.port), timeout=5).close()
+                time.sleep(0.05)
+    answers = [call.result() for call in running + queued]
+    assert [answer.status_code for answer in answers] == [200] * 4, [answer.text for answer in answers]
+    assert requests_of(gateway, "slow")[0]["refused"] == 0
