@@ -39,7 +39,6 @@ from ..health import HealthPolicy, InstanceHealth
 from ..jsonrpc import Reply
 from ..protocol import ClientContext, ServerHello
 from ..registry import HttpSettings, ServerEntry
-from ..sessions import Session
 
 log = logging.getLogger(__name__)
 
@@ -392,21 +391,6 @@ class HttpUpstream:
         return error
 
     # --- era bridging --------------------------------------------------------------
-
-    def bridges(self, client: ClientContext, session: Session | None, message: dict[str, Any]) -> bool:
-        """Whether the gateway answers this request itself rather than passing it through.
-
-        2026-07-28 clients pass through to servers that speak 2026-07-28;
-        handshake-era clients with a session of an instance pass through. The
-        rest is bridged: 2026-07-28 clients of legacy-only servers, handshake-era
-        clients of modern-only servers, and handshake-era requests without a
-        session (curl), which the gateway sends in a session of its own.
-        """
-        if client.era == protocol.MODERN:
-            return not self.passes_through(protocol.MODERN)
-        if session is not None:
-            return session.instance is None  # the gateway minted it for a bridged session
-        return message.get("method") != "initialize" or not self.passes_through(protocol.LEGACY)
 
     def passes_through(self, era: str) -> bool:
         """Whether the instances speak `era` (asked once; see _speaks_era)."""
