@@ -5,8 +5,9 @@ path. Flask's request and app contexts, URL map, hooks and proxies cost a
 stdio call about as much CPU as the rest of the gateway's work (README,
 Performance). This route is WSGI middleware in front of the Flask app: it
 does what the Flask hooks and error handlers do for the other routes (the
-same Exchange, Origin and token checks, body limit, JSON-RPC errors) and
-calls views.post; anything else goes on to Flask.
+same Exchange, Origin and token checks, body limit, JSON-RPC errors), parses
+the message, asks serving.decide how to serve it and has carry_out.py do
+that; anything else goes on to Flask.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from flask import Flask
+from flask import Flask, Response
 from werkzeug.wsgi import get_content_length, get_input_stream, get_path_info
 
-from . import errors
+from . import errors, jsonrpc, protocol, serving, upstreams
+from .carry_out import Served, carry_out, session_of
 from .exchange import Exchange
 from .runtime import EXTENSION_KEY, Gateway
-from .views import error_response, post
+from .views import error_response
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 # What the blueprint's `/<server_id>` and `/<server_id>/<path:path>` rules match.
@@ -49,10 +51,28 @@ class McpPostRoute:
             gateway.rebinding.check(exchange.headers)
             exchange.principal = gateway.auth.check_server(match[1], exchange.headers)
             body = read_body(environ, gateway.registry.gateway.max_body_bytes, match[1])
-            response = post(gateway, exchange, match[2] or "", environ.get("QUERY_STRING", "").encode("latin-1"), body)
+            response = serve(gateway, exchange, body, match[2] or "", environ.get("QUERY_STRING", "").encode("latin-1"))
         except Exception as exc:  # noqa: BLE001  # every failure becomes a JSON-RPC error, as Flask's handler does
             response = error_response(gateway, exchange, exc)
         return exchange.respond(self.app, response)(environ, start_response)
+
+
+def serve(gateway: Gateway, exchange: Exchange, body: bytes, path: str, query: bytes) -> Response:
+    """One JSON-RPC message: parsed, its server's upstream held, its session opened, decided, carried out."""
+    server_id = exchange.server_id or ""
+    if server_id not in gateway.upstreams:
+        gateway.checkout(server_id, exchange)  # UnknownServer, whatever the body is
+    exchange.served = True  # counted under the server's id, whatever the body is
+    message = jsonrpc.parse(body, server_id, gateway.registry.gateway.max_json_depth)
+    exchange.rpc_id = message.get("id")
+    exchange.mcp_method = message.get("method")
+    # After parsing: a refusal (bulkhead full) carries the request's id.
+    upstream = gateway.checkout(server_id, exchange)
+    session = session_of(gateway, exchange, server_id)
+    client = protocol.client_context(exchange.headers, message, session.protocol_version if session else None)
+    instances = upstreams.instances(upstream)
+    plan = serving.decide("POST", upstream, instances is not None, session, client, message)
+    return carry_out(Served(gateway, exchange, upstream, instances, session, client, message, body, path, query), plan)
 
 
 def read_body(environ: dict[str, Any], limit: int, server_id: str) -> bytes:

@@ -117,7 +117,7 @@ def test_an_unexpected_failure_on_the_post_route_is_a_jsonrpc_500(client: Any, m
     def broken(*args: Any) -> None:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(post, "post", broken)
+    monkeypatch.setattr(post, "serve", broken)
     response = client.post("/time/mcp", json=rpc("tools/list"))
     assert response.status_code == 500
     assert error_of(response)["message"] == "internal gateway error serving server 'time': RuntimeError"

@@ -16,13 +16,12 @@ from __future__ import annotations
 from collections.abc import Generator
 from typing import Any
 
-from .. import errors, protocol
+from .. import errors
 from ..balancer import Balancer, Instance
 from ..health import HealthPolicy, InstanceHealth
 from ..jsonrpc import Reply
 from ..protocol import ClientContext, ServerHello
 from ..registry import HttpSettings, ServerEntry
-from ..sessions import Session
 from ..settings import GATEWAY
 from .bridge import Bridge, session_lost
 from .checks import HealthChecks
@@ -126,21 +125,6 @@ class HttpUpstream:
         return instance
 
     # --- era bridging (bridge.py) ------------------------------------------------
-
-    def bridges(self, client: ClientContext, session: Session | None, message: dict[str, Any]) -> bool:
-        """Whether the gateway answers this request itself rather than passing it through.
-
-        2026-07-28 clients pass through to servers that speak 2026-07-28;
-        handshake-era clients with a session of an instance pass through. The
-        rest is bridged: 2026-07-28 clients of legacy-only servers, handshake-era
-        clients of modern-only servers, and handshake-era requests without a
-        session (curl), which the gateway sends in a session of its own.
-        """
-        if client.era == protocol.MODERN:
-            return not self.passes_through(protocol.MODERN)
-        if session is not None:
-            return session.instance is None  # the gateway minted it for a bridged session
-        return message.get("method") != "initialize" or not self.passes_through(protocol.LEGACY)
 
     def passes_through(self, era: str) -> bool:
         """Whether the instances speak `era` (asked once; see Bridge.speaks_era)."""

@@ -133,7 +133,7 @@ COST_CENTRES: tuple[tuple[str, Callable[[str], bool]], ...] = (
     ("access log, all of it (gateway/accesslog.py and its logging)", lambda f: "gateway/accesslog.py" in f),
     ("logging, all of it", lambda f: "(logging/" in f),
     ("json, all of it", lambda f: "(json/" in f),
-    ("view: views.post", lambda f: f.startswith("post (gateway/views")),
+    ("view: post.serve", lambda f: f.startswith("serve (gateway/post")),
     ("jsonrpc.parse", lambda f: f.startswith("parse (gateway/jsonrpc")),
     ("signed session check (gateway/sessions.py)", lambda f: "gateway/sessions.py" in f),
     ("stdio pool acquire+release", lambda f: f.startswith(("StdioPool.acquire", "StdioPool.release"))),

@@ -1,0 +1,215 @@
+"""Carrying out a serving plan (serving.py): one function per plan kind, shared by every MCP route.
+
+The POST route (post.py) and the GET and DELETE views (views.py) gather the
+facts of a request into one `Served`, ask serving.decide for the plan and
+hand both to `carry_out`, which passes the request through to an instance,
+bridges it to the upstream's `call`, answers it alone, or raises the
+refusal. Upstreams are seen through the Protocols of gateway/upstreams only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Response
+
+from . import errors, jsonrpc, protocol, sse
+from .exchange import Exchange
+from .jsonrpc import Reply
+from .protocol import ClientContext
+from .runtime import Gateway
+from .serving import SESSION_HEADER, Answer, Bridge, Local, PassThrough, Plan, Refuse
+from .sessions import Session
+from .upstreams import MessageUpstream, PassThroughUpstream, ProxyRequest, ProxyResponse
+
+log = logging.getLogger(__name__)
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass(slots=True)
+class Served:
+    """One request on an MCP route and what serving it needs, gathered once."""
+
+    gateway: Gateway
+    exchange: Exchange
+    upstream: MessageUpstream
+    instances: PassThroughUpstream | None  # upstreams.instances(upstream): None for stdio
+    session: Session | None
+    client: ClientContext | None  # a POST's (GET and DELETE have no message to judge the era by)
+    message: dict[str, Any] | None  # a POST's JSON-RPC message
+    body: bytes
+    path: str  # what follows /<server-id>/, without its slash
+    query: bytes
+
+
+def carry_out(served: Served, plan: Plan) -> Response:
+    match plan:
+        case Bridge():
+            return _bridge(served)
+        case PassThrough():
+            return _pass_through(served, plan)
+        case Answer(what=what):
+            return _ANSWERS[what](served)
+        case Refuse(error=error):
+            raise error
+
+
+def session_of(gateway: Gateway, exchange: Exchange, server_id: str) -> Session | None:
+    """The session the request names, opened for the caller; SessionNotFound if not theirs or not valid."""
+    headers = exchange.headers
+    token = headers.get(SESSION_HEADER)
+    if token is None or headers.get("MCP-Protocol-Version") in protocol.MODERN_VERSIONS:
+        return None  # 2026-07-28 has no sessions: a stray id is ignored, as the spec says
+    return gateway.signer.verify(token, server_id, exchange.principal)
+
+
+def json_response(payload: dict[str, Any], status: int = 200) -> Response:
+    return Response(jsonrpc.encode(payload), status=status, mimetype="application/json")
+
+
+# --- pass through --------------------------------------------------------------
+
+
+def _pass_through(served: Served, plan: PassThrough) -> Response:
+    """Pass the request to an instance and its answer back, re-signing any session it starts."""
+    upstream, exchange, session = served.instances, served.exchange, served.session
+    assert upstream is not None  # serving.decide passes through only to an upstream with instances
+    states = served.gateway.states
+    message, body = served.message, served.body
+    instance = session.instance if session else None
+    retry = states.retry(message, upstream.server_id, exchange.principal, upstream.available)
+    if retry is not None:  # an MRTR retry goes to the instance that asked, with its own requestState back
+        message, instance = retry
+        body = jsonrpc.encode(message)
+    try:
+        answer = upstream.forward(ProxyRequest(
+            method=exchange.method, path=f"/{served.path}" if served.path else "", query=served.query,
+            headers=exchange.headers, body=body, message=message, instance=instance,
+            upstream_session=session.upstream_session if session else None, request_id=exchange.request_id,
+            credential_headers=served.gateway.auth.hook_credential_headers,
+        ))
+    except errors.UpstreamUnreachable as exc:
+        if retry is None:
+            raise
+        raise errors.RequestStateInvalid(f"{exc.message}; it asked for this input, so start the call again "
+                                         "without requestState") from None
+    response = _passed_back(served, answer, message)
+    if plan.ends_session and session is not None and 200 <= response.status_code < 300:
+        served.gateway.signer.revoke(session)  # the instance ended it; no worker of ours passes it on again
+    return response
+
+
+def _passed_back(served: Served, answer: ProxyResponse, message: dict[str, Any] | None) -> Response:
+    """The instance's answer as the client gets it: requestState wrapped, the session id ours."""
+    gateway, exchange, session = served.gateway, served.exchange, served.session
+    headers = exchange.headers
+    server_id = served.upstream.server_id
+    exchange.upstream = answer.instance
+    if message is not None and jsonrpc.is_request(message) and headers.get("MCP-Protocol-Version") in protocol.MODERN_VERSIONS:
+        # Its answer may ask for input: the requestState must lead the retry back here.
+        answer.body = gateway.states.wrap_answer(answer.body, answer.instance, server_id, exchange.principal)
+    response = Response(answer.body, status=answer.status, headers=answer.headers)
+    if answer.streaming:
+        response.headers["X-Accel-Buffering"] = "no"
+    if answer.upstream_session and (session is None or answer.upstream_session != session.upstream_session):
+        params = (message or {}).get("params") or {}
+        version = params.get("protocolVersion") or (session.protocol_version if session else protocol.DEFAULT_LEGACY)
+        response.headers[SESSION_HEADER] = gateway.signer.mint(
+            server_id, str(version), instance=answer.instance, upstream_session=answer.upstream_session,
+            principal=exchange.principal,
+        )
+    elif session is not None:
+        response.headers[SESSION_HEADER] = headers[SESSION_HEADER]
+    return response
+
+
+# --- bridge: the gateway ends MCP HTTP ---------------------------------------------
+
+
+def _bridge(served: Served) -> Response:
+    """Hand the message to the upstream's `call`: an SSE stream, or just the final response as JSON."""
+    exchange, upstream, message, client = served.exchange, served.upstream, served.message, served.client
+    assert message is not None and client is not None  # serving.decide bridges POSTs only
+    replies = upstream.call(message, served.body, client, exchange.request_id)
+    first = next(replies)  # errors before the first message become plain HTTP errors
+    exchange.upstream = first.origin
+    if not first.final and "text/event-stream" in exchange.headers.get("Accept", ""):
+        # The stream owns `replies` now, and closes it when the client is done.
+        return Response(_sse(first, replies, message["id"]), mimetype="text/event-stream", headers=SSE_HEADERS)
+    try:
+        # A JSON-only client gets just the final response; notifications are dropped.
+        final = first if first.final else next(reply for reply in replies if reply.final)
+    except StopIteration:
+        raise errors.UpstreamError(f"server '{upstream.server_id}' ended the exchange without a response") from None
+    finally:
+        replies.close()
+    exchange.rpc_error = "error" in final.message
+    return Response(final.encoded(), mimetype="application/json")
+
+
+def _sse(first: Reply, replies: Generator[Reply, None, None], request_id: Any) -> Iterator[bytes]:
+    try:
+        yield sse.event(first.encoded())
+        for reply in replies:
+            yield sse.event(reply.encoded())
+    except errors.GatewayError as exc:
+        # Headers are gone already; the failure travels as the final event.
+        yield sse.event(jsonrpc.encode(jsonrpc.error(request_id, exc.code, exc.message, exc.data)))
+    except Exception as exc:  # a bug must still end the stream with an answer
+        log.exception("unhandled error while streaming an answer")
+        yield sse.event(jsonrpc.encode(jsonrpc.error(request_id, errors.INTERNAL_ERROR,
+                                                     f"internal gateway error: {type(exc).__name__}")))
+    finally:
+        replies.close()
+
+
+# --- answered by the gateway ---------------------------------------------------------
+
+
+def _initialize(served: Served) -> Response:
+    message = _message(served)
+    params = message.get("params") or {}
+    upstream = served.upstream
+    result = protocol.initialize_result(upstream.hello(), params.get("protocolVersion"))
+    token = served.gateway.signer.mint(upstream.server_id, result["protocolVersion"], principal=served.exchange.principal)
+    response = json_response(jsonrpc.result(message["id"], result))
+    response.headers[SESSION_HEADER] = token
+    return response
+
+
+def _ping(served: Served) -> Response:
+    return json_response(jsonrpc.result(_message(served)["id"], {}))
+
+
+def _discover(served: Served) -> Response:
+    return json_response(jsonrpc.result(_message(served)["id"], protocol.discover_result(served.upstream.hello())))
+
+
+def _accepted(served: Served) -> Response:
+    return Response(status=202)
+
+
+def _end_session(served: Served) -> Response:
+    assert served.session is not None  # serving.decide ends only a session the request names
+    # The id is self-contained, so every worker would take it again: it is revoked
+    # for the whole host (sessions.Revocations) until it would have expired anyway.
+    served.gateway.signer.revoke(served.session)
+    return Response(status=204)
+
+
+def _message(served: Served) -> dict[str, Any]:
+    assert served.message is not None  # the gateway answers messages of POSTs only (and DELETE, above)
+    return served.message
+
+
+_ANSWERS: dict[Local, Callable[[Served], Response]] = {
+    Local.INITIALIZE: _initialize,
+    Local.PING: _ping,
+    Local.DISCOVER: _discover,
+    Local.ACCEPTED: _accepted,
+    Local.END_SESSION: _end_session,
+}

@@ -1,0 +1,148 @@
+"""How one MCP request is served, decided once: the plan kinds and `decide`.
+
+Every request on an MCP route is served one of four ways, decided here from
+the facts known once it is parsed (HTTP method, upstream, session, client
+era, JSON-RPC message) and carried out by carry_out.py:
+
+- `PassThrough`: the request goes to an instance of an http server as it
+  is (MCP HTTP end to end), its answer comes back as it is.
+- `Bridge`: the gateway ends MCP HTTP itself and hands the message to the
+  upstream's `call` (a stdio process, or an http server of the other era).
+- `Answer`: the gateway answers alone (`Local` says what: initialize, ping,
+  server/discover, 202 for a notification or a client's response, the end
+  of a session it minted).
+- `Refuse`: a gateway error, raised as the JSON-RPC error answer.
+
+`decide` does no I/O of its own. It asks an http upstream which eras its
+instances speak (`passes_through`, which probes an instance the first time)
+only where that answer matters, as the gateway always has. The plans the hot
+paths get are module-level values: deciding allocates nothing for them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import errors, jsonrpc, protocol
+
+if TYPE_CHECKING:
+    from .protocol import ClientContext
+    from .sessions import Session
+    from .upstreams import Upstream
+
+SESSION_HEADER = "Mcp-Session-Id"
+# Answered on a pooled stdio server this way would pin a process for hours.
+LONG_LIVED = frozenset({"subscriptions/listen"})
+
+
+@dataclass(frozen=True, slots=True)
+class PassThrough:
+    """To an instance: the one holding the session, else one the balancer picks."""
+
+    ends_session: bool = False  # a DELETE of an instance's session: revoke our id when the instance ends it
+
+
+@dataclass(frozen=True, slots=True)
+class Bridge:
+    """The gateway ends MCP HTTP and hands the message to the upstream's `call`."""
+
+
+class Local(enum.Enum):
+    """What the gateway answers itself."""
+
+    INITIALIZE = "initialize"  # the handshake, and a session id of the gateway's own
+    PING = "ping"
+    DISCOVER = "server/discover"
+    ACCEPTED = "accepted"  # 202: a notification or a client's response has nowhere to go
+    END_SESSION = "end session"  # DELETE of a session the gateway minted: revoked, 204
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    what: Local
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    error: errors.GatewayError
+
+
+Plan = PassThrough | Bridge | Answer | Refuse
+
+PASS_THROUGH = PassThrough()
+PASS_THROUGH_ENDING_SESSION = PassThrough(ends_session=True)
+BRIDGE = Bridge()
+INITIALIZE = Answer(Local.INITIALIZE)
+PING = Answer(Local.PING)
+DISCOVER = Answer(Local.DISCOVER)
+ACCEPTED = Answer(Local.ACCEPTED)
+END_SESSION = Answer(Local.END_SESSION)
+
+
+def decide(method: str, upstream: Upstream, instances: bool, session: Session | None,
+           client: ClientContext | None = None, message: dict[str, Any] | None = None) -> Plan:
+    """The plan for one request to `upstream`.
+
+    `instances`: the upstream has instances a request can be passed to (an
+    http server); a stdio server has processes that speak JSON-RPC lines.
+    `session`: the one the request names, already opened (or None).
+    `client` and `message`: a POST's era and JSON-RPC message.
+    """
+    if method == "POST":
+        assert client is not None and message is not None
+        return _post(upstream, instances, session, client, message)
+    # A stream (GET) or an end (DELETE) goes to an instance unless the session is the gateway's own.
+    through = instances and (session is None or session.instance is not None)
+    if method == "GET":
+        if through:
+            return PASS_THROUGH
+        return Refuse(errors.MethodNotAllowed(
+            f"server '{upstream.server_id}': the gateway offers no server-to-client SSE stream; use POST"))
+    if through:
+        return PASS_THROUGH if session is None else PASS_THROUGH_ENDING_SESSION
+    if session is None:
+        return Refuse(errors.ClientError(
+            f"server '{upstream.server_id}': DELETE needs the {SESSION_HEADER} header of the session to end"))
+    return END_SESSION
+
+
+def _post(upstream: Upstream, instances: bool, session: Session | None, client: ClientContext,
+          message: dict[str, Any]) -> Plan:
+    if instances and _passes(upstream, session, client, message):
+        return PASS_THROUGH
+    # From here the gateway ends MCP HTTP itself: a stdio server, or an http
+    # server of the other protocol era than the client's.
+    if not jsonrpc.is_request(message):
+        # Notifications (initialized, cancelled) and responses to server->client
+        # requests have nowhere to go: a pooled or bridged server never asks the client.
+        return ACCEPTED
+    method = message["method"]
+    if client.era == protocol.LEGACY:
+        if method == "initialize":
+            return INITIALIZE
+        if method == "ping":
+            return PING
+    elif method == "server/discover":
+        return DISCOVER
+    if method in LONG_LIVED:
+        return Refuse(errors.NotSupported(
+            f"server '{upstream.server_id}': {method} is not supported through the gateway yet"))
+    return BRIDGE
+
+
+def _passes(upstream: Upstream, session: Session | None, client: ClientContext, message: dict[str, Any]) -> bool:
+    """Whether a POST to an http server passes through to an instance, rather than being bridged.
+
+    2026-07-28 clients pass through to servers that speak 2026-07-28;
+    handshake-era clients with a session of an instance pass through. The
+    rest is bridged: 2026-07-28 clients of legacy-only servers, handshake-era
+    clients of modern-only servers, and handshake-era requests without a
+    session (curl), which the gateway sends in a session of its own.
+    """
+    if client.era == protocol.MODERN:
+        return upstream.passes_through(protocol.MODERN)
+    if session is not None:
+        return session.instance is not None  # None: the gateway minted it for a bridged session
+    return message.get("method") == "initialize" and upstream.passes_through(protocol.LEGACY)
