@@ -52,7 +52,7 @@ class Authenticator:
         # Secure by default: once anything asks for a token, so do the operator endpoints.
         self.protect_operator = bool(settings.get("protect_operator_endpoints", any_token))
         # Lower-cased names of the headers the hook reads credentials from: never forwarded,
-        # like CREDENTIAL_HEADERS (which proxy.NOT_FORWARDED holds already).
+        # like CREDENTIAL_HEADERS (which upstreams/transport.NOT_FORWARDED holds already).
         self.hook_credential_headers = frozenset(
             str(name).lower() for name in getattr(self.hook, "credential_headers", ())
         ) - CREDENTIAL_HEADERS

@@ -62,3 +62,25 @@ def test_readme_curl_example_works_as_written(default_gateway: Gunicorn, command
 def test_example_paths_in_readme_exist() -> None:
     for path in ("conf/example-registry.json", "gateway/schema/registry.schema.json", "conf/gunicorn.conf.py"):
         assert Path(ROOT / path).exists(), path
+
+
+def section(title: str) -> str:
+    """The README's `## title` section, up to the next `## ` heading."""
+    start = README.index(f"\n## {title}\n")
+    end = README.find("\n## ", start + 1)
+    return README[start:end if end != -1 else len(README)]
+
+
+def test_the_layout_names_every_module_once() -> None:
+    layout = section("Layout")
+    names = {name for name in re.findall(r"`([\w/]+\.py)`", layout) if not name.startswith("tests/")}
+    package = ROOT / "gateway"
+    modules = {str(path.relative_to(package)) for path in package.rglob("*.py")} - {"__init__.py"}
+    assert modules - names == set(), "modules missing from the README's Layout"
+    assert names - modules == set(), "the README's Layout names modules that do not exist"
+
+
+def test_life_of_a_request_names_only_modules_that_exist() -> None:
+    named = set(re.findall(r"`([\w/]+\.py)`", section("Life of a request")))
+    assert len(named) >= 15
+    assert {name for name in named if not (ROOT / "gateway" / name).exists()} == set()

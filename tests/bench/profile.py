@@ -129,7 +129,7 @@ COST_CENTRES: tuple[tuple[str, Callable[[str], bool]], ...] = (
     ("werkzeug Response building and WSGI headers", lambda f: f.startswith((
         "Response.__init__", "Response.__call__", "Response.get_wsgi_response", "Response.get_wsgi_headers",
         "Response.get_app_iter"))),
-    ("request body read", lambda f: f.startswith("read_body (gateway/route")),
+    ("request body read", lambda f: f.startswith("read_body (gateway/post")),
     ("access log, all of it (gateway/accesslog.py and its logging)", lambda f: "gateway/accesslog.py" in f),
     ("logging, all of it", lambda f: "(logging/" in f),
     ("json, all of it", lambda f: "(json/" in f),
@@ -145,7 +145,7 @@ COST_CENTRES: tuple[tuple[str, Callable[[str], bool]], ...] = (
     ("http.client status line and header parsing (email parser)", lambda f: f.startswith((
         "parse_headers (http/client", "HTTPResponse.begin (http/client"))),
     ("urllib3 new upstream connection", lambda f: f.startswith("create_connection (urllib3")),
-    ("gateway header filter (proxy.forwardable)", lambda f: f.startswith("forwardable")),
+    ("gateway header filter (transport.forwardable)", lambda f: f.startswith("forwardable")),
 )
 
 
