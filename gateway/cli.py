@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from . import mcpservers, protocol, registry, sse, templates
+from . import errors, mcpservers, protocol, registry, sse, templates
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -111,7 +111,7 @@ def _auth(token: str | None) -> dict[str, str]:
 def list_servers(registry_file: str | None) -> int:
     try:
         loaded = registry.load(registry_file)
-    except registry.RegistryError as exc:
+    except errors.RegistryError as exc:
         print(exc, file=sys.stderr)
         return 1
     for server_id, entry in loaded.servers.items():
@@ -195,7 +195,7 @@ def call_server(args: argparse.Namespace) -> int:
 def validate(path: str) -> int:
     try:
         loaded = registry.load(path)
-    except registry.RegistryError as exc:
+    except errors.RegistryError as exc:
         print(exc, file=sys.stderr)
         return 1
     print(f"{path}: valid ({len(loaded.servers)} servers: {', '.join(loaded.servers) or 'none'})")
@@ -207,7 +207,7 @@ def serve_forever(registry_file: str | None, bind: str | None, workers: int | No
         os.environ[registry.REGISTRY_ENV] = str(Path(registry_file).resolve())
     try:
         registry.load()
-    except registry.RegistryError as exc:
+    except errors.RegistryError as exc:
         print(exc, file=sys.stderr)
         return 1
     argv = [sys.executable, "-m", "gunicorn", "--config", str(CONF_DIR / "gunicorn.conf.py")]
@@ -238,7 +238,7 @@ def _catalog(registry_file: str | None) -> dict[str, templates.Template]:
 def list_templates(registry_file: str | None, as_json: bool) -> int:
     try:
         known = _catalog(registry_file)
-    except templates.TemplateError as exc:
+    except errors.TemplateError as exc:
         print(exc, file=sys.stderr)
         return 1
     described = [t.describe() for t in known.values()]

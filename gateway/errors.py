@@ -1,10 +1,15 @@
-"""The gateway's exceptions: one root, and every failure a client can see.
+"""The gateway's exceptions: every failure a client can see, under one root, and what stops a start or reload.
 
 Each class carries the HTTP status and JSON-RPC error code it maps to, and says
 whether the request that failed may be sent to another process or instance
 (`retry_safe`): True only when the request never reached an upstream. Upstream
 failures also name their `kind`, the label they are counted under in /metrics. The one
 error handler in views.py turns any of them into a JSON-RPC error response.
+
+ConfigurationError is the other root: a registry, template, secret or
+folder the gateway cannot use. It is raised while starting or reloading,
+never while answering a request: a start stops with its message, a reload is
+refused and the running registry goes on.
 """
 
 from __future__ import annotations
@@ -243,3 +248,34 @@ class UpstreamReadTimeout(UpstreamFailed):
 
     kind = "timeout"
     http_status = 504
+
+
+# --- what keeps the gateway from starting, or a reload from being applied ------------------
+
+
+class ConfigurationError(Exception):
+    """Root of the problems of what the gateway is configured with (never a request's answer)."""
+
+
+class RegistryError(ConfigurationError):
+    """The registry file cannot be used; `problems` lists each one."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+
+    def one_line(self) -> str:
+        return "; ".join(self.problems)
+
+
+class TemplateError(ConfigurationError):
+    """A template file is unusable; `problems` says why, each naming the file."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class UnsafePath(ConfigurationError):
+    """A folder or file the gateway will not trust; the message says which and why, and what to do."""

@@ -26,7 +26,7 @@ from typing import Any, NoReturn
 from . import configure_logging, rundir, sessions, supervisor
 from . import registry as registry_module
 from . import worker as gateway_worker
-from .private import UnsafePath
+from .errors import RegistryError, UnsafePath
 from .registry import GatewaySettings, Registry, ServerEntry
 
 log = logging.getLogger(__name__)
@@ -54,14 +54,14 @@ def load_settings() -> GatewaySettings:
         registry = registry_module.parse(text, source)
         # Made (if need be) and checked here, once, before the workers read it.
         sessions.load_secrets(registry.gateway.session_secret)
-    except (registry_module.RegistryError, UnsafePath) as error:
+    except (RegistryError, UnsafePath) as error:
         saved = None if first else rundir.saved_registry(source)
         if saved is None:  # nothing to fall back on: stop before any worker starts, with the reason
             if isinstance(error, UnsafePath):
                 _not_starting(str(error))
             sys.stderr.write(f"mcp-gateway: invalid registry, not starting:\n{error}\n")
             sys.exit(1)
-        problem = error.one_line() if isinstance(error, registry_module.RegistryError) else str(error)
+        problem = error.one_line() if isinstance(error, RegistryError) else str(error)
         log.error("registry %s not reloaded, the running one stays: %s", source, problem)
         return registry_module.parse(saved, source).gateway
     rundir.save_registry(source, text)

@@ -18,11 +18,9 @@ import secrets
 import stat
 from pathlib import Path
 
+from .errors import UnsafePath
+
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-class UnsafePath(Exception):
-    """A folder or file the gateway will not trust; the message says which and why, and what to do."""
 
 
 def _problem(path: Path, info: os.stat_result, kind: str, forbidden_bits: int) -> str | None:

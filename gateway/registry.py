@@ -25,6 +25,7 @@ import jsonschema
 import yaml
 
 from . import mcpservers, rebinding, templates
+from .errors import RegistryError, TemplateError
 from .hooks import load_hook
 from .sessions import split_secrets
 from .settings import COMMON, GATEWAY, HTTP, HTTP_INSTANCE, STDIO, TEMPLATE
@@ -37,18 +38,6 @@ REGISTRY_ENV = "MCP_GATEWAY_REGISTRY"
 RESERVED_IDS = frozenset({"healthz", "livez", "readyz", "status", "metrics", "static", "-"})
 
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-class RegistryError(Exception):
-    """The registry file cannot be used; `problems` lists each one."""
-
-    def __init__(self, source: str, problems: list[str]):
-        self.source = source
-        self.problems = problems
-        super().__init__("\n".join(f"{source}: {p}" for p in problems))
-
-    def one_line(self) -> str:
-        return "; ".join(self.problems)
 
 
 @dataclass(frozen=True)
@@ -271,7 +260,7 @@ def _template_problems(data: dict[str, Any], base: Path) -> list[str]:
         return []
     try:
         known = template_catalog(data, base)
-    except templates.TemplateError as exc:
+    except TemplateError as exc:
         return [f"gateway.template_dirs: {problem}" for problem in exc.problems]
     problems = []
     for server_id, entry in entries.items():

@@ -32,7 +32,8 @@ from typing import Any
 
 from . import private
 from . import registry as registry_module
-from .registry import Registry, RegistryError
+from .errors import RegistryError
+from .registry import Registry
 
 RUNTIME_ENV = "MCP_GATEWAY_RUNTIME_DIR"
 OWNED_ENV = "MCP_GATEWAY_RUNTIME_DIR_OWNED"  # set when the gateway made the directory, and removes it

@@ -22,6 +22,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from .errors import TemplateError
 from .settings import HTTP
 
 TEMPLATE_SUFFIXES = (".yaml", ".yml", ".json")
@@ -89,14 +90,6 @@ class Template:
                          "reaches_server_as": f"env {how['env']}" if "env" in how else f"arg {how.get('arg', '-')}"}
         return {"name": self.name, "description": self.description, "transports": sorted(self.run),
                 "default_transport": self.transport, "config": keys, "source": self.source}
-
-
-class TemplateError(Exception):
-    """A template file is unusable; `problems` says why, each naming the file."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("\n".join(problems))
 
 
 @cache

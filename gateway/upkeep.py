@@ -22,8 +22,8 @@ from typing import Any, Protocol
 
 from . import metrics, rundir
 from . import registry as registry_module
-from .private import UnsafePath
-from .registry import Registry, RegistryError
+from .errors import RegistryError, UnsafePath
+from .registry import Registry
 from .sessions import Revocations
 from .upstreams import Upstream
 

@@ -12,7 +12,7 @@ import requests
 
 from gateway import errors, registry
 from gateway.auth import Authenticator
-from gateway.registry import RegistryError
+from gateway.errors import RegistryError
 
 from .harness import TIME_SERVER, Gunicorn, write_registry
 

@@ -1,4 +1,4 @@
-"""No import cycles among the gateway's modules, late imports inside functions included.
+"""Structure: no import cycles among the gateway's modules (late imports inside functions included), one error tree.
 
 The graph is read from the source (ast), so an import a function makes only
 when called counts as much as one at the top; imports under TYPE_CHECKING
@@ -105,3 +105,21 @@ def test_every_gateway_module_imports() -> None:
     for name in MODULES:
         if name != "gateway.demo_server":  # needs the demo extra (the mcp SDK), which tests have anyway
             importlib.import_module(name)
+
+
+def test_every_exception_class_is_in_the_one_error_tree() -> None:
+    """Exceptions are declared in errors.py only, each under GatewayError or ConfigurationError."""
+    from gateway import errors
+
+    elsewhere = {
+        f"{name}.{node.name}"
+        for name, path in MODULES.items() if name != "gateway.errors"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ClassDef) and any("Error" in ast.unparse(base) or "Exception" in ast.unparse(base)
+                                                  for base in node.bases)
+    }
+    assert elsewhere == set()
+    declared = [value for value in vars(errors).values() if isinstance(value, type) and issubclass(value, Exception)
+                and value.__module__ == "gateway.errors"]
+    assert len(declared) > 25
+    assert all(issubclass(cls, (errors.GatewayError, errors.ConfigurationError)) for cls in declared)

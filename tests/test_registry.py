@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gateway import registry
-from gateway.registry import RegistryError
+from gateway.errors import RegistryError
 
 from .harness import ROOT, write_registry
 

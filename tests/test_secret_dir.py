@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from gateway import rundir, sessions
-from gateway.private import UnsafePath
+from gateway.errors import UnsafePath
 
 from .harness import TIME_SERVER, Gunicorn, wait_for, write_registry
 

@@ -180,7 +180,7 @@ def test_the_registry_accepts_a_list_of_secrets(tmp_path: Path) -> None:
     loaded = registry.load(write_registry(tmp_path, servers, {"session_secret": ["n" * 16, "o" * 16]}))
     assert sessions.load_secrets(loaded.gateway.session_secret) == [b"n" * 16, b"o" * 16]
     for bad, problem in (([], "should be non-empty"), (["short"], "is too short"), ("n" * 16 + ",short", "at least 16")):
-        with pytest.raises(registry.RegistryError, match=problem):
+        with pytest.raises(errors.RegistryError, match=problem):
             registry.load(write_registry(tmp_path, servers, {"session_secret": bad}))
 
 

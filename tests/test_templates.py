@@ -19,7 +19,7 @@ import yaml
 from mcp import Client
 
 from gateway import registry, templates
-from gateway.registry import RegistryError
+from gateway.errors import RegistryError
 
 from .harness import (
     ROOT,
