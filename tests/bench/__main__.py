@@ -7,7 +7,8 @@ Settings come from the environment (defaults in brackets):
   BENCH_RSS_REQUESTS [100000]  requests of the memory loop, BENCH_RSS_SECONDS [300] its time bound
   BENCH_SCALING_WORKERS [1,2,4], BENCH_SCALING_POOLS [1,2,4]   the scaling grid
   BENCH_PEERS [mcp-proxy,supergateway]   peers to run (empty: none)
-  BENCH_ONLY [direct,stdio,peers,http,floor,sdk,rss,scaling]   sections to run
+  BENCH_ONLY [direct,stdio,peers,http,floor,sdk,rss,scaling,streams]   sections to run
+  BENCH_IDLE_STREAMS [1000]   idle GET streams the streams section holds beside its load
   BENCH_MAX_REQUESTS [1000000]  count bound of every measured run
   BENCH_WRK_THREADS [1]  wrk threads             BENCH_OUT [.bench]  where results.json and table.md go
   BENCH_REPEAT [1]       runs per row; the row shows the run with the median req/s (others in its JSON)
@@ -17,6 +18,7 @@ Exit status: 0 when the run completed and left no process behind (goals are repo
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -33,7 +35,7 @@ import requests
 
 from gateway.protocol import LATEST_LEGACY
 
-from . import direct, load, procs, report, servers
+from . import direct, idle, load, procs, report, servers
 from .load import Row
 
 
@@ -53,6 +55,7 @@ class Settings:
     max_requests: int = int(os.environ.get("BENCH_MAX_REQUESTS", "1000000"))
     wrk_threads: int = int(os.environ.get("BENCH_WRK_THREADS", "1"))
     repeat: int = max(1, int(os.environ.get("BENCH_REPEAT", "1")))
+    idle_streams: int = int(os.environ.get("BENCH_IDLE_STREAMS", "1000"))
     out: Path = Path(os.environ.get("BENCH_OUT", str(servers.BENCH_DIR)))
 
     @property
@@ -69,7 +72,7 @@ class Settings:
 
     @property
     def sections(self) -> set[str]:
-        return set(_env_list("BENCH_ONLY", "direct,stdio,peers,http,floor,sdk,rss,scaling"))
+        return set(_env_list("BENCH_ONLY", "direct,stdio,peers,http,floor,sdk,rss,scaling,streams"))
 
     def summary(self) -> dict[str, Any]:
         return {"seconds": self.seconds, "warmup": self.warmup, "workers": self.workers, "threads": self.threads,
@@ -295,6 +298,45 @@ class Bench:
         }
         print("  " + report._memory_lines({"rss_loop": self.memory["rss_loop"]})[0], flush=True)
 
+    def streams(self) -> None:
+        """Issue 15: a c=8 stdio load with and without many idle GET streams held through the same gateway."""
+        s = self.settings
+        upstream = idle.IdleUpstream()
+        gateway = servers.Gateway(self.folder, "gunicorn-streams", {
+            "time": servers.stdio_time_server(s.pool), "idle": servers.http_server(upstream.url),
+        }, s.workers, s.threads)
+        loop = asyncio.new_event_loop()  # the held streams live as long as this loop
+        held = idle.Held()
+        try:
+            gateway.wait_ready(pooled=s.workers * s.pool)
+            url = f"{gateway.url}/time/mcp"
+            self.warm(url, TIME_CALL, {})
+            alone = self.wrk_row("streams", "gateway stdio tools/call, no idle streams", url, TIME_CALL, {}, 8)
+            before = gateway.memory()
+            held = loop.run_until_complete(idle.hold(f"{gateway.url}/idle/mcp", s.idle_streams))
+            after = gateway.memory()
+            opened = len(held.streams)
+            note = f"{opened} of {s.idle_streams} idle GET streams held"
+            if held.failed:
+                note += f"; {held.failed} could not be opened (first: {held.first_failure})"
+            beside = self.wrk_row("streams", f"gateway stdio tools/call, beside {s.idle_streams} idle GET streams", url,
+                                  TIME_CALL, {}, 8, note=note)
+            released = loop.run_until_complete(idle.release_times(held, upstream, min(20, opened)))
+            self.memory["idle_streams"] = {
+                "wanted": s.idle_streams, "held": opened, "failed": held.failed, "open_seconds": round(held.seconds, 1),
+                "rss_growth_kb_per_stream": round((after["gateway_rss_mb"] - before["gateway_rss_mb"]) * 1024 / opened, 1)
+                if opened else None,
+                "throughput_ratio": round(beside.rps / alone.rps, 3) if alone.rps else None,
+                "p99_ratio": round(beside.p99_ms / alone.p99_ms, 2) if alone.p99_ms and beside.requests else None,
+                "release": idle.summary(released),
+            }
+            print("  " + report._memory_lines({"idle_streams": self.memory["idle_streams"]})[0], flush=True)
+        finally:
+            idle.close_all(held)
+            loop.close()
+            self.stop_gateway(gateway)
+            upstream.stop()
+
     def scaling_grid(self, everything: servers.Everything) -> None:
         s = self.settings
         for workers in s.scaling_workers:
@@ -369,6 +411,8 @@ class Bench:
             self.section("http", self.sdk)
         if "scaling" in sections:
             self.section("scaling stdio", lambda: self.scaling_grid(everything))
+        if "streams" in sections:
+            self.section("streams", self.streams)
         everything.child.stop()
 
 

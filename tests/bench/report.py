@@ -180,6 +180,16 @@ def _memory_lines(memory: dict[str, Any]) -> list[str]:
                      f"{loop['before_mb']} -> {loop['after_mb']} MB (+{loop['growth_mb']} MB), "
                      f"pooled processes {loop['pooled_before_mb']} -> {loop['pooled_after_mb']} MB, "
                      f"failures {loop['failures']}")
+    streams = memory.get("idle_streams")
+    if streams:
+        release = streams["release"]
+        lines.append(
+            f"idle GET streams: {streams['held']} of {streams['wanted']} held ({streams['failed']} failed) in "
+            f"{streams['open_seconds']} s; c=8 load beside them: throughput x{streams['throughput_ratio']}, "
+            f"p99 x{streams['p99_ratio']} of the load alone; worker RSS {streams['rss_growth_kb_per_stream']} KB per "
+            f"stream; client disconnect to upstream release: {release['released']} of {release['closed']} closed "
+            f"streams released within {release['within_s']:g} s"
+            + (f" (median {release['median_ms']} ms, max {release['max_ms']} ms)" if release["released"] else ""))
     return lines
 
 
