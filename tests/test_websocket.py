@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import h11
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -175,6 +176,39 @@ def test_garbage_instead_of_a_handshake_is_a_400() -> None:
     outcome = server.receive(b"\x16\x03\x01 not http at all\r\n\r\n", clock())
     assert outcome.to_send.startswith(b"HTTP/1.1 400 ")
     assert outcome.closed
+
+
+def parsed_head(data: bytes) -> tuple[str, str, list[tuple[bytes, bytes]]]:
+    """What the worker has of an upgrade request once gunicorn has read its head."""
+    server = h11.Connection(h11.SERVER)
+    server.receive_data(data)
+    event = server.next_event()
+    assert isinstance(event, h11.Request)
+    return event.method.decode(), event.target.decode(), list(event.headers)
+
+
+def test_upgrade_of_a_request_head_read_elsewhere() -> None:
+    """The worker's way in: the head is parsed already; frames that came behind it are passed along."""
+    clock = Clock()
+    server = connection(clock)
+    ws = WSConnection(ConnectionType.CLIENT)
+    method, path, headers = parsed_head(ws.send(Request(host="localhost", target="/time/ws", subprotocols=["mcp"])))
+    frame = Connection(ConnectionType.CLIENT).send(TextMessage(data=request(9)))
+    outcome = server.upgrade(method, path, headers, clock(), trailing=frame)
+    ws.receive_data(outcome.to_send)
+    assert isinstance(next(ws.events()), AcceptConnection)
+    assert outcome.accepted == ws_handshake.Accepted("time", None, "mcp")
+    assert [m["id"] for m in outcome.messages] == [9]
+
+
+def test_upgrade_of_a_request_head_read_elsewhere_refused() -> None:
+    clock = Clock()
+    server = connection(clock)
+    ws = WSConnection(ConnectionType.CLIENT)
+    method, path, headers = parsed_head(ws.send(Request(host="localhost", target="/time/ws", subprotocols=["x"])))
+    outcome = server.upgrade(method, path, headers, clock())
+    assert outcome.closed and outcome.to_send.startswith(b"HTTP/1.1 400 ")
+    assert server.closed
 
 
 # --- the handshake checks, over a fake request ------------------------------------------
@@ -580,6 +614,26 @@ def test_handshake_era_client_initializes_the_connection_as_its_session() -> Non
     assert session.protocol_version == "2025-06-18"
     context = session.context(json.loads(request(1)))
     assert context == protocol.ClientContext(protocol.LEGACY, "2025-06-18")
+
+
+def test_initialize_over_the_socket_then_requests_of_that_version() -> None:
+    """What the event loop will do: answer initialize from the connection's session, then serve in its era."""
+    clock = Clock()
+    client = open_client(clock)
+    client.send(TextMessage(data=json.dumps({"jsonrpc": "2.0", "id": 0, "method": "initialize",
+                                             "params": {"protocolVersion": "2025-03-26", "capabilities": {}}})))
+    [init] = client.messages
+    session = client.server.session
+    assert session is not None and session.is_initialize(init)
+    [answer] = texts(client.answer(client.server.send_message(session.initialize(init, HELLO))))
+    assert answer["id"] == 0 and answer["result"]["protocolVersion"] == "2025-03-26"
+    assert answer["result"]["serverInfo"] == {"name": "time", "version": "1"}
+    assert client.server.in_flight == set()
+    client.send(TextMessage(data=request(1)))
+    assert session.context(client.messages[-1]) == protocol.ClientContext(protocol.LEGACY, "2025-03-26")
+    # A 2026-07-28 request on the same connection speaks for itself.
+    client.send(TextMessage(data=json.dumps(modern(2))))
+    assert session.context(client.messages[-1]).era == protocol.MODERN
 
 
 def test_initialize_asking_for_an_unknown_version_gets_the_latest_legacy() -> None:
