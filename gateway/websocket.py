@@ -209,8 +209,15 @@ class WebSocketConnection:
         return math.inf
 
     def send_message(self, message: dict[str, Any]) -> bytes:
-        """One JSON-RPC message to the client as a text frame (b"" once the connection is closing)."""
+        """One JSON-RPC message to the client as a text frame (b"" once the connection is closing).
+
+        An answer to a request not in flight is dropped (b""): the client
+        cancelled it, and MCP has no answer follow a cancellation, as the
+        HTTP path drops a late answer to a cancelled id.
+        """
         if "method" not in message:
+            if message.get("id") not in self.in_flight:
+                return b""
             self.in_flight.discard(message.get("id"))  # answered
         return self._text_frame(message)
 
@@ -230,8 +237,9 @@ class WebSocketConnection:
         try:
             self._http.receive_data(data)
             event = self._http.next_event()
-        except h11.RemoteProtocolError as exc:
-            self._refuse(Refused.of(errors.ClientError(f"not a valid WebSocket upgrade request: {exc}")), outcome)
+        except h11.RemoteProtocolError as exc:  # 400, or 431 for a head over MAX_HANDSHAKE_BYTES
+            self._refuse(Refused.of(errors.ClientError(f"not a valid WebSocket upgrade request: {exc}"),
+                                    exc.error_status_hint), outcome)
             return
         if not isinstance(event, h11.Request):
             return  # h11.NEED_DATA: the head is not complete yet
@@ -325,6 +333,10 @@ class WebSocketConnection:
                         f"server '{server_id}': request id {quoted(rpc_id)} is already in flight on this connection; "
                         "use a new id for each request", rpc_id=rpc_id)
                 self.in_flight.add(rpc_id)
+            elif message.get("method") == "notifications/cancelled":
+                # The id is free again; the notification still goes on, so the request is cancelled upstream.
+                params = message.get("params") or {}
+                self.in_flight.discard(params.get("requestId") if isinstance(params.get("requestId"), (str, int)) else None)
         except errors.GatewayError as exc:
             outcome.to_send += self._text_frame(jsonrpc.error(exc.rpc_id, exc.code, exc.message, exc.data))
             return

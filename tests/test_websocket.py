@@ -211,6 +211,14 @@ def test_upgrade_of_a_request_head_read_elsewhere_refused() -> None:
     assert server.closed
 
 
+def test_oversized_handshake_is_a_431() -> None:
+    clock = Clock()
+    server = connection(clock)
+    outcome = server.receive(b"GET /time/ws HTTP/1.1\r\nX-Big: " + b"a" * (websocket.MAX_HANDSHAKE_BYTES + 1), clock())
+    assert outcome.to_send.startswith(b"HTTP/1.1 431 ")
+    assert outcome.closed
+
+
 # --- the handshake checks, over a fake request ------------------------------------------
 
 
@@ -350,6 +358,20 @@ def test_a_second_request_with_an_id_in_flight_is_refused() -> None:
     assert answer[0]["id"] == "a" and answer[0]["error"]["code"] == errors.INVALID_REQUEST
     assert "in flight" in answer[0]["error"]["message"]
     assert len(client.messages) == 1
+
+
+def test_a_cancelled_request_frees_its_id_and_its_late_answer_is_dropped() -> None:
+    clock = Clock()
+    client = open_client(clock)
+    client.send(TextMessage(data=request(4, "tools/call", name="slow")))
+    cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 4}}
+    client.send(TextMessage(data=json.dumps(cancel)))
+    assert client.messages[-1] == cancel  # passed on, so the call is cancelled upstream
+    assert client.server.in_flight == set()
+    assert client.server.send_message({"jsonrpc": "2.0", "id": 4, "result": {}}) == b""
+    # The id may be used again.
+    client.send(TextMessage(data=request(4)))
+    assert client.server.in_flight == {4}
 
 
 def test_notifications_and_client_responses_are_passed_on() -> None:
@@ -594,7 +616,7 @@ def test_random_bytes_instead_of_a_handshake_never_raise(data: bytes) -> None:
     outcome = server.receive(data, clock())
     assert outcome.accepted is None
     if outcome.to_send:
-        assert outcome.to_send.startswith(b"HTTP/1.1 4")
+        assert outcome.to_send.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 431 "))
         assert outcome.closed
 
 
