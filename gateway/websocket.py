@@ -164,7 +164,13 @@ class WebSocketConnection:
 
     def upgrade(self, method: str, path: str, headers: list[tuple[bytes, bytes]], now: float,
                 trailing: bytes = b"") -> Outcome:
-        """A request head already read elsewhere (by the worker): checked, then answered 101 or refused."""
+        """A request head already read elsewhere (by the worker): checked, then answered 101 or refused.
+
+        Called once, on a new connection, instead of passing the head to
+        `receive`; `trailing` is what the client sent behind the head.
+        """
+        if self.state is not State.HANDSHAKE:
+            raise RuntimeError("upgrade() is for a connection that has not had its upgrade request yet")
         self._now = self._last_received = now
         outcome = Outcome()
         try:
