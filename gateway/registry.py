@@ -129,6 +129,9 @@ class GatewaySettings:
     header_timeout: float = GATEWAY.default("header_timeout")
     body_timeout: float = GATEWAY.default("body_timeout")
     send_timeout: float = GATEWAY.default("send_timeout")
+    # WebSocket keep-alive (gateway/websocket.py).
+    ws_ping_interval: float = GATEWAY.default("ws_ping_interval")
+    ws_dead_peer_timeout: float = GATEWAY.default("ws_dead_peer_timeout")
 
 
 @dataclass(frozen=True)

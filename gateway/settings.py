@@ -214,6 +214,9 @@ GATEWAY = Section("gateway", "The gateway (`gateway:`)", (
             "seconds a client may take to send a request's headers (from its first byte, or the connection)"),
     Setting("body_timeout", SECONDS, 30.0, "seconds a client may take to send a request's body, after its headers"),
     Setting("send_timeout", SECONDS, 30.0, "seconds each write of an answer may wait for the client to read"),
+    Setting("ws_ping_interval", SECONDS, 20.0, "seconds a WebSocket connection may be quiet before the gateway pings it"),
+    Setting("ws_dead_peer_timeout", SECONDS, 60.0,
+            "seconds without a byte from a WebSocket client (pongs included) before its connection is closed"),
 ))
 
 SERVER_SECTIONS: Final = (HTTP, STDIO, TEMPLATE)
