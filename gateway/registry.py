@@ -129,6 +129,9 @@ class GatewaySettings:
     header_timeout: float = GATEWAY.default("header_timeout")
     body_timeout: float = GATEWAY.default("body_timeout")
     send_timeout: float = GATEWAY.default("send_timeout")
+    stream_buffer_bytes: int = GATEWAY.default("stream_buffer_bytes")
+    sse_keepalive_interval: float = GATEWAY.default("sse_keepalive_interval")
+    max_streams: int = GATEWAY.default("max_streams")
 
 
 @dataclass(frozen=True)

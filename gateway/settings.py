@@ -214,6 +214,12 @@ GATEWAY = Section("gateway", "The gateway (`gateway:`)", (
             "seconds a client may take to send a request's headers (from its first byte, or the connection)"),
     Setting("body_timeout", SECONDS, 30.0, "seconds a client may take to send a request's body, after its headers"),
     Setting("send_timeout", SECONDS, 30.0, "seconds each write of an answer may wait for the client to read"),
+    Setting("stream_buffer_bytes", integer(4096), MIB,
+            "most bytes of a long-lived stream a client may leave unread; past it the stream is ended and logged"),
+    Setting("sse_keepalive_interval", {"type": "number", "minimum": 0}, 15.0,
+            "seconds a stream may stay silent before the gateway sends an SSE comment (0: never)"),
+    Setting("max_streams", integer(1), 2000,
+            "most long-lived streams one worker holds; past it a new stream gets 503 with Retry-After"),
 ))
 
 SERVER_SECTIONS: Final = (HTTP, STDIO, TEMPLATE)
