@@ -29,8 +29,6 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from . import metrics
-
 log = logging.getLogger(__name__)
 
 READ_SIZE = 65536
@@ -436,6 +434,10 @@ class Relay:
         self.buffer_bytes = 1 << 20
         self.send_timeout = 30.0
         self.keepalive_interval = 15.0
+        # Imported here, in the worker: gunicorn imports this module (through worker.py) in the master,
+        # before the runtime directory tells prometheus_client where its multiprocess files go.
+        from . import metrics
+        self._metrics = metrics
 
     def start(self, conn: Any, body: RelayBody, handoff: Handoff, chunked: bool, keep_alive: bool) -> None:
         settings = self._settings()
@@ -445,7 +447,7 @@ class Relay:
         now = time.monotonic()
         stream = Stream(self, conn, body, handoff, chunked, keep_alive and self.alive, now, now)
         self.streams.add(stream)
-        metrics.STREAMS_STARTED.inc()
+        self._metrics.STREAMS_STARTED.inc()
         conn.sock.setblocking(False)
         handoff.sock.setblocking(False)
         try:
@@ -464,7 +466,7 @@ class Relay:
         self.streams.discard(stream)
         with suppress(KeyError, ValueError, OSError):
             self.poller.unregister(stream.client)
-        metrics.STREAMS_ENDED.labels(reason).inc()
+        self._metrics.STREAMS_ENDED.labels(reason).inc()
         try:
             stream.body.close()  # the exchange: lease, access line, metrics
         except Exception:

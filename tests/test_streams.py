@@ -253,6 +253,8 @@ def test_a_client_leaving_its_stream_closes_the_upstream_connection(gunicorn: An
     wait_for(lambda: in_flight(gateway) == 0, 10, "in_flight back to 0")
     wait_for(lambda: "request_id=leaving-stream-1" in gateway.log(), 10, "the stream's access line")
     wait_for(lambda: open_streams(gateway) == 0, 10, "no stream in /status")
+    page = requests.get(f"{gateway.url}/metrics", timeout=5).text
+    assert 'mcp_gateway_streams_ended_total{reason="client_gone"} 1.0' in page
 
 
 def test_a_client_that_does_not_read_is_cut_and_the_upstream_is_not_held(gunicorn: Any, upstream: Any) -> None:
