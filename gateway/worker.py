@@ -357,7 +357,9 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
     def _may_linger(self, conn: Any) -> bool:
         # Read from a pool thread: nr_conns and alive are plain values the loop
         # thread writes, and a stale read costs one linger more or less.
-        return bool(self.alive and not conn.is_http2 and self.nr_conns <= self.cfg.threads)
+        # Relayed streams hold connections but no thread: they do not count here.
+        streams_held = len(self.relay.streams) if self.relay is not None else 0
+        return bool(self.alive and not conn.is_http2 and self.nr_conns - streams_held <= self.cfg.threads)
 
     def accept(self, listener: Any) -> None:
         slot = self.balance_slot

@@ -31,6 +31,7 @@ from .harness import (
     write_registry,
 )
 
+MODERN_META = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}
 SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n")
 
@@ -257,6 +258,23 @@ def test_a_client_leaving_its_stream_closes_the_upstream_connection(gunicorn: An
     assert 'mcp_gateway_streams_ended_total{reason="client_gone"} 1.0' in page
 
 
+def test_a_client_leaving_mid_sse_answer_releases_the_instance(gunicorn: Any, tmp_path: Path) -> None:
+    sdk = McpHttpServer(tmp_path, kind="sdk")
+    try:
+        gateway = gunicorn({"raw": {"type": "http", "instances": [{"endpoint": sdk.url}]}}, workers=2, threads=4)
+        body = rpc("tools/call", {"name": "sleep", "arguments": {"seconds": 60}, "_meta": MODERN_META}, 7)
+        headers = {**ACCEPT_BOTH, "MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call", "Mcp-Name": "sleep",
+                   "X-Request-Id": "leaving-answer-1"}
+        with requests.post(f"{gateway.url}/raw/mcp", json=body, headers=headers, stream=True, timeout=30) as answer:
+            assert answer.headers["Content-Type"].startswith("text/event-stream"), answer.text
+            wait_for(lambda: in_flight(gateway) == 1, 10, "the call in flight")
+        # The instance says nothing for a minute: only watching the client notices it left.
+        wait_for(lambda: in_flight(gateway) == 0, 10, "in_flight back to 0")
+        wait_for(lambda: "request_id=leaving-answer-1" in gateway.log(), 10, "the answer's access line")
+    finally:
+        sdk.stop()
+
+
 def test_a_client_that_does_not_read_is_cut_and_the_upstream_is_not_held(gunicorn: Any, upstream: Any) -> None:
     event = b"data: " + b"x" * 65536 + b"\n\n"
 
@@ -295,6 +313,9 @@ def test_idle_streams_get_keepalive_comments_between_events_only(gunicorn: Any, 
     gateway = gunicorn(raw_server(raw), {"sse_keepalive_interval": 1}, workers=2, threads=4)
     with closing(open_stream(gateway)) as sock:
         body, ended = dechunk(read_to_end(sock, 30))
+        # A stream that ended cleanly leaves its connection to keep-alive: it serves the next request.
+        sock.sendall(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{gateway.port}\r\n\r\n".encode())
+        assert read_until(sock, b"\r\n\r\n").startswith(b"HTTP/1.1 200")
     assert ended, body
     blocks = [block for block in body.split(b"\n\n") if block]
     assert b": keep-alive" in blocks

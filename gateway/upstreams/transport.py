@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass
-from functools import partial
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -353,7 +352,8 @@ class UpstreamStream:
         self._response = response
         self._guard = guard
         self._chunks: Generator[bytes, None, None] | None = None
-        self._taken = False
+        self._taken = False  # iterated or handed over
+        self._released = False
 
     def __iter__(self) -> Iterator[bytes]:
         return self
@@ -368,10 +368,15 @@ class UpstreamStream:
 
     def close(self) -> None:
         if self._chunks is not None:
-            self._chunks.close()
-        elif not self._taken:
+            self._chunks.close()  # its own finally lets the instance go
+        else:
             self._taken = True
-            self._transport.released(self._instance, self._response, None)
+            self._release(None)  # never read, or handed over and not let go by the relay
+
+    def _release(self, problem: str | None) -> None:
+        if not self._released:
+            self._released = True
+            self._transport.released(self._instance, self._response, problem)
 
     def hand_over(self) -> Handoff | None:
         """The socket, what urllib3 has buffered of the body and its framing; None when that cannot be (TLS, read already)."""
@@ -391,7 +396,7 @@ class UpstreamStream:
             buffered = b""
         framing: Framing = (Chunked() if message.chunked else Length(message.length) if message.length is not None
                             else UntilClose())
-        return Handoff(sock, buffered or b"", framing, partial(self._transport.released, self._instance, self._response))
+        return Handoff(sock, buffered or b"", framing, self._release)
 
 
 def _finish_briefly(raw: urllib3.BaseHTTPResponse, chunks: Iterator[bytes], guard: Translating) -> None:
