@@ -322,8 +322,7 @@ class Stream:
         if events:
             self.last_event = time.monotonic()
             transform = self.body.transform
-            for event in events:
-                self.send(transform(event) if transform is not None else event)
+            self.send(b"".join(transform(event) for event in events) if transform is not None else b"".join(events))
             if self.over:
                 return
         if len(self.events.pending) > self.relay.buffer_bytes:

@@ -369,3 +369,32 @@ def test_hup_ends_streams_cleanly_after_the_graceful_timeout(upstream: Any, tmp_
         read_until(again, b"hello")
         again.close()
         wait_for(lambda: len(raw.closed) == 4, 10, "every upstream connection closed")
+
+
+# --- the relay's decoders, alone ------------------------------------------------------------
+
+
+def test_chunked_framing_is_decoded_however_it_is_cut() -> None:
+    from gateway.streams import Chunked
+
+    wire = b"5;ext=1\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nTrailer: x\r\n\r\n"
+    for size in (1, 2, 3, 7, len(wire)):
+        framing, payload, done = Chunked(), b"", False
+        for start in range(0, len(wire), size):
+            piece, done = framing.feed(wire[start:start + size])
+            payload += piece
+        assert (payload, done) == (b"hello world", True)
+    with pytest.raises(ValueError, match="chunk size"):
+        Chunked().feed(b"zz\r\n")
+    with pytest.raises(ValueError, match="CRLF"):
+        Chunked().feed(b"1\r\nab\r\n")
+
+
+def test_sse_events_are_cut_whole_with_crlf_split_across_reads() -> None:
+    from gateway.streams import Events
+
+    events = Events()
+    assert events.feed(b"data: 1\r") == []
+    assert events.feed(b"\n\r") == []
+    assert events.feed(b"\ndata: 2\n\ndata: 3") == [b"data: 1\n\n", b"data: 2\n\n"]
+    assert bytes(events.pending) == b"data: 3"
