@@ -218,6 +218,8 @@ def test_twenty_sessions_holding_get_streams_leave_the_threads_free(gunicorn: An
                                  headers=headers, timeout=10)
             assert echo.status_code == 200 and "Echo: hi" in echo.text, echo.text
             wait_for(lambda: open_streams(gateway) == 20, 10, "20 relayed streams")
+            wait_for(lambda: "mcp_gateway_streams_open 20.0" in requests.get(f"{gateway.url}/metrics", timeout=5).text,
+                     10, "the gauge")
         finally:
             for stream in held:
                 stream.close()
@@ -247,8 +249,6 @@ def test_a_client_leaving_its_stream_closes_the_upstream_connection(gunicorn: An
     sock = open_stream(gateway, request_id="leaving-stream-1")
     read_until(sock, b'{"hello": 0}')
     wait_for(lambda: in_flight(gateway) == 1, 10, "the stream counted in flight")
-    wait_for(lambda: open_streams(gateway) == 1, 10, "the stream in /status")
-    assert "mcp_gateway_streams_open 1.0" in requests.get(f"{gateway.url}/metrics", timeout=5).text
     sock.close()  # the upstream stays silent: only watching the client notices this
     wait_for(lambda: raw.closed == [0], 10, "the upstream connection closed")
     wait_for(lambda: in_flight(gateway) == 0, 10, "in_flight back to 0")
