@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from flask import Response
 
-from . import errors, jsonrpc, protocol, sse
+from . import errors, jsonrpc, metrics, protocol, sse, streams
 from .exchange import Exchange
 from .jsonrpc import Reply
 from .protocol import ClientContext
@@ -85,6 +86,10 @@ def _pass_through(served: Served, plan: PassThrough) -> Response:
     if retry is not None:  # an MRTR retry goes to the instance that asked, with its own requestState back
         message, instance = retry
         body = jsonrpc.encode(message)
+    if exchange.method == "GET" and streams.CLAIMS.full(served.gateway.registry.gateway.max_streams):
+        # A GET is a stream: refused before the instance opens one.
+        metrics.STREAMS_ENDED.labels("refused").inc()
+        raise _too_many_streams(served.gateway.registry.gateway.max_streams)
     try:
         answer = upstream.forward(ProxyRequest(
             method=exchange.method, path=f"/{served.path}" if served.path else "", query=served.query,
@@ -109,12 +114,16 @@ def _passed_back(served: Served, answer: ProxyResponse, message: dict[str, Any] 
     headers = exchange.headers
     server_id = served.upstream.server_id
     exchange.upstream = answer.instance
-    if message is not None and jsonrpc.is_request(message) and headers.get("MCP-Protocol-Version") in protocol.MODERN_VERSIONS:
-        # Its answer may ask for input: the requestState must lead the retry back here.
-        answer.body = gateway.states.wrap_answer(answer.body, answer.instance, server_id, exchange.principal)
-    response = Response(answer.body, status=answer.status, headers=answer.headers)
-    if answer.streaming:
-        response.headers["X-Accel-Buffering"] = "no"
+    wraps = (message is not None and jsonrpc.is_request(message)
+             and headers.get("MCP-Protocol-Version") in protocol.MODERN_VERSIONS)
+    body = answer.body
+    if isinstance(body, bytes):
+        if wraps:
+            # Its answer may ask for input: the requestState must lead the retry back here.
+            body = gateway.states.wrap_message(body, answer.instance, server_id, exchange.principal)
+        response = Response(body, status=answer.status, headers=answer.headers)
+    else:
+        response = _relayable(served, answer, wraps)
     if answer.upstream_session and (session is None or answer.upstream_session != session.upstream_session):
         params = (message or {}).get("params") or {}
         version = params.get("protocolVersion") or (session.protocol_version if session else protocol.DEFAULT_LEGACY)
@@ -125,6 +134,48 @@ def _passed_back(served: Served, answer: ProxyResponse, message: dict[str, Any] 
     elif session is not None:
         response.headers[SESSION_HEADER] = headers[SESSION_HEADER]
     return response
+
+
+def _relayable(served: Served, answer: ProxyResponse, wraps: bool) -> Response:
+    """A streaming answer as a body the worker's relay can take over (streams.py), counted against max_streams."""
+    gateway, exchange = served.gateway, served.exchange
+    source = answer.body
+    assert not isinstance(source, bytes)  # _passed_back's test
+    limit = gateway.registry.gateway.max_streams
+    if not streams.CLAIMS.take(limit):
+        source.close()  # the instance's answer is dropped: its connection closed, its count down
+        metrics.STREAMS_ENDED.labels("refused").inc()
+        raise _too_many_streams(limit)
+    transform: Callable[[bytes], bytes] | None = None
+    fallback: Iterator[bytes] = source
+    if wraps:
+        # Its events may ask for input: each requestState must lead the retry back here.
+        states, server_id = gateway.states, served.upstream.server_id
+        transform = partial(states.wrap_event, answer.instance, server_id, exchange.principal)
+        fallback = states.wrap_stream(source, answer.instance, server_id, exchange.principal)
+    body = streams.RelayBody(source, fallback, transform)
+    body.what = f"{exchange.method} {exchange.path}"
+    body.on_relay = partial(_thread_given_back, exchange)
+    response = Response(body, status=answer.status, headers=answer.headers, direct_passthrough=True)
+    body.on_close = response.close  # the body is passed through as it is, so it closes the response
+    response.headers["X-Accel-Buffering"] = "no"
+    return response
+
+
+def _thread_given_back(exchange: Exchange) -> None:
+    """A relayed stream holds no thread: its bulkhead slot (a share of the worker's threads) is free at once.
+
+    So a reload does not wait for relayed streams on a replaced upstream:
+    they go on on their own socket until they end or the worker stops.
+    """
+    release, exchange.release = exchange.release, None
+    if release is not None:
+        release()
+
+
+def _too_many_streams(limit: int) -> errors.Overloaded:
+    return errors.Overloaded(f"this gateway worker holds its most long-lived streams ({limit}, gateway.max_streams); "
+                             "try again shortly", retry_after=1)
 
 
 # --- bridge: the gateway ends MCP HTTP ---------------------------------------------

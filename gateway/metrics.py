@@ -67,6 +67,11 @@ NOTIFICATIONS_DROPPED = Counter(
     "Notifications of pooled stdio processes not delivered: not tied to the request being served (see scope.py).",
     ["server", "reason"],
 )
+STREAMS_STARTED = Counter("mcp_gateway_streams_started_total", "Pass-through streams handed to a worker's relay.")
+STREAMS_ENDED = Counter(
+    "mcp_gateway_streams_ended_total", "Relayed streams ended, by why: ended, client_gone, slow_client, "
+    "upstream_broken, shutdown, error, refused (past max_streams).", ["reason"],
+)
 RELOADS = Counter(
     "mcp_gateway_registry_reloads_total", "Registry changes seen by a worker, applied or rejected.", ["outcome"],
 )
@@ -123,6 +128,8 @@ class StatusGauges:
     def collect(self) -> Iterator[Metric]:
         workers = GaugeMetricFamily("mcp_gateway_workers", "gunicorn workers serving this gateway.")
         workers.add_metric([], len(self.status["workers"]))
+        streams = GaugeMetricFamily("mcp_gateway_streams_open", "Pass-through streams open, over all workers.")
+        streams.add_metric([], sum(worker.get("streams", 0) for worker in self.status["workers"]))
         up = GaugeMetricFamily("mcp_gateway_server_up", "1 when the server can serve (in every worker).", labels=["server"])
         processes = GaugeMetricFamily(
             "mcp_gateway_pool_processes", "stdio processes, by state, over all workers.", labels=["server", "state"],
@@ -153,7 +160,7 @@ class StatusGauges:
                 routable = instance["healthy"] and not instance["ejected"]
                 instance_up.add_metric([server_id, instance["endpoint"]], 1.0 if routable else 0.0)
                 in_flight.add_metric([server_id, instance["endpoint"]], instance["in_flight"])
-        yield from (workers, up, processes, limit, waiting, instance_up, in_flight)
+        yield from (workers, streams, up, processes, limit, waiting, instance_up, in_flight)
 
 
 def render(gateway_status: Mapping[str, Any]) -> Response:

@@ -132,6 +132,9 @@ class GatewaySettings:
     # WebSocket keep-alive (gateway/websocket.py).
     ws_ping_interval: float = GATEWAY.default("ws_ping_interval")
     ws_dead_peer_timeout: float = GATEWAY.default("ws_dead_peer_timeout")
+    stream_buffer_bytes: int = GATEWAY.default("stream_buffer_bytes")
+    sse_keepalive_interval: float = GATEWAY.default("sse_keepalive_interval")
+    max_streams: int = GATEWAY.default("max_streams")
 
 
 @dataclass(frozen=True)

@@ -74,8 +74,8 @@ class RequestStates:
 
     # --- answers ------------------------------------------------------------------
 
-    def wrap_answer(self, body: bytes | Generator[bytes, None, None], instance: str, server_id: str,
-                    principal: str | None) -> bytes | Generator[bytes, None, None]:
+    def wrap_answer(self, body: bytes | Iterator[bytes], instance: str, server_id: str,
+                    principal: str | None) -> bytes | Iterator[bytes]:
         """A JSON or SSE answer, with any input_required state wrapped."""
         if isinstance(body, bytes):
             return self.wrap_message(body, instance, server_id, principal)
@@ -116,6 +116,13 @@ class RequestStates:
             close = getattr(chunks, "close", None)
             if close is not None:
                 close()
+
+    def wrap_event(self, instance: str, server_id: str, principal: str | None, event: bytes) -> bytes:
+        """One whole SSE event (LF line ends, its blank line included), its input_required state wrapped.
+
+        What the worker's stream relay (streams.py) applies to each event of a 2026-07-28 answer.
+        """
+        return event if MARKER not in event else self._wrap_event(event[:-2], instance, server_id, principal)
 
     def _wrap_event(self, event: bytes, instance: str, server_id: str, principal: str | None) -> bytes:
         lines = event.split(b"\n")

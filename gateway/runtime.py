@@ -34,7 +34,7 @@ from typing import Any
 
 from flask import Flask, current_app
 
-from . import accesslog, metrics, rundir, supervisor, upstreams
+from . import accesslog, metrics, rundir, streams, supervisor, upstreams
 from .auth import Authenticator
 from .leases import AnyUpstream, Draining, Leases
 from .rebinding import RebindingGuard
@@ -192,6 +192,7 @@ class Gateway:
             "draining": [{"server": item.server_id, "in_flight": self.leases.holding(item.upstream)}
                          for item in table.draining],
             "servers": self.status(),
+            "streams": streams.CLAIMS.count,  # pass-through streams open in this worker (streams.py)
         }
 
 

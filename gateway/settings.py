@@ -217,6 +217,12 @@ GATEWAY = Section("gateway", "The gateway (`gateway:`)", (
     Setting("ws_ping_interval", SECONDS, 20.0, "seconds a WebSocket connection may be quiet before the gateway pings it"),
     Setting("ws_dead_peer_timeout", SECONDS, 60.0,
             "seconds without a byte from a WebSocket client (pongs included) before its connection is closed"),
+    Setting("stream_buffer_bytes", integer(4096), MIB,
+            "most bytes of a long-lived stream a client may leave unread; past it the stream is ended and logged"),
+    Setting("sse_keepalive_interval", {"type": "number", "minimum": 0}, 15.0,
+            "seconds a stream may stay silent before the gateway sends an SSE comment (0: never)"),
+    Setting("max_streams", integer(1), 2000,
+            "most long-lived streams one worker holds; past it a new stream gets 503 with Retry-After"),
 ))
 
 SERVER_SECTIONS: Final = (HTTP, STDIO, TEMPLATE)

@@ -52,10 +52,19 @@ framing, anything else as nginx's lingering close does (FIN after the
 answer, then read until the client closes). Closing with unread bytes makes
 the kernel send a reset, and a client still sending its body then sees the
 reset instead of the answer. gunicorn itself discards only 64 KiB.
+
+6. A pass-through SSE answer holds no thread while it streams. The app's
+body for one is a `streams.RelayBody`; the thread sends the headers, takes
+the upstream socket and returns at once (`RELAYED`, like gunicorn's own
+_DEFER), and this worker's main thread, the one running gunicorn's selector
+loop, relays the stream (gateway/streams.py) and, when it ends, closes the
+connection or gives it back to the keep-alive handling. A stopping worker
+ends its streams just before its graceful timeout runs out.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import mmap
@@ -66,6 +75,8 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
+from concurrent import futures
 from contextlib import suppress
 from functools import partial
 from http import HTTPStatus
@@ -73,10 +84,11 @@ from typing import Any
 
 from gunicorn import util
 from gunicorn.http import errors as http_errors
+from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import ThreadWorker
 
-from . import bulkhead, errors, jsonrpc
+from . import bulkhead, errors, jsonrpc, streams
 from .inbound import CONTINUE, Inbound
 from .logtext import clean
 from .registry import GatewaySettings
@@ -119,6 +131,11 @@ READ_SIZE = 65536
 # How often the polling thread looks for clients past their deadline; they are cut within this of it.
 CUT_INTERVAL = 0.25
 DEFAULTS = GatewaySettings()
+# What handle() returns for a connection whose stream the relay takes over (change 6).
+RELAYED = object()
+# A stopping worker ends its streams this long before its graceful timeout runs out, so they end
+# cleanly (final chunk) before the loop gives up on its connections.
+STREAMS_END_MARGIN = 0.5
 
 
 class ConnectionTable:
@@ -179,6 +196,9 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
         self._resume_accept_at = 0.0
         self._inbound: dict[Any, Inbound] = {}  # connections whose request the polling thread is reading
         self._cut_check_at = 0.0
+        self._serving = threading.local()  # the connection a pool thread serves (change 6)
+        self._streams_end_at: float | None = None
+        self.relay: streams.Relay | None = None
 
     def init_process(self) -> None:
         if self.balance_slot is not None:
@@ -190,10 +210,80 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
         bulkhead.threads_wanted = self._threads_wanted
         super().init_process()
 
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        self.wsgi = _Relaying(self.wsgi, self._take_stream)  # type: ignore[has-type]  # set by gunicorn, untyped
+
+    def run(self) -> None:
+        self.relay = streams.Relay(self.poller, self._settings, self._keep_after_stream, self._drop_after_stream, _peer)
+        try:
+            super().run()
+        finally:
+            self.relay.end_all()  # what the loop left (a parent gone, the grace run out): every fd closed
+
+    # --- change 6: streams are relayed by this loop ------------------------------------
+
+    def _take_stream(self, body: streams.RelayBody, start_response: Any) -> Any:
+        """In the pool thread: send the stream's headers and keep it for the relay; the thread is then free."""
+        conn = getattr(self._serving, "conn", None)
+        resp = getattr(start_response, "__self__", None)
+        if conn is None or conn.is_http2 or self.cfg.is_ssl or not isinstance(resp, gunicorn_wsgi.Response):
+            return body  # iterated by this thread, as any body
+        try:
+            handoff = body.take()
+            if handoff is None:
+                return body
+            resp.send_headers()
+        except BaseException:
+            body.close()
+            raise
+        keep_alive = not resp.should_close()
+        chunked, resp.chunked = resp.chunked, False  # the relay frames the body; gunicorn must not end it
+        conn.gateway_stream = (body, handoff, chunked, keep_alive)
+        return ()
+
+    def _keepalive_after(self, conn: Any, keepalive: Any) -> Any:
+        if keepalive is RELAYED:
+            return RELAYED  # the body was read whole before the answer began
+        return super()._keepalive_after(conn, keepalive)
+
+    def finish_request(self, conn: Any, fs: Any) -> None:
+        stream = getattr(conn, "gateway_stream", None)
+        if stream is not None:
+            del conn.gateway_stream
+            if not fs.cancelled() and fs.exception() is None and fs.result() is RELAYED and self.relay is not None:
+                self.relay.start(conn, *stream)
+                return
+            stream[0].close()  # the thread failed after the hand-over began: the exchange ends here
+        super().finish_request(conn, fs)
+
+    def _end_streams_in_time(self) -> None:
+        """A stopping worker's streams end (final chunk, connection closed) as its graceful timeout runs out."""
+        assert self.relay is not None
+        now = time.monotonic()
+        if self._streams_end_at is None:  # stopping after max_requests: no signal said when it began
+            self._streams_end_at = now + max(0.0, self.cfg.graceful_timeout - STREAMS_END_MARGIN)
+        self.relay.alive = False
+        if now >= self._streams_end_at:
+            log.info("worker stopping: ending %d streams so their clients reconnect", len(self.relay.streams))
+            self.relay.end_all()
+
+    def _keep_after_stream(self, conn: Any) -> None:
+        """A stream ended cleanly on a kept-alive connection: back to gunicorn's keep-alive handling."""
+        done: futures.Future[bool] = futures.Future()
+        done.set_result(True)
+        super().finish_request(conn, done)
+
+    def _drop_after_stream(self, conn: Any) -> None:
+        self.nr_conns -= 1
+        _close_now(conn.sock)
+
     def handle_exit(self, sig: int, frame: Any) -> None:
         # A stopping worker accepts nothing more, so siblings must not wait for it.
         if self.balance_slot is not None:
             TABLE.set_owner(self.balance_slot, STOPPING)
+        if self._streams_end_at is None:
+            self._streams_end_at = time.monotonic() + max(0.0, self.cfg.graceful_timeout - STREAMS_END_MARGIN)
         super().handle_exit(sig, frame)
 
     def handle(self, conn: Any) -> Any:
@@ -253,17 +343,23 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
             req._expected_100_continue = False  # the polling thread has sent "100 Continue" already
         timeout = self._settings().send_timeout
         conn.sock.settimeout(timeout)
+        self._serving.conn = conn
         try:
-            return super().handle_request(req, conn)
+            keep = super().handle_request(req, conn)
         except TimeoutError:
             log.warning("slow client %s cut: did not read the answer within %gs", _peer(conn), timeout)
             _close_now(conn.sock)
             return False
+        finally:
+            self._serving.conn = None
+        return RELAYED if getattr(conn, "gateway_stream", None) is not None else keep
 
     def _may_linger(self, conn: Any) -> bool:
         # Read from a pool thread: nr_conns and alive are plain values the loop
         # thread writes, and a stale read costs one linger more or less.
-        return bool(self.alive and not conn.is_http2 and self.nr_conns <= self.cfg.threads)
+        # Relayed streams hold connections but no thread: they do not count here.
+        streams_held = len(self.relay.streams) if self.relay is not None else 0
+        return bool(self.alive and not conn.is_http2 and self.nr_conns - streams_held <= self.cfg.threads)
 
     def accept(self, listener: Any) -> None:
         slot = self.balance_slot
@@ -399,12 +495,45 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
                     super().set_accept_enabled(True)
                     for listener in self.sockets:  # what the siblings left waiting is this worker's
                         self._accept_one(listener)
-        super().wait_for_and_dispatch_events(timeout)
+        relay = self.relay
+        if relay is not None and relay.streams:
+            timeout = relay.timeout(timeout)
+            if not self.alive:
+                self._end_streams_in_time()
+        try:
+            for key, mask in self.poller.select(timeout):
+                # Relayed sockets need to know which way they are ready; gunicorn's callbacks do not.
+                if type(key.data) is streams.Watch:
+                    key.data.ready(mask)
+                else:
+                    key.data(key.fileobj)
+        except OSError as exc:
+            if exc.errno != errno.EINTR:
+                raise
+        if relay is not None and relay.streams:
+            relay.tick()
         if self._inbound:
             self._cut_slow_clients()
         if self.balance_slot is not None:
             # Connections also end in this loop (closed, timed out); keep the count current.
             TABLE.set_connections(self.balance_slot, self.nr_conns)
+
+
+class _Relaying:
+    """The WSGI app, with a relayable body taken for the relay (change 6); the app's attributes are its own."""
+
+    def __init__(self, app: Any, take: Callable[[streams.RelayBody, Any], Any]):
+        self._app = app
+        self._take = take
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        result = self._app(environ, start_response)
+        if type(result) is streams.RelayBody:  # one check per request: the rest is the stream's own
+            return self._take(result, start_response)
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._app, name)
 
 
 def _readable_soon(conn: Any) -> bool:

@@ -13,6 +13,8 @@ this module sees a foreign exception.
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Generator, Iterator, Mapping
@@ -30,6 +32,7 @@ from werkzeug.datastructures import Headers
 from .. import errors, jsonrpc, metrics, protocol
 from ..balancer import Balancer, Instance
 from ..registry import HttpSettings
+from ..streams import Chunked, Framing, Handoff, Length, UntilClose
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +83,7 @@ class ProxyRequest:
 class ProxyResponse:
     status: int
     headers: list[tuple[str, str]]
-    body: Generator[bytes, None, None] | bytes
+    body: UpstreamStream | bytes  # an SSE body streams (iterated, or handed to the relay)
     instance: str
     upstream_session: str | None = None
 
@@ -257,7 +260,7 @@ class Transport:
             )
             sse = response.headers.get("Content-Type", "").startswith("text/event-stream")
             if sse and response.status_code not in RETRYABLE_STATUS:
-                result.body = self._stream(instance, response, guard)
+                result.body = UpstreamStream(self, instance, response, guard)
                 handed_over = True
             else:
                 result.body = self._read_whole(instance, response, guard)
@@ -316,6 +319,16 @@ class Transport:
             with self._lock:
                 instance.in_flight -= 1
 
+    def released(self, instance: Instance, response: requests.Response, problem: str | None) -> None:
+        """A stream the worker's relay read (streams.py) is over: its connection closed, its count down."""
+        response.close()
+        with self._lock:
+            instance.in_flight -= 1
+        if problem is not None:
+            error = errors.UpstreamFailed(f"{self._guards[instance.endpoint].where} failed: {problem}")
+            log.warning("server %s: stream from %s broke: %s", self.server_id, instance.endpoint, problem)
+            self.failed(instance, error)
+
     def failed(self, instance: Instance, error: E) -> E:
         """Count a failure of real traffic against `instance`, ejecting it when that was one too many."""
         metrics.UPSTREAM_ERRORS.labels(self.server_id, metrics.error_kind(error)).inc()
@@ -324,6 +337,66 @@ class Transport:
             log.warning("server %s: ejected instance %s for %.0fs after %d failures: %s", self.server_id, instance.endpoint,
                         instance.health.ejected_until - time.monotonic(), self.settings.max_fails, error.message)
         return error
+
+
+class UpstreamStream:
+    """An SSE answer's body: iterated by a thread (`_stream`), or its socket handed to the worker's relay whole.
+
+    Whichever way, it releases its instance once: closed before it was
+    read, its connection is closed and the count goes down at once.
+    """
+
+    def __init__(self, transport: Transport, instance: Instance, response: requests.Response, guard: Translating):
+        self._transport = transport
+        self._instance = instance
+        self._response = response
+        self._guard = guard
+        self._chunks: Generator[bytes, None, None] | None = None
+        self._taken = False  # iterated or handed over
+        self._released = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._chunks is None:
+            if self._taken:
+                raise StopIteration
+            self._taken = True
+            self._chunks = self._transport._stream(self._instance, self._response, self._guard)
+        return next(self._chunks)
+
+    def close(self) -> None:
+        if self._chunks is not None:
+            self._chunks.close()  # its own finally lets the instance go
+        else:
+            self._taken = True
+            self._release(None)  # never read, or handed over and not let go by the relay
+
+    def _release(self, problem: str | None) -> None:
+        if not self._released:
+            self._released = True
+            self._transport.released(self._instance, self._response, problem)
+
+    def hand_over(self) -> Handoff | None:
+        """The socket, what urllib3 has buffered of the body and its framing; None when that cannot be (TLS, read already)."""
+        if self._taken:
+            return None
+        raw = self._response.raw
+        message = getattr(raw, "_fp", None)  # http.client's response: it parsed the head, nothing of the body
+        sock = getattr(getattr(raw, "connection", None), "sock", None)
+        reader = getattr(message, "fp", None)
+        if message is None or reader is None or not isinstance(sock, socket.socket) or isinstance(sock, ssl.SSLSocket):
+            return None
+        self._taken = True
+        sock.setblocking(False)
+        try:
+            buffered = reader.read1(STREAM_CHUNK)  # what it buffered after the head; else what has arrived
+        except OSError:
+            buffered = b""
+        framing: Framing = (Chunked() if message.chunked else Length(message.length) if message.length is not None
+                            else UntilClose())
+        return Handoff(sock, buffered or b"", framing, self._release)
 
 
 def _finish_briefly(raw: urllib3.BaseHTTPResponse, chunks: Iterator[bytes], guard: Translating) -> None:

@@ -1,0 +1,508 @@
+"""Long-lived HTTP pass-through streams, relayed by the worker's event loop instead of a thread each.
+
+A pass-through SSE answer (the answer to a POST, or a handshake-era GET
+stream) is made by carry_out.py as a `RelayBody`. Under gunicorn's thread
+pool alone it is iterated like any body. Under gateway/worker.py the request
+thread sends its headers, takes the upstream socket out of urllib3
+(`Handoff`) and returns to the pool; the worker's main thread, the one
+that runs gunicorn's selector loop, then relays the stream (`Relay`):
+it reads the upstream without blocking, decodes its framing, cuts it into
+SSE events, applies the per-event transform (MRTR requestState wrapping),
+frames it as chunked for the client and writes without blocking. It also
+watches the client (gone: the upstream is closed at once), bounds what a
+client leaves unread (`stream_buffer_bytes`), sends SSE keep-alive comments
+on idle streams and ends every stream when the worker stops.
+
+The relay knows a stream only as a source of SSE events: HTTP upstreams
+today; stdio and era-bridged notifications are the next source to add.
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import suppress
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 65536
+KEEPALIVE_COMMENT = b": keep-alive\n\n"
+FINAL_CHUNK = b"0\r\n\r\n"
+# How often the loop looks at idle streams and flush deadlines at most.
+TICK = 0.25
+
+
+# --- how many streams a worker holds ------------------------------------------------
+
+
+class Claims:
+    """Streams of this worker (a process), counted from the answer that starts one to its end."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def full(self, limit: int) -> bool:
+        return self.count >= limit
+
+    def take(self, limit: int) -> bool:
+        with self._lock:
+            if self.count >= limit:
+                return False
+            self.count += 1
+            return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self.count -= 1
+
+
+CLAIMS = Claims()
+
+
+# --- framings of the upstream's body ---------------------------------------------------
+
+
+class Framing(Protocol):
+    """An incremental decoder of an HTTP body's framing."""
+
+    def feed(self, data: bytes) -> tuple[bytes, bool]:
+        """The payload in `data`, and whether the body ended; ValueError when the framing is broken."""
+
+    def closed(self) -> bool:
+        """Whether the connection's end is a clean end of the body."""
+
+
+class UntilClose:
+    def feed(self, data: bytes) -> tuple[bytes, bool]:
+        return data, False
+
+    def closed(self) -> bool:
+        return True
+
+
+class Length:
+    def __init__(self, length: int):
+        self.left = length
+
+    def feed(self, data: bytes) -> tuple[bytes, bool]:
+        if len(data) > self.left:
+            raise ValueError(f"sent {len(data) - self.left} bytes past its Content-Length")
+        self.left -= len(data)
+        return data, self.left == 0
+
+    def closed(self) -> bool:
+        return self.left == 0
+
+
+class Chunked:
+    """Transfer-Encoding: chunked, decoded as it arrives (RFC 9112 7.1)."""
+
+    MAX_LINE = 4096
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._left = -1  # bytes of the current chunk still to come; -1: a size line is next
+        self._trailers = False
+        self.done = False
+
+    def feed(self, data: bytes) -> tuple[bytes, bool]:
+        self._buffer += data
+        out = bytearray()
+        buffer = self._buffer
+        while buffer and not self.done:
+            if self._left > 0:
+                take = min(self._left, len(buffer))
+                out += buffer[:take]
+                del buffer[:take]
+                self._left -= take
+                continue
+            end = buffer.find(b"\r\n")
+            if end < 0:
+                if len(buffer) > self.MAX_LINE:
+                    raise ValueError("a chunk line too long")
+                break
+            line = bytes(buffer[:end])
+            del buffer[:end + 2]
+            if self._trailers:
+                self.done = not line  # trailers end with an empty line
+            elif self._left == 0:  # the CRLF after a chunk's data
+                if line:
+                    raise ValueError("a chunk not followed by CRLF")
+                self._left = -1
+            else:
+                size = line.split(b";", 1)[0].strip()
+                try:
+                    self._left = int(size, 16)
+                except ValueError:
+                    raise ValueError(f"a bad chunk size {size[:20]!r}") from None
+                if self._left < 0:
+                    raise ValueError("a negative chunk size")
+                if self._left == 0:
+                    self._trailers = True
+        return bytes(out), self.done
+
+    def closed(self) -> bool:
+        return self.done
+
+
+# --- SSE events ---------------------------------------------------------------------------
+
+
+class Events:
+    """Cuts an SSE body into whole events (each ending with its blank line), line ends as LF."""
+
+    def __init__(self) -> None:
+        self.pending = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        pending = self.pending
+        pending += data
+        if b"\r" in pending:
+            # A CR at the end may be half of a CRLF: leave it for the next read.
+            tail = pending.endswith(b"\r")
+            text = bytes(pending[:-1] if tail else pending).replace(b"\r\n", b"\n")
+            pending[:] = text + (b"\r" if tail else b"")
+        end = pending.rfind(b"\n\n")
+        if end < 0:
+            return []
+        complete = bytes(pending[:end + 2])
+        del pending[:end + 2]
+        return [event + b"\n\n" for event in complete.split(b"\n\n") if event]
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+# --- what carry_out makes, and what the request thread hands over ---------------------
+
+
+@runtime_checkable
+class Source(Protocol):
+    """An upstream's streaming body that can give its socket up (gateway/upstreams/transport.py)."""
+
+    def __iter__(self) -> Iterator[bytes]: ...
+
+    def __next__(self) -> bytes: ...
+
+    def close(self) -> None: ...
+
+    def hand_over(self) -> Handoff | None: ...
+
+
+@dataclass
+class Handoff:
+    """An upstream socket with what was read from it already, and how to let it go."""
+
+    sock: socket.socket
+    buffered: bytes
+    framing: Framing
+    # Called once, from the loop's thread: None when the stream ended as it should, else what broke.
+    release: Callable[[str | None], None]
+
+
+class RelayBody:
+    """A WSGI body the worker may relay instead of iterating (else it iterates like any body).
+
+    `fallback` is what a thread iterates (the source, maybe wrapped);
+    `close` ends it either way, then closes the response (the exchange).
+    """
+
+    def __init__(self, source: Source, fallback: Iterator[bytes], transform: Callable[[bytes], bytes] | None):
+        self.source = source
+        self.fallback = fallback
+        self.transform = transform
+        self.on_close: Callable[[], None] | None = None  # the Flask response's close (carry_out sets it)
+        self.what = ""  # for log lines: the request that opened the stream
+        # Called when the relay takes the stream: the request's share of the threads is free (carry_out sets it).
+        self.on_relay: Callable[[], None] | None = None
+        self._closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self.fallback
+
+    def take(self) -> Handoff | None:
+        handoff = self.source.hand_over()
+        if handoff is not None and self.on_relay is not None:
+            self.on_relay()
+        return handoff
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            close = getattr(self.fallback, "close", None)
+            if close is not None:
+                close()
+            self.source.close()
+        finally:
+            CLAIMS.give_back()
+            if self.on_close is not None:
+                self.on_close()  # calls close() again (a no-op), then the exchange's finish
+
+
+# --- the relay --------------------------------------------------------------------------
+
+
+class Watch:
+    """What the worker's selector holds for a relayed socket: the stream and which side."""
+
+    __slots__ = ("stream", "upstream")
+
+    def __init__(self, stream: Stream, upstream: bool):
+        self.stream = stream
+        self.upstream = upstream
+
+    def ready(self, mask: int) -> None:
+        stream = self.stream
+        if stream.over:
+            return
+        try:
+            if self.upstream:
+                stream.upstream_readable()
+            else:
+                stream.client_ready(mask)
+        except Exception:  # a bug must end one stream, not the worker's loop
+            log.exception("error relaying a stream")
+            stream.abort("error")
+
+
+@dataclass(eq=False)
+class Stream:
+    relay: Relay
+    conn: Any  # gunicorn's TConn
+    body: RelayBody
+    handoff: Handoff
+    chunked: bool  # the client's framing: chunked, else until close
+    keep_alive: bool
+    started: float
+    last_event: float
+    out: bytearray = field(default_factory=bytearray)
+    events: Events = field(default_factory=Events)
+    writing: bool = False  # the client socket is watched for writability too
+    finishing: float = 0.0  # the upstream is done; the rest is being flushed until this time
+    over: bool = False
+    upstream_open: bool = True
+
+    @property
+    def client(self) -> socket.socket:
+        sock: socket.socket = self.conn.sock
+        return sock
+
+    # --- events -------------------------------------------------------------------------
+
+    def upstream_readable(self) -> None:
+        try:
+            data = self.handoff.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.upstream_ended(f"its stream broke: {exc}")
+            return
+        if not data:
+            self.upstream_ended(None if self.handoff.framing.closed() else "it closed its stream mid-answer")
+            return
+        self.received(data)
+
+    def received(self, data: bytes) -> None:
+        try:
+            payload, done = self.handoff.framing.feed(data)
+        except ValueError as exc:
+            self.upstream_ended(f"its stream broke: {exc}")
+            return
+        events = self.events.feed(payload)
+        if events:
+            self.last_event = time.monotonic()
+            transform = self.body.transform
+            self.send(b"".join(transform(event) for event in events) if transform is not None else b"".join(events))
+            if self.over:
+                return
+        if len(self.events.pending) > self.relay.buffer_bytes:
+            self.upstream_ended(f"it sent an event over {self.relay.buffer_bytes} bytes")
+        elif done:
+            self.upstream_ended(None)
+
+    def client_ready(self, mask: int) -> None:
+        if mask & selectors.EVENT_READ:
+            try:
+                data = self.client.recv(READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.abort("client_gone")
+                return
+            # A client sending while its stream is open: nothing here serves it; it is read
+            # (so the socket does not stay readable) and the connection closes after the stream.
+            self.keep_alive = False
+        if mask & selectors.EVENT_WRITE:
+            self.flush()
+
+    # --- writing to the client ------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        self.out += chunk(data) if self.chunked else data
+        self.flush()
+
+    def flush(self) -> None:
+        out = self.out
+        while out:
+            try:
+                sent = self.client.send(out)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self.abort("client_gone")
+                return
+            del out[:sent]
+        if len(out) > self.relay.buffer_bytes:
+            log.warning("slow client %s cut: its stream %s left over %d bytes unread", self.relay.peer(self.conn),
+                        self.body.what, self.relay.buffer_bytes)
+            self.abort("slow_client")
+            return
+        want = bool(out)
+        if want != self.writing:
+            self.writing = want
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
+            self.relay.poller.modify(self.client, events, Watch(self, False))
+        if self.finishing and not out:
+            self.relay.done(self, self.ended_reason, keep=self.keep_alive)
+
+    # --- ends ----------------------------------------------------------------------------
+
+    ended_reason = "ended"
+
+    def upstream_ended(self, problem: str | None) -> None:
+        """The upstream is done (or broke): it is let go, and what is unsent is flushed, then the final chunk."""
+        self.close_upstream(problem)
+        if problem is not None:
+            self.keep_alive = False
+            self.ended_reason = "upstream_broken"
+        if not self.relay.alive:
+            self.keep_alive = False
+        if self.chunked:
+            self.out += FINAL_CHUNK
+        else:
+            self.keep_alive = False  # until close: the close ends the body
+        self.finishing = time.monotonic() + self.relay.send_timeout
+        self.flush()
+
+    def close_upstream(self, problem: str | None) -> None:
+        if not self.upstream_open:
+            return
+        self.upstream_open = False
+        with suppress(KeyError, ValueError, OSError):
+            self.relay.poller.unregister(self.handoff.sock)
+        self.handoff.release(problem)
+
+    def abort(self, reason: str) -> None:
+        """End now: the client is gone or too slow, or the worker stops; nothing more is sent but what goes at once."""
+        self.close_upstream(None)
+        if reason == "shutdown":
+            if self.chunked and not self.finishing:
+                self.out += FINAL_CHUNK  # a clean end, so the client reconnects rather than reports an error
+            with suppress(OSError):
+                while self.out:
+                    sent = self.client.send(self.out)
+                    del self.out[:sent]
+        self.relay.done(self, reason, keep=False)
+
+
+class Relay:
+    """The streams of one worker, driven by the worker's selector loop (its main thread)."""
+
+    def __init__(self, poller: selectors.BaseSelector, settings: Callable[[], Any],
+                 keep: Callable[[Any], None], drop: Callable[[Any], None], peer: Callable[[Any], str]):
+        self.poller = poller
+        self._settings = settings
+        self._keep = keep
+        self._drop = drop
+        self.peer = peer
+        self.streams: set[Stream] = set()
+        self.alive = True
+        self._tick_at = 0.0
+        self.buffer_bytes = 1 << 20
+        self.send_timeout = 30.0
+        self.keepalive_interval = 15.0
+        # Imported here, in the worker: gunicorn imports this module (through worker.py) in the master,
+        # before the runtime directory tells prometheus_client where its multiprocess files go.
+        from . import metrics
+        self._metrics = metrics
+
+    def start(self, conn: Any, body: RelayBody, handoff: Handoff, chunked: bool, keep_alive: bool) -> None:
+        settings = self._settings()
+        self.buffer_bytes = settings.stream_buffer_bytes
+        self.send_timeout = settings.send_timeout
+        self.keepalive_interval = settings.sse_keepalive_interval
+        now = time.monotonic()
+        stream = Stream(self, conn, body, handoff, chunked, keep_alive and self.alive, now, now)
+        self.streams.add(stream)
+        self._metrics.STREAMS_STARTED.inc()
+        conn.sock.setblocking(False)
+        handoff.sock.setblocking(False)
+        try:
+            self.poller.register(conn.sock, selectors.EVENT_READ, Watch(stream, False))
+            self.poller.register(handoff.sock, selectors.EVENT_READ, Watch(stream, True))
+        except (OSError, ValueError, KeyError):
+            stream.abort("client_gone")
+            return
+        if handoff.buffered:
+            stream.received(handoff.buffered)
+
+    def done(self, stream: Stream, reason: str, keep: bool) -> None:
+        if stream.over:
+            return
+        stream.over = True
+        self.streams.discard(stream)
+        with suppress(KeyError, ValueError, OSError):
+            self.poller.unregister(stream.client)
+        self._metrics.STREAMS_ENDED.labels(reason).inc()
+        try:
+            stream.body.close()  # the exchange: lease, access line, metrics
+        except Exception:
+            log.exception("error closing a relayed stream")
+        if keep:
+            self._keep(stream.conn)
+        else:
+            self._drop(stream.conn)
+
+    def timeout(self, timeout: float) -> float:
+        """The loop's select timeout, shortened to the next keep-alive or flush deadline (roughly)."""
+        return min(timeout, TICK) if self.streams else timeout
+
+    def tick(self) -> None:
+        """Keep-alive comments on idle streams, and ends of flushes that ran out of time."""
+        now = time.monotonic()
+        if not self.streams or now < self._tick_at:
+            return
+        self._tick_at = now + TICK
+        interval = self.keepalive_interval
+        for stream in list(self.streams):
+            if stream.over:
+                continue
+            if stream.finishing:
+                if now > stream.finishing:
+                    stream.abort("slow_client")
+            elif interval and now - stream.last_event >= interval:
+                # Events are passed on whole, so between two reads is always between events.
+                stream.last_event = now
+                try:
+                    stream.send(KEEPALIVE_COMMENT)
+                except Exception:
+                    log.exception("error relaying a stream")
+                    stream.abort("error")
+
+    def end_all(self) -> None:
+        """The worker stops: every stream ends now, cleanly where the client takes it."""
+        self.alive = False
+        for stream in list(self.streams):
+            stream.abort("shutdown")
