@@ -258,6 +258,23 @@ def test_a_client_leaving_its_stream_closes_the_upstream_connection(gunicorn: An
     assert 'mcp_gateway_streams_ended_total{reason="client_gone"} 1.0' in page
 
 
+def test_relayed_streams_ending_do_not_overflow_the_connection_pool(gunicorn: Any, upstream: Any) -> None:
+    # A relayed stream's upstream connection is closed at its end, never given back to the
+    # keep-alive pool: more streams than max_connections ending must not each log "pool is full".
+    raw = upstream(first_event_then_silence)
+    servers = {"raw": {**raw_server(raw)["raw"], "max_connections": 1}}
+    gateway = gunicorn(servers, workers=1, threads=4)
+    socks = [open_stream(gateway) for _ in range(4)]
+    for sock in socks:
+        read_until(sock, b'"hello"')
+    wait_for(lambda: open_streams(gateway) == 4, 10, "four streams relayed")
+    for sock in socks:
+        sock.close()
+    wait_for(lambda: len(raw.closed) == 4, 10, "every upstream connection closed")
+    wait_for(lambda: open_streams(gateway) == 0, 10, "no stream left")
+    assert "Connection pool is full" not in gateway.log()
+
+
 def test_a_client_leaving_mid_sse_answer_releases_the_instance(gunicorn: Any, tmp_path: Path) -> None:
     sdk = McpHttpServer(tmp_path, kind="sdk")
     try:

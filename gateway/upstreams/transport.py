@@ -321,6 +321,11 @@ class Transport:
 
     def released(self, instance: Instance, response: requests.Response, problem: str | None) -> None:
         """A stream the worker's relay read (streams.py) is over: its connection closed, its count down."""
+        raw = response.raw
+        raw.close()  # the socket the relay read: closed, with whatever the stream left unread
+        # Not given back to the keep-alive pool, which holds max_connections idle connections: a
+        # thousand streams ending would each overflow it ("Connection pool is full" every time).
+        raw._connection = None
         response.close()
         with self._lock:
             instance.in_flight -= 1
