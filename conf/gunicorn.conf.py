@@ -30,6 +30,9 @@ timeout = 60
 # On TERM a worker stops accepting and finishes in-flight calls for this long.
 graceful_timeout = 30
 keepalive = 75  # above nginx's default upstream keepalive_timeout of 60 s
+# A relayed stream's connection counts among a worker's connections (gateway/streams.py): room for
+# gateway.max_streams of them, plus gunicorn's default 1000 for everything else.
+worker_connections = _settings.max_streams + 1000
 preload_app = False  # pools, threads and children are per worker, made after fork
 # The gateway writes its own access line (request id, server, MCP method, upstream);
 # gunicorn's is off unless asked for.

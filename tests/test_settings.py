@@ -13,8 +13,12 @@ import configparser
 import dataclasses
 import inspect
 import json
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -268,3 +272,15 @@ def test_systemd_waits_longer_than_gunicorns_graceful_timeout() -> None:
     unit = configparser.ConfigParser(strict=False, interpolation=None)
     unit.read_string((ROOT / "conf/mcp-gateway.service").read_text())
     assert int(unit["Service"]["TimeoutStopSec"]) > gunicorn_setting("graceful_timeout")
+
+
+def test_gunicorns_worker_connections_leave_room_for_max_streams(tmp_path: Path) -> None:
+    """Derived in conf/gunicorn.conf.py from the registry: streams past worker_connections would be refused."""
+    registry = tmp_path / "registry.yaml"
+    registry.write_text("servers: {}\ngateway: {max_streams: 5000, session_secret: " + "s" * 32 + "}\n")
+    env = {**os.environ, "MCP_GATEWAY_REGISTRY": str(registry), "MCP_GATEWAY_RUNTIME_DIR": str(tmp_path / "run"),
+           "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "run" / "metrics")}
+    done = subprocess.run([sys.executable, "-c", "import runpy; print(runpy.run_path('conf/gunicorn.conf.py')"
+                           "['worker_connections'])"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.split()[-1]) == 5000 + 1000
