@@ -388,6 +388,28 @@ def test_hup_ends_streams_cleanly_after_the_graceful_timeout(upstream: Any, tmp_
         wait_for(lambda: len(raw.closed) == 4, 10, "every upstream connection closed")
 
 
+def test_max_requests_ends_the_workers_streams_cleanly(upstream: Any, tmp_path: Path) -> None:
+    # A worker that reaches max_requests stops as on HUP: its streams end cleanly, after the
+    # graceful timeout, and the stream's client can reconnect to its replacement.
+    raw = upstream(first_event_then_silence)
+    env = {"GUNICORN_CMD_ARGS": "--graceful-timeout 2 --max-requests 3"}
+    with Gunicorn(write_registry(tmp_path, raw_server(raw)), workers=1, threads=4, env=env).serving() as gateway:
+        old = gateway.worker_pids()
+        sock = open_stream(gateway)  # request 1
+        read_until(sock, b"hello")
+        gateway.remember()
+        for _ in range(2):  # requests 2 and 3: the worker has served its max_requests
+            requests.get(f"{gateway.url}/healthz", timeout=10)
+        rest = read_to_end(sock, 15)
+        assert rest.endswith(b"0\r\n\r\n"), f"the stream was not ended cleanly: {rest[-200:]!r}"
+        sock.close()
+        wait_for(lambda: gateway.worker_pids() and not (gateway.worker_pids() & old), 30, "a new worker")
+        again = open_stream(gateway)
+        read_until(again, b"hello")
+        again.close()
+        wait_for(lambda: len(raw.closed) == 2, 10, "both upstream connections closed")
+
+
 # --- the relay's decoders, alone ------------------------------------------------------------
 
 
