@@ -16,7 +16,15 @@ import requests
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from .harness import CURL_HEADERS, TIME_SERVER, Gunicorn, rpc, server_command, wait_for, write_registry
+from .harness import (
+    CURL_HEADERS,
+    TIME_SERVER,
+    Gunicorn,
+    rpc,
+    server_command,
+    wait_for,
+    write_registry,
+)
 
 TOKEN = "ws-token-" + "x" * 24
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
