@@ -80,7 +80,7 @@ from concurrent import futures
 from contextlib import suppress
 from functools import partial
 from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gunicorn import util
 from gunicorn.http import errors as http_errors
@@ -88,12 +88,16 @@ from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import ThreadWorker
 
-from . import bulkhead, errors, jsonrpc, streams, ws_serving
+from . import bulkhead, errors, jsonrpc, streams
 from .inbound import CONTINUE, Inbound
 from .logtext import clean
 from .registry import GatewaySettings
 from .websocket import Outcome
 from .ws_handshake import RequestHeaders, is_websocket_request
+
+if TYPE_CHECKING:
+    # Imported when the worker runs: it brings the app's modules (metrics), which the master must not import.
+    from . import ws_serving
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +223,9 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
 
     def run(self) -> None:
         self.relay = streams.Relay(self.poller, self._settings, self._keep_after_stream, self._drop_after_stream, _peer)
+        # In the worker, after gunicorn.conf set the metrics up (see the import above).
+        from . import ws_serving
+
         self.hub = ws_serving.Hub(self.poller, self.method_queue.defer, self.wsgi, self._drop_after_stream, _peer)
         try:
             super().run()
@@ -255,6 +262,8 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
         if (conn is None or conn.is_http2 or self.cfg.is_ssl or gateway is None
                 or not isinstance(resp, gunicorn_wsgi.Response)):
             return None  # served by the app, which has no WebSocket: its answer says so
+        from . import ws_serving
+
         gateway.start()
         ws, outcome = ws_serving.upgrade(gateway, environ, time.monotonic())
         if outcome.accepted is not None and not streams.CLAIMS.take(gateway.registry.gateway.max_streams):
