@@ -189,3 +189,21 @@ def test_a_plain_get_on_the_ws_route_is_told_to_upgrade(gateway: Gunicorn) -> No
     assert "upgrade" in answer.json()["error"]["message"].lower()
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=5):
         pass
+
+
+def test_an_upgrade_on_the_mcp_path_is_served_too(gateway: Gunicorn) -> None:
+    with connect(f"ws://127.0.0.1:{gateway.port}/time/mcp", subprotocols=["mcp"],  # type: ignore[list-item]
+                 additional_headers=AUTH, open_timeout=10) as ws:
+        assert "result" in ask(ws, rpc("tools/list", {"_meta": MODERN_META}, request_id=1))[-1]
+
+
+def test_websockets_count_in_max_streams(tmp_path: Path) -> None:
+    registry = write_registry(tmp_path, SERVERS, {**SETTINGS, "max_streams": 2})
+    with Gunicorn(registry, workers=1, threads=4).serving() as gateway, ExitStack() as stack:
+        for _ in range(2):
+            stack.enter_context(open_ws(gateway))
+        with pytest.raises(InvalidStatus) as refused:
+            open_ws(gateway)
+        assert refused.value.response.status_code == 503
+        assert refused.value.response.headers["Retry-After"] == "1"
+        assert "max_streams" in json.loads(refused.value.response.body)["error"]["message"]
