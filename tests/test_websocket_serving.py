@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import subprocess
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -207,3 +208,20 @@ def test_websockets_count_in_max_streams(tmp_path: Path) -> None:
         assert refused.value.response.status_code == 503
         assert refused.value.response.headers["Retry-After"] == "1"
         assert "max_streams" in json.loads(refused.value.response.body)["error"]["message"]
+
+
+NODE_MODULES = Path(__file__).parent / "node" / "node_modules"
+
+
+@pytest.mark.skipif(not (NODE_MODULES / "@modelcontextprotocol/sdk/dist/esm/client/websocket.js").exists(),
+                    reason="tests/node/node_modules is missing (npm ci in tests/node)")
+def test_the_npm_sdks_websocket_transport(tmp_path: Path) -> None:
+    # The browser WebSocket API the transport uses sends no headers of ours: a gateway without tokens.
+    with Gunicorn(write_registry(tmp_path, {"time": SERVERS["time"]}), workers=2, threads=4).serving() as gateway:
+        done = subprocess.run(["node", "--experimental-websocket", str(Path(__file__).parent / "node" / "ws_client.mjs"),
+                               ws_url(gateway, "time")], check=False, capture_output=True, text=True, timeout=60,
+                              cwd=Path(__file__).parent / "node")
+        assert done.returncode == 0, done.stdout + done.stderr
+        seen = json.loads(done.stdout.strip().splitlines()[-1])
+        assert "get_current_time" in seen["tools"], seen
+        assert "UTC" in seen["called"]["content"][0]["text"], seen
