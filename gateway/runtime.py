@@ -192,7 +192,8 @@ class Gateway:
             "draining": [{"server": item.server_id, "in_flight": self.leases.holding(item.upstream)}
                          for item in table.draining],
             "servers": self.status(),
-            "streams": streams.CLAIMS.count,  # pass-through streams open in this worker (streams.py)
+            "streams": streams.CLAIMS.count,  # pass-through streams and WebSockets open in this worker (streams.py)
+            "websockets": streams.WEBSOCKETS.count,  # of which WebSocket connections (ws_serving.py)
         }
 
 

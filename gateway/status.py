@@ -34,7 +34,8 @@ def combine(own: dict[str, Any], siblings: Sequence[dict[str, Any]]) -> dict[str
         "registry": own["registry"],
         "workers": [
             {"pid": view["pid"], "started": view["started"], "registry_digest": view["registry"]["digest"],
-             "draining": view["draining"], "streams": view.get("streams", 0)}
+             "draining": view["draining"], "streams": view.get("streams", 0),
+             "websockets": view.get("websockets", 0)}
             for view in views
         ],
         "servers": {server_id: _server([s for _, s in found], found) for server_id, found in servers.items()},

@@ -64,6 +64,8 @@ class Claims:
 
 
 CLAIMS = Claims()
+# WebSocket connections this worker holds (ws_serving.py); each is also one of CLAIMS.
+WEBSOCKETS = Claims()
 
 
 # --- framings of the upstream's body ---------------------------------------------------

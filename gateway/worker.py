@@ -80,7 +80,7 @@ from concurrent import futures
 from contextlib import suppress
 from functools import partial
 from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gunicorn import util
 from gunicorn.http import errors as http_errors
@@ -92,6 +92,12 @@ from . import bulkhead, errors, jsonrpc, streams
 from .inbound import CONTINUE, Inbound
 from .logtext import clean
 from .registry import GatewaySettings
+from .websocket import Outcome
+from .ws_handshake import RequestHeaders, is_websocket_request
+
+if TYPE_CHECKING:
+    # Imported when the worker runs: it brings the app's modules (metrics), which the master must not import.
+    from . import ws_serving
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +205,7 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
         self._serving = threading.local()  # the connection a pool thread serves (change 6)
         self._streams_end_at: float | None = None
         self.relay: streams.Relay | None = None
+        self.hub: ws_serving.Hub | None = None
 
     def init_process(self) -> None:
         if self.balance_slot is not None:
@@ -212,14 +219,19 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
 
     def load_wsgi(self) -> None:
         super().load_wsgi()
-        self.wsgi = _Relaying(self.wsgi, self._take_stream)  # type: ignore[has-type]  # set by gunicorn, untyped
+        self.wsgi = _Relaying(self.wsgi, self._take_stream, self._take_websocket)  # type: ignore[has-type]  # set by gunicorn, untyped
 
     def run(self) -> None:
         self.relay = streams.Relay(self.poller, self._settings, self._keep_after_stream, self._drop_after_stream, _peer)
+        # In the worker, after gunicorn.conf set the metrics up (see the import above).
+        from . import ws_serving
+
+        self.hub = ws_serving.Hub(self.poller, self.method_queue.defer, self.wsgi, self._drop_after_stream, _peer)
         try:
             super().run()
         finally:
             self.relay.end_all()  # what the loop left (a parent gone, the grace run out): every fd closed
+            self.hub.end_all()
 
     # --- change 6: streams are relayed by this loop ------------------------------------
 
@@ -242,12 +254,45 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
         conn.gateway_stream = (body, handoff, chunked, keep_alive)
         return ()
 
+    def _take_websocket(self, environ: dict[str, Any], start_response: Any) -> Any:
+        """In the pool thread: a WebSocket upgrade checked; accepted, its socket is kept for the loop (None: not ours)."""
+        conn = getattr(self._serving, "conn", None)
+        resp = getattr(start_response, "__self__", None)
+        gateway = getattr(self.wsgi, "extensions", {}).get("mcp_gateway")
+        if (conn is None or conn.is_http2 or self.cfg.is_ssl or gateway is None
+                or not isinstance(resp, gunicorn_wsgi.Response)):
+            return None  # served by the app, which has no WebSocket: its answer says so
+        from . import ws_serving
+
+        gateway.start()
+        ws, outcome = ws_serving.upgrade(gateway, environ, time.monotonic())
+        if outcome.accepted is not None and not streams.CLAIMS.take(gateway.registry.gateway.max_streams):
+            outcome = Outcome(ws_serving.too_many(gateway.registry.gateway.max_streams), closed=True)
+        status = outcome.to_send[9:12].decode("latin-1") if outcome.to_send.startswith(b"HTTP/1.1 ") else "500"
+        start_response(f"{status} WebSocket", [])
+        resp.headers_sent = True  # the answer is the sans-IO module's own bytes
+        resp.chunked = False
+        if outcome.accepted is None:
+            resp.force_close()
+            with suppress(OSError):
+                conn.sock.sendall(outcome.to_send)  # the refusal, before any upgrade
+            return ()
+        conn.gateway_ws = (ws, outcome, dict(environ))
+        return ()
+
     def _keepalive_after(self, conn: Any, keepalive: Any) -> Any:
         if keepalive is RELAYED:
             return RELAYED  # the body was read whole before the answer began
         return super()._keepalive_after(conn, keepalive)
 
     def finish_request(self, conn: Any, fs: Any) -> None:
+        upgraded = getattr(conn, "gateway_ws", None)
+        if upgraded is not None:
+            del conn.gateway_ws
+            if not fs.cancelled() and fs.exception() is None and fs.result() is RELAYED and self.hub is not None:
+                self.hub.start(conn, *upgraded)
+                return
+            streams.CLAIMS.give_back()
         stream = getattr(conn, "gateway_stream", None)
         if stream is not None:
             del conn.gateway_stream
@@ -265,6 +310,9 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
             self._streams_end_at = now + max(0.0, self.cfg.graceful_timeout - STREAMS_END_MARGIN)
         self.relay.alive = False
         if now >= self._streams_end_at:
+            if self.hub is not None and self.hub.links:
+                log.info("worker stopping: closing %d WebSocket connections (1001)", len(self.hub.links))
+                self.hub.close_all()
             log.info("worker stopping: ending %d streams so their clients reconnect", len(self.relay.streams))
             self.relay.end_all()
 
@@ -352,7 +400,9 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
             return False
         finally:
             self._serving.conn = None
-        return RELAYED if getattr(conn, "gateway_stream", None) is not None else keep
+        if getattr(conn, "gateway_stream", None) is not None or getattr(conn, "gateway_ws", None) is not None:
+            return RELAYED
+        return keep
 
     def _may_linger(self, conn: Any) -> bool:
         # Read from a pool thread: nr_conns and alive are plain values the loop
@@ -498,8 +548,11 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
         relay = self.relay
         if relay is not None and relay.streams:
             timeout = relay.timeout(timeout)
-            if not self.alive:
-                self._end_streams_in_time()
+        hub = self.hub
+        if hub is not None and hub.links:
+            timeout = hub.timeout(timeout)
+        if not self.alive and ((relay is not None and relay.streams) or (hub is not None and hub.links)):
+            self._end_streams_in_time()
         try:
             for key, mask in self.poller.select(timeout):
                 # Relayed sockets need to know which way they are ready; gunicorn's callbacks do not.
@@ -512,6 +565,8 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
                 raise
         if relay is not None and relay.streams:
             relay.tick()
+        if hub is not None and hub.links:
+            hub.tick()
         if self._inbound:
             self._cut_slow_clients()
         if self.balance_slot is not None:
@@ -522,11 +577,17 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
 class _Relaying:
     """The WSGI app, with a relayable body taken for the relay (change 6); the app's attributes are its own."""
 
-    def __init__(self, app: Any, take: Callable[[streams.RelayBody, Any], Any]):
+    def __init__(self, app: Any, take: Callable[[streams.RelayBody, Any], Any],
+                 take_websocket: Callable[[dict[str, Any], Any], Any]):
         self._app = app
         self._take = take
+        self._take_websocket = take_websocket
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        if environ["REQUEST_METHOD"] == "GET" and _may_be_websocket(environ):
+            taken = self._take_websocket(environ, start_response)
+            if taken is not None:
+                return taken
         result = self._app(environ, start_response)
         if type(result) is streams.RelayBody:  # one check per request: the rest is the stream's own
             return self._take(result, start_response)
@@ -534,6 +595,12 @@ class _Relaying:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._app, name)
+
+
+def _may_be_websocket(environ: dict[str, Any]) -> bool:
+    path = environ.get("PATH_INFO", "")
+    headers = RequestHeaders.of({"Upgrade": environ["HTTP_UPGRADE"]} if "HTTP_UPGRADE" in environ else {})
+    return is_websocket_request("GET", path, headers)
 
 
 def _readable_soon(conn: Any) -> bool:

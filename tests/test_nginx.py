@@ -152,3 +152,16 @@ def test_slow_request_bodies_through_nginx_hold_no_gateway_thread(stack: dict[st
     finally:
         for sock in held:
             sock.close()
+
+
+def test_a_websocket_client_is_served_through_nginx(stack: dict[str, Any]) -> None:
+    from websockets.sync.client import connect
+
+    with connect(f"ws://127.0.0.1:{stack['port']}/sdk/ws", subprotocols=["mcp"], open_timeout=10) as ws:  # type: ignore[list-item]
+        ws.send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                            "params": {"name": "slow", "arguments": {"steps": 2}, "_meta": {"progressToken": "t"}}}))
+        seen = []
+        while not seen or seen[-1].get("id") != 1:
+            seen.append(json.loads(ws.recv(timeout=30)))
+        assert [m.get("method") for m in seen[:-1]].count("notifications/progress") == 2, seen
+        assert seen[-1]["result"]["content"][0]["text"] == "done", seen

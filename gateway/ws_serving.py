@@ -1,0 +1,286 @@
+"""MCP over WebSocket in a running worker: the upgraded sockets its event loop holds, and serving their messages.
+
+The worker (gateway/worker.py) answers an upgrade request in a request
+thread: `upgrade` runs the handshake checks (ws_handshake.py) and, when they
+pass, the connection's socket is handed to the worker's main thread, the
+one running gunicorn's selector loop, as relayed streams are. From then on
+an idle connection costs a socket, not a thread: the loop reads frames
+(websocket.WebSocketConnection, sans-IO), pings quiet clients and closes
+dead ones (`tick`), and submits each JSON-RPC message to a small bounded
+executor. A message is served as a bridged POST would be (the upstream's
+bulkhead held through gateway.checkout, `upstream.call`, one access line per
+message); every Reply, notifications first and then the final response, is
+handed back to the loop (`defer`), which alone writes the socket. Several
+messages of one connection are served at once and answered in any order.
+
+Close codes: 1001 when the worker stops, 1011 on a fault of the gateway's,
+the sans-IO module's own for what the client sent. Each connection counts in
+streams.CLAIMS (gateway.max_streams) and in streams.WEBSOCKETS
+(/status: workers[].websockets).
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+import time
+from collections.abc import Callable
+from concurrent import futures
+from contextlib import suppress
+from typing import Any
+
+from flask import Flask
+
+from . import errors, jsonrpc, streams
+from .exchange import Exchange
+from .runtime import Gateway
+from .websocket import (
+    GATEWAY_ERROR,
+    GOING_AWAY,
+    Outcome,
+    WebSocketConnection,
+    WebSocketSession,
+)
+from .ws_handshake import Refused, UpgradeChecks
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 65536
+# Threads serving WebSocket messages in one worker: bounded, so a flood of messages queues instead
+# of making threads; the upstreams' bulkheads bound each server's share as over HTTP.
+SERVING_THREADS = 8
+# The most bytes waiting for a client that does not read; past it the connection is closed (1011).
+MAX_PENDING = 4 * 1024 * 1024
+
+
+def too_many(limit: int) -> bytes:
+    """The HTTP answer to an upgrade past gateway.max_streams: 503 with Retry-After, as a stream gets."""
+    return Refused.of(errors.Overloaded(
+        f"this gateway worker holds its most long-lived streams ({limit}, gateway.max_streams); try again shortly",
+        retry_after=1)).encode()
+
+
+def upgrade(gateway: Gateway, environ: dict[str, Any], now: float) -> tuple[WebSocketConnection, Outcome]:
+    """The upgrade request of `environ` checked: the connection and its first Outcome (a 101, or the refusal)."""
+    checks = UpgradeChecks(gateway.rebinding, gateway.auth, gateway.upstreams)
+    ws = WebSocketConnection.from_settings(checks, gateway.registry.gateway, now)
+    path = environ.get("RAW_URI") or environ.get("PATH_INFO", "/")
+    return ws, ws.upgrade("GET", path, request_headers(environ), now)
+
+
+def request_headers(environ: dict[str, Any]) -> list[tuple[bytes, bytes]]:
+    """The request's headers as (name, value) bytes, from a WSGI environ."""
+    pairs = []
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            name = key[5:].replace("_", "-").lower()
+        elif key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            name = key.replace("_", "-").lower()
+        else:
+            continue
+        pairs.append((name.encode("latin-1"), str(value).encode("latin-1")))
+    return pairs
+
+
+class Link:
+    """One upgraded connection held by the loop: its socket, its sans-IO state, its unsent bytes."""
+
+    def __init__(self, hub: Hub, conn: Any, ws: WebSocketConnection, environ: dict[str, Any]):
+        self.hub = hub
+        self.conn = conn
+        self.sock: socket.socket = conn.sock
+        self.ws = ws
+        self.environ = environ
+        self.pending = bytearray()
+        self.over = False
+        self.writing = False
+
+    # --- in the loop ---------------------------------------------------------------
+
+    def ready(self, _fileobj: Any) -> None:
+        """The socket is readable (or writable while bytes wait): flush, then read what arrived."""
+        if self.over:
+            return
+        self.flush()
+        if self.over:
+            return
+        try:
+            data = self.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        self.apply(self.ws.receive(data, time.monotonic()))
+
+    def apply(self, outcome: Outcome) -> None:
+        self.pending += outcome.to_send
+        self.flush()
+        for message in outcome.messages:
+            self.hub.submit(self, message)
+        if outcome.closed:
+            self.end()
+
+    def send_message(self, message: dict[str, Any]) -> None:
+        """From a serving thread, through the loop's queue: one message to the client."""
+        if self.over:
+            return
+        self.pending += self.ws.send_message(message)
+        self.flush()
+
+    def fail(self) -> None:
+        """From a serving thread, through the loop's queue: a fault of ours closes the connection (1011)."""
+        if not self.over:
+            self.pending += self.ws.close(GATEWAY_ERROR, "gateway error")
+            self.flush()
+
+    def close(self, code: int, reason: str) -> None:
+        if not self.over:
+            self.pending += self.ws.close(code, reason)
+            self.flush()
+            if self.ws.closed:
+                self.end()
+
+    def flush(self) -> None:
+        while self.pending:
+            try:
+                sent = self.sock.send(self.pending)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self.end()
+                return
+            del self.pending[:sent]
+        if len(self.pending) > MAX_PENDING:
+            log.warning("WebSocket client %s does not read: %d bytes waiting, closed", self.hub.peer(self.conn),
+                        len(self.pending))
+            self.end()
+            return
+        want = bool(self.pending)
+        if want != self.writing and not self.over:
+            self.writing = want
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
+            with suppress(KeyError, ValueError, OSError):
+                self.hub.poller.modify(self.sock, events, self.ready)
+
+    def end(self) -> None:
+        if self.over:
+            return
+        self.over = True
+        with suppress(KeyError, ValueError, OSError):
+            self.hub.poller.unregister(self.sock)
+        self.hub.ended(self)
+
+
+class Hub:
+    """The WebSocket connections of one worker's loop (its main thread) and the executor serving their messages."""
+
+    def __init__(self, poller: selectors.BaseSelector, defer: Callable[..., None], app: Any,
+                 drop: Callable[[Any], None], peer: Callable[[Any], str]):
+        self.poller = poller
+        self.defer = defer  # runs a callable on the loop thread (gunicorn's method_queue.defer)
+        self.app = app
+        self.drop = drop  # closes a connection the loop is done with (and counts it gone)
+        self.peer = peer
+        self.links: set[Link] = set()
+        self.executor = futures.ThreadPoolExecutor(SERVING_THREADS, thread_name_prefix="ws")
+
+    def gateway(self) -> Gateway:
+        gateway: Gateway = self.app.extensions["mcp_gateway"]
+        return gateway
+
+    def start(self, conn: Any, ws: WebSocketConnection, outcome: Outcome, environ: dict[str, Any]) -> None:
+        """In the loop: the upgraded connection's socket is watched from now on; `outcome` holds the 101."""
+        link = Link(self, conn, ws, environ)
+        self.links.add(link)
+        streams.WEBSOCKETS.take(1 << 62)
+        conn.sock.setblocking(False)
+        self.poller.register(conn.sock, selectors.EVENT_READ, link.ready)
+        link.apply(outcome)
+
+    def ended(self, link: Link) -> None:
+        self.links.discard(link)
+        streams.WEBSOCKETS.give_back()
+        streams.CLAIMS.give_back()
+        self.drop(link.conn)
+
+    def timeout(self, timeout: float) -> float:
+        now = time.monotonic()
+        soonest = min((link.ws.next_deadline() for link in self.links), default=now + timeout)
+        return max(0.0, min(timeout, soonest - now))
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        for link in list(self.links):
+            if link.ws.next_deadline() <= now:
+                link.apply(link.ws.tick(now))
+
+    def close_all(self, code: int = GOING_AWAY, reason: str = "the gateway worker is stopping: reconnect") -> None:
+        """A stopping worker: every connection closed (1001); the clients' close frames, or CLOSE_TIMEOUT, end them."""
+        for link in list(self.links):
+            link.close(code, reason)
+
+    def end_all(self) -> None:
+        """What the loop still holds as it exits: closed frames sent where they fit, every socket closed."""
+        for link in list(self.links):
+            link.close(GOING_AWAY, "the gateway worker is stopping: reconnect")
+            link.end()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def submit(self, link: Link, message: dict[str, Any]) -> None:
+        try:
+            self.executor.submit(self._serve, link, message)
+        except RuntimeError:  # shut down: the worker is going
+            link.fail()
+
+    # --- in a serving thread --------------------------------------------------------
+
+    def _serve(self, link: Link, message: dict[str, Any]) -> None:
+        try:
+            serve_message(self.gateway(), self.app, link.ws, link.environ, message,
+                          lambda reply: self.defer(link.send_message, reply))
+        except Exception:  # a fault of ours: this connection ends, the worker goes on
+            log.exception("serving a WebSocket message failed")
+            self.defer(link.fail)
+
+
+def serve_message(gateway: Gateway, app: Flask, ws: WebSocketConnection, environ: dict[str, Any],
+                  message: dict[str, Any], send: Callable[[dict[str, Any]], None]) -> None:
+    """One JSON-RPC message of a connection, served as a bridged POST; what answers it goes to `send`."""
+    session = ws.session
+    assert session is not None
+    if not jsonrpc.is_request(message):
+        # Notifications (cancelled: its late answer is dropped by send_message) and the client's responses:
+        # pooled processes take no server->client traffic, as over HTTP.
+        return
+    server_id = session.server_id
+    exchange = Exchange.begin(environ, server_id=server_id, path=environ.get("PATH_INFO", "/"))
+    exchange.method = "WS"
+    exchange.principal = session.principal
+    exchange.rpc_id = message.get("id")
+    exchange.mcp_method = str(message.get("method"))
+    status = 200
+    try:
+        upstream = gateway.checkout(server_id, exchange)
+        if WebSocketSession.is_initialize(message):
+            send(session.initialize(message, upstream.hello()))
+            return
+        client = session.context(message)
+        body = jsonrpc.encode(message)
+        replies = upstream.call(message, body, client, exchange.request_id)
+        try:
+            for reply in replies:
+                exchange.upstream = reply.origin or exchange.upstream
+                if reply.final and "error" in reply.message:
+                    exchange.rpc_error = True
+                send(reply.message)
+        finally:
+            close = getattr(replies, "close", None)
+            if close is not None:
+                close()  # a stdio call not finished (the client went) is cancelled
+    except errors.GatewayError as exc:
+        status = exc.http_status
+        exchange.rpc_error = True
+        send(jsonrpc.error(message.get("id"), exc.code, exc.message, exc.data))
+    finally:
+        exchange.finish(app, status)
