@@ -46,19 +46,19 @@ from .ws_handshake import Refused, UpgradeChecks
 
 log = logging.getLogger(__name__)
 
-READ_SIZE = 65536
 # Threads serving WebSocket messages in one worker: bounded, so a flood of messages queues instead
 # of making threads; the upstreams' bulkheads bound each server's share as over HTTP.
 SERVING_THREADS = 8
 # The most bytes waiting for a client that does not read; past it the connection is closed (1011).
 MAX_PENDING = 4 * 1024 * 1024
+# The most requests of one connection queued or being served at once: past it a request is refused
+# at once (-32002), so one client cannot queue unbounded work for every other connection's threads.
+MAX_SERVING = 32
 
 
 def too_many(limit: int) -> bytes:
     """The HTTP answer to an upgrade past gateway.max_streams: 503 with Retry-After, as a stream gets."""
-    return Refused.of(errors.Overloaded(
-        f"this gateway worker holds its most long-lived streams ({limit}, gateway.max_streams); try again shortly",
-        retry_after=1)).encode()
+    return Refused.of(streams.too_many(limit)).encode()
 
 
 def upgrade(gateway: Gateway, environ: dict[str, Any], now: float) -> tuple[WebSocketConnection, Outcome]:
@@ -95,6 +95,7 @@ class Link:
         self.pending = bytearray()
         self.over = False
         self.writing = False
+        self.serving = 0  # its requests queued or being served (MAX_SERVING); only the loop changes it
 
     # --- in the loop ---------------------------------------------------------------
 
@@ -105,13 +106,9 @@ class Link:
         self.flush()
         if self.over:
             return
-        try:
-            data = self.sock.recv(READ_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        self.apply(self.ws.receive(data, time.monotonic()))
+        data = streams.receive(self.sock)
+        if data is not None:
+            self.apply(self.ws.receive(data, time.monotonic()))
 
     def apply(self, outcome: Outcome) -> None:
         self.pending += outcome.to_send
@@ -141,16 +138,14 @@ class Link:
             if self.ws.closed:
                 self.end()
 
+    def served(self) -> None:
+        """Through the loop's queue: one of its requests is done (answered or failed)."""
+        self.serving -= 1
+
     def flush(self) -> None:
-        while self.pending:
-            try:
-                sent = self.sock.send(self.pending)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                self.end()
-                return
-            del self.pending[:sent]
+        if not streams.send_pending(self.sock, self.pending):
+            self.end()
+            return
         if len(self.pending) > MAX_PENDING:
             log.warning("WebSocket client %s does not read: %d bytes waiting, closed", self.hub.peer(self.conn),
                         len(self.pending))
@@ -195,7 +190,11 @@ class Hub:
         self.links.add(link)
         streams.WEBSOCKETS.take(1 << 62)
         conn.sock.setblocking(False)
-        self.poller.register(conn.sock, selectors.EVENT_READ, link.ready)
+        try:
+            self.poller.register(conn.sock, selectors.EVENT_READ, link.ready)
+        except (OSError, ValueError, KeyError):  # its socket is gone already: counted and closed as any end
+            link.end()
+            return
         link.apply(outcome)
 
     def ended(self, link: Link) -> None:
@@ -228,6 +227,16 @@ class Hub:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     def submit(self, link: Link, message: dict[str, Any]) -> None:
+        if not jsonrpc.is_request(message):
+            # Notifications (cancelled: its late answer is dropped by send_message) and the client's
+            # responses: pooled processes take no server->client traffic, as over HTTP.
+            return
+        if link.serving >= MAX_SERVING:
+            link.send_message(jsonrpc.error(message["id"], errors.OVERLOADED, (
+                f"{MAX_SERVING} requests are in progress on this WebSocket connection, the most the gateway "
+                "serves for one; wait for their answers")))
+            return
+        link.serving += 1
         try:
             self.executor.submit(self._serve, link, message)
         except RuntimeError:  # shut down: the worker is going
@@ -242,17 +251,15 @@ class Hub:
         except Exception:  # a fault of ours: this connection ends, the worker goes on
             log.exception("serving a WebSocket message failed")
             self.defer(link.fail)
+        finally:
+            self.defer(link.served)
 
 
 def serve_message(gateway: Gateway, app: Flask, ws: WebSocketConnection, environ: dict[str, Any],
                   message: dict[str, Any], send: Callable[[dict[str, Any]], None]) -> None:
-    """One JSON-RPC message of a connection, served as a bridged POST; what answers it goes to `send`."""
+    """One JSON-RPC request of a connection, served as a bridged POST; what answers it goes to `send`."""
     session = ws.session
     assert session is not None
-    if not jsonrpc.is_request(message):
-        # Notifications (cancelled: its late answer is dropped by send_message) and the client's responses:
-        # pooled processes take no server->client traffic, as over HTTP.
-        return
     server_id = session.server_id
     exchange = Exchange.begin(environ, server_id=server_id, path=environ.get("PATH_INFO", "/"))
     exchange.method = "WS"

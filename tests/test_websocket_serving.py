@@ -116,6 +116,34 @@ def test_progress_arrives_before_the_result_and_two_requests_are_answered_by_id(
         assert answers[8]["result"]["content"][0]["text"] == "5", answers
 
 
+def test_a_flood_of_requests_on_one_connection_is_refused_past_its_share(tmp_path: Path) -> None:
+    # A client may not queue unbounded work: past MAX_SERVING requests being served for one
+    # connection, the next ones are answered at once with an overload error; every request gets
+    # exactly one answer, and the connection goes on.
+    from gateway.ws_serving import MAX_SERVING
+
+    count = MAX_SERVING + 8
+    # Room to queue every request it takes, so none is refused by the server's bulkhead or pool instead.
+    roomy = {"sdk": {**SERVERS["sdk"], "pool_size": 4, "max_waiting": 100, "wait_timeout": 60,
+                     "max_concurrent": 4, "max_queued": 100, "queue_timeout": 60}}
+    with Gunicorn(write_registry(tmp_path, roomy, SETTINGS), workers=1, threads=4).serving() as gateway, \
+            open_ws(gateway, "sdk") as ws:
+        initialize(ws)
+        for n in range(count):
+            ws.send(json.dumps(rpc("tools/call", {"name": "sleep", "arguments": {"seconds": 1}}, request_id=n)))
+        answers: dict[int, dict[str, Any]] = {}
+        while len(answers) < count:
+            got = json.loads(ws.recv(timeout=60))
+            assert got["id"] not in answers, got
+            answers[got["id"]] = got
+        refused = [a for a in answers.values() if "in progress on this WebSocket connection" in str(a.get("error"))]
+        assert len(refused) == 8, answers
+        assert all(a["error"]["code"] == -32002 for a in refused)
+        assert all(a.get("result", {}).get("content") for a in answers.values() if a not in refused), answers
+        after = ask(ws, rpc("tools/call", {"name": "add", "arguments": {"a": 1, "b": 2}}, request_id="after"))[-1]
+        assert after["result"]["content"][0]["text"] == "3", after
+
+
 def test_a_binary_frame_closes_with_1003(gateway: Gunicorn) -> None:
     with open_ws(gateway) as ws:
         ws.send(b"\x00\x01")
