@@ -89,7 +89,7 @@ def _pass_through(served: Served, plan: PassThrough) -> Response:
     if exchange.method == "GET" and streams.CLAIMS.full(served.gateway.registry.gateway.max_streams):
         # A GET is a stream: refused before the instance opens one.
         metrics.STREAMS_ENDED.labels("refused").inc()
-        raise _too_many_streams(served.gateway.registry.gateway.max_streams)
+        raise streams.too_many(served.gateway.registry.gateway.max_streams)
     try:
         answer = upstream.forward(ProxyRequest(
             method=exchange.method, path=f"/{served.path}" if served.path else "", query=served.query,
@@ -116,6 +116,17 @@ def _passed_back(served: Served, answer: ProxyResponse, message: dict[str, Any] 
     exchange.upstream = answer.instance
     wraps = (message is not None and jsonrpc.is_request(message)
              and headers.get("MCP-Protocol-Version") in protocol.MODERN_VERSIONS)
+    session_id: str | None = None
+    if answer.upstream_session and (session is None or answer.upstream_session != session.upstream_session):
+        params = (message or {}).get("params") or {}
+        version = params.get("protocolVersion") or (session.protocol_version if session else protocol.DEFAULT_LEGACY)
+        session_id = gateway.signer.mint(
+            server_id, str(version), instance=answer.instance, upstream_session=answer.upstream_session,
+            principal=exchange.principal,
+        )
+    elif session is not None:
+        session_id = headers[SESSION_HEADER]
+    # Last: a relayable body holds a stream claim and the instance's connection until it is closed.
     body = answer.body
     if isinstance(body, bytes):
         if wraps:
@@ -124,15 +135,8 @@ def _passed_back(served: Served, answer: ProxyResponse, message: dict[str, Any] 
         response = Response(body, status=answer.status, headers=answer.headers)
     else:
         response = _relayable(served, answer, wraps)
-    if answer.upstream_session and (session is None or answer.upstream_session != session.upstream_session):
-        params = (message or {}).get("params") or {}
-        version = params.get("protocolVersion") or (session.protocol_version if session else protocol.DEFAULT_LEGACY)
-        response.headers[SESSION_HEADER] = gateway.signer.mint(
-            server_id, str(version), instance=answer.instance, upstream_session=answer.upstream_session,
-            principal=exchange.principal,
-        )
-    elif session is not None:
-        response.headers[SESSION_HEADER] = headers[SESSION_HEADER]
+    if session_id is not None:
+        response.headers[SESSION_HEADER] = session_id
     return response
 
 
@@ -145,7 +149,7 @@ def _relayable(served: Served, answer: ProxyResponse, wraps: bool) -> Response:
     if not streams.CLAIMS.take(limit):
         source.close()  # the instance's answer is dropped: its connection closed, its count down
         metrics.STREAMS_ENDED.labels("refused").inc()
-        raise _too_many_streams(limit)
+        raise streams.too_many(limit)
     transform: Callable[[bytes], bytes] | None = None
     fallback: Iterator[bytes] = source
     if wraps:
@@ -171,11 +175,6 @@ def _thread_given_back(exchange: Exchange) -> None:
     release, exchange.release = exchange.release, None
     if release is not None:
         release()
-
-
-def _too_many_streams(limit: int) -> errors.Overloaded:
-    return errors.Overloaded(f"this gateway worker holds its most long-lived streams ({limit}, gateway.max_streams); "
-                             "try again shortly", retry_after=1)
 
 
 # --- bridge: the gateway ends MCP HTTP ---------------------------------------------

@@ -29,6 +29,8 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from . import errors
+
 log = logging.getLogger(__name__)
 
 READ_SIZE = 65536
@@ -183,6 +185,38 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
+# --- the loop's sockets: non-blocking reads and writes, and their limit ------------------------
+
+
+def receive(sock: socket.socket) -> bytes | None:
+    """What has arrived on a non-blocking client socket: None for nothing yet, b"" for its end (or a failure)."""
+    try:
+        return sock.recv(READ_SIZE)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
+
+
+def send_pending(sock: socket.socket, pending: bytearray) -> bool:
+    """Send as much of `pending` as a non-blocking socket takes now (sent bytes removed); False: the peer is gone."""
+    while pending:
+        try:
+            sent = sock.send(pending)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+        del pending[:sent]
+    return True
+
+
+def too_many(limit: int) -> errors.Overloaded:
+    """A new stream or WebSocket past gateway.max_streams: 503 with Retry-After."""
+    return errors.Overloaded(f"this gateway worker holds its most long-lived streams ({limit}, gateway.max_streams); "
+                             "try again shortly", retry_after=1)
+
+
 # --- what carry_out makes, and what the request thread hands over ---------------------
 
 
@@ -334,12 +368,9 @@ class Stream:
 
     def client_ready(self, mask: int) -> None:
         if mask & selectors.EVENT_READ:
-            try:
-                data = self.client.recv(READ_SIZE)
-            except (BlockingIOError, InterruptedError):
+            data = receive(self.client)
+            if data is None:
                 return
-            except OSError:
-                data = b""
             if not data:
                 self.abort("client_gone")
                 return
@@ -357,15 +388,9 @@ class Stream:
 
     def flush(self) -> None:
         out = self.out
-        while out:
-            try:
-                sent = self.client.send(out)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                self.abort("client_gone")
-                return
-            del out[:sent]
+        if not send_pending(self.client, out):
+            self.abort("client_gone")
+            return
         if len(out) > self.relay.buffer_bytes:
             log.warning("slow client %s cut: its stream %s left over %d bytes unread", self.relay.peer(self.conn),
                         self.body.what, self.relay.buffer_bytes)
@@ -412,10 +437,7 @@ class Stream:
         if reason == "shutdown":
             if self.chunked and not self.finishing:
                 self.out += FINAL_CHUNK  # a clean end, so the client reconnects rather than reports an error
-            with suppress(OSError):
-                while self.out:
-                    sent = self.client.send(self.out)
-                    del self.out[:sent]
+            send_pending(self.client, self.out)
         self.relay.done(self, reason, keep=False)
 
 
