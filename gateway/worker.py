@@ -251,7 +251,8 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
             raise
         keep_alive = not resp.should_close()
         chunked, resp.chunked = resp.chunked, False  # the relay frames the body; gunicorn must not end it
-        conn.gateway_stream = (body, handoff, chunked, keep_alive)
+        assert self.relay is not None  # made in run(), before any request
+        conn.gateway_relayed = (partial(self.relay.start, conn, body, handoff, chunked, keep_alive), body.close)
         return ()
 
     def _take_websocket(self, environ: dict[str, Any], start_response: Any) -> Any:
@@ -277,7 +278,8 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
             with suppress(OSError):
                 conn.sock.sendall(outcome.to_send)  # the refusal, before any upgrade
             return ()
-        conn.gateway_ws = (ws, outcome, dict(environ))
+        assert self.hub is not None  # made in run(), before any request
+        conn.gateway_relayed = (partial(self.hub.start, conn, ws, outcome, dict(environ)), streams.CLAIMS.give_back)
         return ()
 
     def _keepalive_after(self, conn: Any, keepalive: Any) -> Any:
@@ -286,20 +288,14 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
         return super()._keepalive_after(conn, keepalive)
 
     def finish_request(self, conn: Any, fs: Any) -> None:
-        upgraded = getattr(conn, "gateway_ws", None)
-        if upgraded is not None:
-            del conn.gateway_ws
-            if not fs.cancelled() and fs.exception() is None and fs.result() is RELAYED and self.hub is not None:
-                self.hub.start(conn, *upgraded)
+        relayed = getattr(conn, "gateway_relayed", None)
+        if relayed is not None:
+            start, undo = relayed
+            del conn.gateway_relayed
+            if not fs.cancelled() and fs.exception() is None and fs.result() is RELAYED:
+                start()  # a stream to the relay, or an upgraded connection to the hub
                 return
-            streams.CLAIMS.give_back()
-        stream = getattr(conn, "gateway_stream", None)
-        if stream is not None:
-            del conn.gateway_stream
-            if not fs.cancelled() and fs.exception() is None and fs.result() is RELAYED and self.relay is not None:
-                self.relay.start(conn, *stream)
-                return
-            stream[0].close()  # the thread failed after the hand-over began: the exchange ends here
+            undo()  # the thread failed after the hand-over began: what it took is given back here
         super().finish_request(conn, fs)
 
     def _end_streams_in_time(self) -> None:
@@ -400,16 +396,15 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
             return False
         finally:
             self._serving.conn = None
-        if getattr(conn, "gateway_stream", None) is not None or getattr(conn, "gateway_ws", None) is not None:
+        if getattr(conn, "gateway_relayed", None) is not None:
             return RELAYED
         return keep
 
     def _may_linger(self, conn: Any) -> bool:
         # Read from a pool thread: nr_conns and alive are plain values the loop
         # thread writes, and a stale read costs one linger more or less.
-        # Relayed streams hold connections but no thread: they do not count here.
-        streams_held = len(self.relay.streams) if self.relay is not None else 0
-        return bool(self.alive and not conn.is_http2 and self.nr_conns - streams_held <= self.cfg.threads)
+        # Relayed streams and WebSockets hold connections but no thread: they do not count here.
+        return bool(self.alive and not conn.is_http2 and self.nr_conns - streams.CLAIMS.count <= self.cfg.threads)
 
     def accept(self, listener: Any) -> None:
         slot = self.balance_slot
