@@ -157,7 +157,7 @@ def _relayable(served: Served, answer: ProxyResponse, wraps: bool) -> Response:
         states, server_id = gateway.states, served.upstream.server_id
         transform = partial(states.wrap_event, answer.instance, server_id, exchange.principal)
         fallback = states.wrap_stream(source, answer.instance, server_id, exchange.principal)
-    body = streams.RelayBody(source, fallback, transform)
+    body = streams.RelayBody.of_source(source, fallback, transform)
     body.what = f"{exchange.method} {exchange.path}"
     body.on_relay = partial(_thread_given_back, exchange)
     response = Response(body, status=answer.status, headers=answer.headers, direct_passthrough=True)

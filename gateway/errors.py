@@ -29,6 +29,7 @@ UPSTREAM_ERROR = -32001
 OVERLOADED = -32002
 SESSION_NOT_FOUND = -32003
 UNAUTHORIZED = -32004
+REQUEST_CANCELLED = -32005
 
 
 class GatewayError(Exception):
@@ -148,6 +149,17 @@ class NotSupported(ClientError):
     """A valid MCP request the gateway cannot serve on this route."""
 
     code = METHOD_NOT_FOUND
+
+
+class Cancelled(ClientError):
+    """The client cancelled the request (notifications/cancelled) or left while it was served.
+
+    Not a failure of the upstream: a process or connection cancelled this
+    way is wound down as the protocol says, and no answer is owed.
+    """
+
+    http_status = 499  # nginx's "client closed request": only ever seen in access lines and metrics
+    code = REQUEST_CANCELLED
 
 
 # --- the upstream or the gateway's own capacity failed ------------------------

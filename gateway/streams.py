@@ -13,8 +13,13 @@ watches the client (gone: the upstream is closed at once), bounds what a
 client leaves unread (`stream_buffer_bytes`), sends SSE keep-alive comments
 on idle streams and ends every stream when the worker stops.
 
-The relay knows a stream only as a source of SSE events: HTTP upstreams
-today; stdio and era-bridged notifications are the next source to add.
+The relay knows a stream only as a `Feed`: a file descriptor to watch and
+what to send when it is readable. `SocketFeed` is an HTTP upstream's
+socket (pass-through); a stdio process's stdout is another
+(gateway/upstreams/stdio.py). A feed ends itself (its source done or
+broken) or is abandoned by the stream (the client gone or too slow, the
+worker stopping), and then lets its source go: an upstream connection
+closed, a process's request cancelled.
 """
 
 from __future__ import annotations
@@ -217,7 +222,42 @@ def too_many(limit: int) -> errors.Overloaded:
                              "try again shortly", retry_after=1)
 
 
-# --- what carry_out makes, and what the request thread hands over ---------------------
+# --- what a stream reads from -----------------------------------------------------
+
+
+@dataclass(slots=True)
+class Fed:
+    """What a feed gives the stream at one moment: bytes for the client, and whether (and how) the feed ended."""
+
+    data: bytes = b""
+    done: bool = False
+    problem: str | None = None  # what broke, when done; None for a clean end
+
+
+NOTHING = Fed()
+
+
+class Feed(Protocol):
+    """A relayed stream's source, driven by the loop's thread only.
+
+    Once it returns a Fed that is done it has let its source go; otherwise
+    `abandon` does, once, when the stream ends first.
+    """
+
+    def fileno(self) -> int:
+        """What the loop watches for readability."""
+
+    def start(self, limit: int) -> Fed:
+        """What to send at once (read before the hand-over); `limit` bounds what may wait for a whole event."""
+
+    def readable(self) -> Fed:
+        """The descriptor is readable: what that gives."""
+
+    def tick(self, now: float) -> Fed:
+        """A look at the clock (about every TICK): a feed with a deadline ends itself here."""
+
+    def abandon(self, reason: str) -> None:
+        """The stream ended before the feed did (the client gone or slow, the worker stopping)."""
 
 
 @runtime_checkable
@@ -244,31 +284,105 @@ class Handoff:
     release: Callable[[str | None], None]
 
 
+class SocketFeed:
+    """An HTTP upstream's SSE body (pass-through): its framing decoded, cut into events, each maybe transformed."""
+
+    __slots__ = ("handoff", "transform", "events", "limit", "_released")
+
+    def __init__(self, handoff: Handoff, transform: Callable[[bytes], bytes] | None):
+        self.handoff = handoff
+        self.transform = transform
+        self.events = Events()
+        self.limit = 1 << 20
+        self._released = False
+
+    def fileno(self) -> int:
+        return self.handoff.sock.fileno()
+
+    def start(self, limit: int) -> Fed:
+        self.limit = limit
+        self.handoff.sock.setblocking(False)
+        return self._received(self.handoff.buffered) if self.handoff.buffered else NOTHING
+
+    def readable(self) -> Fed:
+        try:
+            data = self.handoff.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return NOTHING
+        except OSError as exc:
+            return self._end(f"its stream broke: {exc}")
+        if not data:
+            return self._end(None if self.handoff.framing.closed() else "it closed its stream mid-answer")
+        return self._received(data)
+
+    def tick(self, now: float) -> Fed:
+        return NOTHING
+
+    def abandon(self, reason: str) -> None:
+        self._release(None)  # the upstream connection is closed: nothing waits for the rest
+
+    def _received(self, data: bytes) -> Fed:
+        try:
+            payload, done = self.handoff.framing.feed(data)
+        except ValueError as exc:
+            return self._end(f"its stream broke: {exc}")
+        events = self.events.feed(payload)
+        transform = self.transform
+        out = b"".join(transform(event) for event in events) if transform is not None else b"".join(events)
+        if len(self.events.pending) > self.limit:
+            return self._end(f"it sent an event over {self.limit} bytes", out)
+        return self._end(None, out) if done else Fed(out)
+
+    def _end(self, problem: str | None, data: bytes = b"") -> Fed:
+        self._release(problem)
+        return Fed(data, True, problem)
+
+    def _release(self, problem: str | None) -> None:
+        if not self._released:
+            self._released = True
+            self.handoff.release(problem)
+
+
 class RelayBody:
     """A WSGI body the worker may relay instead of iterating (else it iterates like any body).
 
-    `fallback` is what a thread iterates (the source, maybe wrapped);
-    `close` ends it either way, then closes the response (the exchange).
+    `fallback` is what a thread iterates; `hand_over` gives the feed the
+    relay reads instead (None: it cannot, the thread iterates); `release`
+    lets the source go either way (a no-op once a feed owns it). `close`
+    ends the body, then closes the response (the exchange).
     """
 
-    def __init__(self, source: Source, fallback: Iterator[bytes], transform: Callable[[bytes], bytes] | None):
-        self.source = source
+    def __init__(self, fallback: Iterator[bytes], hand_over: Callable[[], Feed | None],
+                 release: Callable[[], None], claimed: bool = True):
         self.fallback = fallback
-        self.transform = transform
+        self._hand_over = hand_over
+        self._release = release
+        self.claimed = claimed  # it holds one of CLAIMS, given back at close
         self.on_close: Callable[[], None] | None = None  # the Flask response's close (carry_out sets it)
         self.what = ""  # for log lines: the request that opened the stream
         # Called when the relay takes the stream: the request's share of the threads is free (carry_out sets it).
         self.on_relay: Callable[[], None] | None = None
         self._closed = False
 
+    @classmethod
+    def of_source(cls, source: Source, fallback: Iterator[bytes],
+                  transform: Callable[[bytes], bytes] | None) -> RelayBody:
+        """An HTTP upstream's streaming answer, relayed as a SocketFeed."""
+
+        def hand_over() -> Feed | None:
+            handoff = source.hand_over()
+            return None if handoff is None else SocketFeed(handoff, transform)
+
+        return cls(fallback, hand_over, source.close)
+
     def __iter__(self) -> Iterator[bytes]:
         return self.fallback
 
-    def take(self) -> Handoff | None:
-        handoff = self.source.hand_over()
-        if handoff is not None and self.on_relay is not None:
+    def take(self) -> Feed | None:
+        feed = self._hand_over()
+        if feed is not None and self.on_relay is not None:
             self.on_relay()
-        return handoff
+        return feed
 
     def close(self) -> None:
         if self._closed:
@@ -278,9 +392,10 @@ class RelayBody:
             close = getattr(self.fallback, "close", None)
             if close is not None:
                 close()
-            self.source.close()
+            self._release()
         finally:
-            CLAIMS.give_back()
+            if self.claimed:
+                CLAIMS.give_back()
             if self.on_close is not None:
                 self.on_close()  # calls close() again (a no-op), then the exchange's finish
 
@@ -316,17 +431,16 @@ class Stream:
     relay: Relay
     conn: Any  # gunicorn's TConn
     body: RelayBody
-    handoff: Handoff
+    feed: Feed
     chunked: bool  # the client's framing: chunked, else until close
     keep_alive: bool
     started: float
     last_event: float
     out: bytearray = field(default_factory=bytearray)
-    events: Events = field(default_factory=Events)
     writing: bool = False  # the client socket is watched for writability too
-    finishing: float = 0.0  # the upstream is done; the rest is being flushed until this time
+    finishing: float = 0.0  # the feed is done; the rest is being flushed until this time
     over: bool = False
-    upstream_open: bool = True
+    feeding: bool = True  # the feed has not ended, nor been abandoned
 
     @property
     def client(self) -> socket.socket:
@@ -336,35 +450,19 @@ class Stream:
     # --- events -------------------------------------------------------------------------
 
     def upstream_readable(self) -> None:
-        try:
-            data = self.handoff.sock.recv(READ_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self.upstream_ended(f"its stream broke: {exc}")
-            return
-        if not data:
-            self.upstream_ended(None if self.handoff.framing.closed() else "it closed its stream mid-answer")
-            return
-        self.received(data)
+        self.fed(self.feed.readable())
 
-    def received(self, data: bytes) -> None:
-        try:
-            payload, done = self.handoff.framing.feed(data)
-        except ValueError as exc:
-            self.upstream_ended(f"its stream broke: {exc}")
-            return
-        events = self.events.feed(payload)
-        if events:
+    def fed(self, fed: Fed) -> None:
+        """What the feed gave: sent on, and the stream ended after it when the feed is done."""
+        if fed.done:
+            self.stop_watching_feed()  # it let its source go already: nothing to abandon
+        if fed.data:
             self.last_event = time.monotonic()
-            transform = self.body.transform
-            self.send(b"".join(transform(event) for event in events) if transform is not None else b"".join(events))
+            self.send(fed.data)
             if self.over:
                 return
-        if len(self.events.pending) > self.relay.buffer_bytes:
-            self.upstream_ended(f"it sent an event over {self.relay.buffer_bytes} bytes")
-        elif done:
-            self.upstream_ended(None)
+        if fed.done:
+            self.feed_ended(fed.problem)
 
     def client_ready(self, mask: int) -> None:
         if mask & selectors.EVENT_READ:
@@ -408,9 +506,8 @@ class Stream:
 
     ended_reason = "ended"
 
-    def upstream_ended(self, problem: str | None) -> None:
-        """The upstream is done (or broke): it is let go, and what is unsent is flushed, then the final chunk."""
-        self.close_upstream(problem)
+    def feed_ended(self, problem: str | None) -> None:
+        """The feed is done (or broke) and let its source go: what is unsent is flushed, then the final chunk."""
         if problem is not None:
             self.keep_alive = False
             self.ended_reason = "upstream_broken"
@@ -423,17 +520,18 @@ class Stream:
         self.finishing = time.monotonic() + self.relay.send_timeout
         self.flush()
 
-    def close_upstream(self, problem: str | None) -> None:
-        if not self.upstream_open:
+    def stop_watching_feed(self) -> None:
+        if not self.feeding:
             return
-        self.upstream_open = False
+        self.feeding = False
         with suppress(KeyError, ValueError, OSError):
-            self.relay.poller.unregister(self.handoff.sock)
-        self.handoff.release(problem)
+            self.relay.poller.unregister(self.feed.fileno())
 
     def abort(self, reason: str) -> None:
         """End now: the client is gone or too slow, or the worker stops; nothing more is sent but what goes at once."""
-        self.close_upstream(None)
+        if self.feeding:
+            self.stop_watching_feed()
+            self.feed.abandon(reason)
         if reason == "shutdown":
             if self.chunked and not self.finishing:
                 self.out += FINAL_CHUNK  # a clean end, so the client reconnects rather than reports an error
@@ -462,25 +560,25 @@ class Relay:
         from . import metrics
         self._metrics = metrics
 
-    def start(self, conn: Any, body: RelayBody, handoff: Handoff, chunked: bool, keep_alive: bool) -> None:
+    def start(self, conn: Any, body: RelayBody, feed: Feed, chunked: bool, keep_alive: bool) -> None:
         settings = self._settings()
         self.buffer_bytes = settings.stream_buffer_bytes
         self.send_timeout = settings.send_timeout
         self.keepalive_interval = settings.sse_keepalive_interval
         now = time.monotonic()
-        stream = Stream(self, conn, body, handoff, chunked, keep_alive and self.alive, now, now)
+        stream = Stream(self, conn, body, feed, chunked, keep_alive and self.alive, now, now)
         self.streams.add(stream)
         self._metrics.STREAMS_STARTED.inc()
         conn.sock.setblocking(False)
-        handoff.sock.setblocking(False)
         try:
+            first = feed.start(self.buffer_bytes)
             self.poller.register(conn.sock, selectors.EVENT_READ, Watch(stream, False))
-            self.poller.register(handoff.sock, selectors.EVENT_READ, Watch(stream, True))
+            if not first.done:
+                self.poller.register(feed.fileno(), selectors.EVENT_READ, Watch(stream, True))
         except (OSError, ValueError, KeyError):
             stream.abort("client_gone")
             return
-        if handoff.buffered:
-            stream.received(handoff.buffered)
+        stream.fed(first)
 
     def done(self, stream: Stream, reason: str, keep: bool) -> None:
         if stream.over:
@@ -513,6 +611,10 @@ class Relay:
         for stream in list(self.streams):
             if stream.over:
                 continue
+            if stream.feeding:
+                stream.fed(stream.feed.tick(now))
+                if stream.over:
+                    continue
             if stream.finishing:
                 if now > stream.finishing:
                     stream.abort("slow_client")

@@ -242,8 +242,8 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
         if conn is None or conn.is_http2 or self.cfg.is_ssl or not isinstance(resp, gunicorn_wsgi.Response):
             return body  # iterated by this thread, as any body
         try:
-            handoff = body.take()
-            if handoff is None:
+            feed = body.take()
+            if feed is None:
                 return body
             resp.send_headers()
         except BaseException:
@@ -252,7 +252,7 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
         keep_alive = not resp.should_close()
         chunked, resp.chunked = resp.chunked, False  # the relay frames the body; gunicorn must not end it
         assert self.relay is not None  # made in run(), before any request
-        conn.gateway_relayed = (partial(self.relay.start, conn, body, handoff, chunked, keep_alive), body.close)
+        conn.gateway_relayed = (partial(self.relay.start, conn, body, feed, chunked, keep_alive), body.close)
         return ()
 
     def _take_websocket(self, environ: dict[str, Any], start_response: Any) -> Any:
