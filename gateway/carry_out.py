@@ -10,7 +10,7 @@ refusal. Upstreams are seen through the Protocols of gateway/upstreams only.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -24,7 +24,13 @@ from .protocol import ClientContext
 from .runtime import Gateway
 from .serving import SESSION_HEADER, Answer, Bridge, Local, PassThrough, Plan, Refuse
 from .sessions import Session
-from .upstreams import MessageUpstream, PassThroughUpstream, ProxyRequest, ProxyResponse
+from .upstreams import (
+    MessageUpstream,
+    PassThroughUpstream,
+    ProxyRequest,
+    ProxyResponse,
+    Replies,
+)
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +207,7 @@ def _bridge(served: Served) -> Response:
     return Response(final.encoded(), mimetype="application/json")
 
 
-def _sse(first: Reply, replies: Generator[Reply, None, None], request_id: Any) -> Iterator[bytes]:
+def _sse(first: Reply, replies: Replies, request_id: Any) -> Iterator[bytes]:
     try:
         yield sse.event(first.encoded())
         for reply in replies:

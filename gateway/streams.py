@@ -30,6 +30,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -216,6 +217,33 @@ def send_pending(sock: socket.socket, pending: bytearray) -> bool:
     return True
 
 
+_BACKGROUND: futures.ThreadPoolExecutor | None = None
+_BACKGROUND_LOCK = threading.Lock()
+# Threads that wind down what a relayed stream let go when that blocks (a process's cancelled
+# request read out for its grace, a refusal POSTed to an instance): never the loop's thread.
+BACKGROUND_THREADS = 4
+
+
+def in_background(job: Callable[[], None]) -> None:
+    """Run a blocking wind-down off the loop (a bounded pool, made on first use); its errors are logged."""
+    global _BACKGROUND
+    with _BACKGROUND_LOCK:
+        if _BACKGROUND is None:
+            _BACKGROUND = futures.ThreadPoolExecutor(BACKGROUND_THREADS, thread_name_prefix="stream-release")
+        executor = _BACKGROUND
+
+    def run() -> None:
+        try:
+            job()
+        except Exception:
+            log.exception("error winding down a relayed stream")
+
+    try:
+        executor.submit(run)
+    except RuntimeError:  # the interpreter is exiting: run it here rather than leak what it holds
+        run()
+
+
 def too_many(limit: int) -> errors.Overloaded:
     """A new stream or WebSocket past gateway.max_streams: 503 with Retry-After."""
     return errors.Overloaded(f"this gateway worker holds its most long-lived streams ({limit}, gateway.max_streams); "
@@ -287,7 +315,7 @@ class Handoff:
 class SocketFeed:
     """An HTTP upstream's SSE body (pass-through): its framing decoded, cut into events, each maybe transformed."""
 
-    __slots__ = ("handoff", "transform", "events", "limit", "_released")
+    __slots__ = ("_released", "events", "handoff", "limit", "transform")
 
     def __init__(self, handoff: Handoff, transform: Callable[[bytes], bytes] | None):
         self.handoff = handoff

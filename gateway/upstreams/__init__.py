@@ -13,17 +13,18 @@ through to (an http server's instances), or None.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Iterator
 from typing import Any, Protocol
 
+from ..cancel import Cancellation
 from ..jsonrpc import Reply
 from ..protocol import ClientContext, ServerHello
 from ..registry import ServerEntry
 from .http import HttpUpstream, ProxyRequest, ProxyResponse
 from .stdio import StdioUpstream
 
-__all__ = ["HttpUpstream", "MessageUpstream", "PassThroughUpstream", "ProxyRequest", "ProxyResponse", "StdioUpstream",
-           "Upstream", "build", "instances"]
+__all__ = ["HttpUpstream", "MessageUpstream", "PassThroughUpstream", "ProxyRequest", "ProxyResponse", "Replies",
+           "StdioUpstream", "Upstream", "build", "instances"]
 
 
 class Upstream(Protocol):
@@ -40,12 +41,30 @@ class Upstream(Protocol):
         ...
 
 
+class Replies(Protocol):
+    """The messages answering one request, notifications first, the response last (final).
+
+    `close` ends it early (the client left): the upstream winds the request
+    down. `hand_over`, once the first reply was taken, gives the rest as a
+    streams.Feed of SSE events the worker's loop relays instead of a thread
+    iterating (every later reply, the response included, or an error event
+    when the request fails or runs out of time), or None when it cannot;
+    after a hand-over the feed owns the request and `close` is a no-op.
+    """
+
+    def __iter__(self) -> Iterator[Reply]: ...
+    def __next__(self) -> Reply: ...
+    def close(self) -> None: ...
+
+
 class MessageUpstream(Upstream, Protocol):
     """An upstream the gateway speaks JSON-RPC messages to (the gateway ends MCP HTTP)."""
 
     def hello(self) -> ServerHello: ...
     def call(self, message: dict[str, Any], body: bytes, client: ClientContext,
-             request_id: str | None = None) -> Generator[Reply, None, None]: ...
+             request_id: str | None = None, cancel: Cancellation | None = None) -> Replies:
+        """Serve one request; `cancel`, when given, cut it short from another thread (errors.Cancelled)."""
+        ...
 
 
 class PassThroughUpstream(MessageUpstream, Protocol):

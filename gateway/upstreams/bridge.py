@@ -21,6 +21,7 @@ from typing import Any
 
 from .. import errors, jsonrpc, protocol, sse
 from ..balancer import Balancer, Instance
+from ..cancel import Cancellation
 from ..jsonrpc import Reply
 from ..protocol import ClientContext, ServerHello
 from ..registry import HttpSettings
@@ -135,7 +136,7 @@ class Bridge:
     # --- a bridged request ----------------------------------------------------------
 
     def call(self, message: dict[str, Any], body: bytes, client: ClientContext,
-             request_id: str | None = None) -> Generator[Reply, None, None]:
+             request_id: str | None = None, cancel: Cancellation | None = None) -> Generator[Reply, None, None]:
         """A bridged request: translate, send, and translate every message of the answer."""
         failover = self.failover.begin()
         server_era = protocol.LEGACY if self.speaks_era(protocol.LEGACY) else protocol.MODERN

@@ -18,6 +18,7 @@ from typing import Any
 
 from .. import errors
 from ..balancer import Balancer, Instance
+from ..cancel import Cancellation
 from ..health import HealthPolicy, InstanceHealth
 from ..jsonrpc import Reply
 from ..protocol import ClientContext, ServerHello
@@ -139,9 +140,9 @@ class HttpUpstream:
         self.bridge.relearn()
 
     def call(self, message: dict[str, Any], body: bytes, client: ClientContext,
-             request_id: str | None = None) -> Generator[Reply, None, None]:
+             request_id: str | None = None, cancel: Cancellation | None = None) -> Generator[Reply, None, None]:
         """A bridged request: translated, sent, and every message of the answer translated back."""
-        return self.bridge.call(message, body, client, request_id)
+        return self.bridge.call(message, body, client, request_id, cancel)
 
     # --- reporting ---------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from contextlib import closing
 from typing import Any
 
 from .. import errors, jsonrpc, metrics, protocol, scope
+from ..cancel import Cancellation
 from ..jsonrpc import Reply
 from ..pool import StdioPool
 from ..protocol import ClientContext, ServerHello
@@ -104,7 +105,7 @@ class StdioUpstream:
         return False  # the gateway ends MCP HTTP itself: a process speaks JSON-RPC lines
 
     def call(self, message: dict[str, Any], body: bytes, client: ClientContext,
-             request_id: str | None = None) -> Generator[Reply, None, None]:
+             request_id: str | None = None, cancel: Cancellation | None = None) -> Generator[Reply, None, None]:
         """Serve one request; retry once on a fresh process where that is safe.
 
         Safe means the request never reached the failed process, or its method
