@@ -469,6 +469,9 @@ class Stream:
     finishing: float = 0.0  # the feed is done; the rest is being flushed until this time
     over: bool = False
     feeding: bool = True  # the feed has not ended, nor been abandoned
+    # The descriptor watched for the feed, kept: once the feed let its source go, fileno() may say -1,
+    # and a key left under the old number would refuse the next stream whose socket reuses it.
+    feed_fd: int = -1
 
     @property
     def client(self) -> socket.socket:
@@ -552,8 +555,10 @@ class Stream:
         if not self.feeding:
             return
         self.feeding = False
-        with suppress(KeyError, ValueError, OSError):
-            self.relay.poller.unregister(self.feed.fileno())
+        if self.feed_fd >= 0:
+            with suppress(KeyError, ValueError, OSError):
+                self.relay.poller.unregister(self.feed_fd)
+            self.feed_fd = -1
 
     def abort(self, reason: str) -> None:
         """End now: the client is gone or too slow, or the worker stops; nothing more is sent but what goes at once."""
@@ -603,6 +608,7 @@ class Relay:
             self.poller.register(conn.sock, selectors.EVENT_READ, Watch(stream, False))
             if not first.done:
                 self.poller.register(feed.fileno(), selectors.EVENT_READ, Watch(stream, True))
+                stream.feed_fd = feed.fileno()
         except (OSError, ValueError, KeyError):
             stream.abort("client_gone")
             return
