@@ -163,6 +163,8 @@ def test_a_relayed_stdio_call_past_its_deadline_ends_with_an_error_event(gunicor
     wait_for(lambda: pool(gateway)["busy"] == 0, 10, "the process free")
     wait_for(lambda: "request_id=deadline-stdio-1 " in gateway.log(), 10, "the access line")
     assert pool(gateway)["restarts"] == 0
+    page = requests.get(f"{gateway.url}/metrics", timeout=5).text  # its final reply was an error
+    assert 'mcp_gateway_requests_total{method="tools/call",outcome="rpc_error",server="srv"} 1.0' in page, page
 
 
 def test_a_relayed_stdio_call_whose_process_dies_ends_with_an_error_event(gunicorn: Any, tmp_path: Path) -> None:
