@@ -244,8 +244,8 @@ class Hub:
 
     def submit(self, link: Link, message: dict[str, Any]) -> None:
         if not jsonrpc.is_request(message):
-            # The client's responses and other notifications are ignored: pooled processes take no
-            # client->server traffic but their requests, as over HTTP.
+            # Its cancellations cut a request short; the client's responses and other notifications
+            # are ignored: a pooled process has nothing to ask the client, as over HTTP.
             if message.get("method") == "notifications/cancelled":
                 link.cancelled(message)
             return
