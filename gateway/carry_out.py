@@ -9,6 +9,7 @@ refusal. Upstreams are seen through the Protocols of gateway/upstreams only.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -195,7 +196,7 @@ def _bridge(served: Served) -> Response:
     exchange.upstream = first.origin
     if not first.final and "text/event-stream" in exchange.headers.get("Accept", ""):
         # The stream owns `replies` now, and closes it when the client is done.
-        return Response(_sse(first, replies, message["id"]), mimetype="text/event-stream", headers=SSE_HEADERS)
+        return _stream(served, first, replies)
     try:
         # A JSON-only client gets just the final response; notifications are dropped.
         final = first if first.final else next(reply for reply in replies if reply.final)
@@ -207,16 +208,91 @@ def _bridge(served: Served) -> Response:
     return Response(final.encoded(), mimetype="application/json")
 
 
-def _sse(first: Reply, replies: Replies, request_id: Any) -> Iterator[bytes]:
+def _stream(served: Served, first: Reply, replies: Replies) -> Response:
+    """A bridged answer as SSE: relayed by the worker's loop once its first event is out, where the upstream can."""
+    exchange, message = served.exchange, served.message
+    assert message is not None  # a bridged POST's
+    fallback = _sse(first, replies, message["id"], exchange)
+    hand_over: Callable[[], streams.Feed | None] | None = getattr(replies, "hand_over", None)
+    limit = served.gateway.registry.gateway.max_streams
+    # The relay takes it only with a claim: past gateway.max_streams (or an upstream that cannot hand
+    # its answer over) the request thread iterates it as before, holding its thread until the answer ends.
+    if hand_over is None or not streams.CLAIMS.take(limit):
+        return Response(fallback, mimetype="text/event-stream", headers=SSE_HEADERS)
+    given = hand_over
+
+    def take() -> streams.Feed | None:
+        feed = given()
+        return None if feed is None else _Bridged(feed, sse.event(first.encoded()), exchange)
+
+    body = streams.RelayBody(fallback, take, replies.close)
+    body.what = f"{exchange.method} {exchange.path}"
+    body.on_relay = partial(_thread_given_back, exchange)
+    response = Response(body, mimetype="text/event-stream", headers=SSE_HEADERS, direct_passthrough=True)
+    body.on_close = response.close  # the body is passed through as it is, so it closes the response
+    return response
+
+
+class _Bridged:
+    """A bridged answer's feed as the relay reads it: the first event (a thread took it) before the rest,
+    and the exchange told whether the final reply was an error (its access line and metrics say so)."""
+
+    __slots__ = ("exchange", "feed", "first", "last")
+
+    def __init__(self, feed: streams.Feed, first: bytes, exchange: Exchange):
+        self.feed = feed
+        self.first = first
+        self.exchange = exchange
+        self.last = b""  # the last bytes given: the final event is in them when the feed ends
+
+    def fileno(self) -> int:
+        return self.feed.fileno()
+
+    def start(self, limit: int) -> streams.Fed:
+        fed = self.feed.start(limit)
+        return self._noted(streams.Fed(self.first + fed.data, fed.done, fed.problem))
+
+    def readable(self) -> streams.Fed:
+        return self._noted(self.feed.readable())
+
+    def tick(self, now: float) -> streams.Fed:
+        return self._noted(self.feed.tick(now))
+
+    def abandon(self, reason: str) -> None:
+        self.feed.abandon(reason)
+
+    def _noted(self, fed: streams.Fed) -> streams.Fed:
+        if fed.data:
+            self.last = fed.data
+        if fed.done:
+            self.exchange.rpc_error = _is_error(self.last)
+        return fed
+
+
+def _is_error(events: bytes) -> bool:
+    """Whether the last SSE event in `events` is a JSON-RPC error."""
+    data = [b"", *sse.events([events])][-1]
+    try:
+        final = json.loads(data) if data else None
+    except ValueError:
+        return False
+    return isinstance(final, dict) and "error" in final
+
+
+def _sse(first: Reply, replies: Replies, request_id: Any, exchange: Exchange) -> Iterator[bytes]:
     try:
         yield sse.event(first.encoded())
         for reply in replies:
+            if reply.final:
+                exchange.rpc_error = "error" in reply.message
             yield sse.event(reply.encoded())
     except errors.GatewayError as exc:
         # Headers are gone already; the failure travels as the final event.
+        exchange.rpc_error = True
         yield sse.event(jsonrpc.encode(jsonrpc.error(request_id, exc.code, exc.message, exc.data)))
     except Exception as exc:  # a bug must still end the stream with an answer
         log.exception("unhandled error while streaming an answer")
+        exchange.rpc_error = True
         yield sse.event(jsonrpc.encode(jsonrpc.error(request_id, errors.INTERNAL_ERROR,
                                                      f"internal gateway error: {type(exc).__name__}")))
     finally:

@@ -4,8 +4,10 @@ A process is started by processes.spawn (argv, own process group, minimal
 environment). At spawn it is asked `server/discover`;
 a modern answer means it speaks 2026-07-28, anything else means the legacy
 era and one `initialize` handshake. Reads and writes run in the calling
-thread on non-blocking pipes with a deadline, so a hung child costs a
-timeout, never a hung worker. stderr is drained by a thread into the log.
+thread on non-blocking pipes with a deadline (and a request's
+cancellation, which cuts a wait short), so a hung child costs a timeout,
+never a hung worker; or, for an answer the worker's loop relays, as whole
+lines of what is there (`fill`, `next_line`, `sort`) without blocking. stderr is drained by a thread into the log.
 Every failure of the child's pipes becomes a gateway error here.
 """
 
@@ -22,6 +24,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from . import errors, jsonrpc, processes, protocol
+from .cancel import Cancellation
 from .registry import StdioSettings
 
 log = logging.getLogger(__name__)
@@ -110,53 +113,68 @@ class StdioProcess:
 
     # --- exchanging messages -------------------------------------------------
 
-    def send(self, data: bytes, deadline: float) -> None:
+    @property
+    def stdout(self) -> int:
+        """The descriptor of the child's stdout (non-blocking), for a loop to watch."""
+        return self._stdout
+
+    def send(self, data: bytes, deadline: float, cancel: Cancellation | None = None) -> None:
         """Write one message line; a child that stops reading costs a timeout."""
         view = memoryview(data + b"\n")
         while view:
             try:
                 written = os.write(self._stdin, view)
             except BlockingIOError:
-                self._wait(self._stdin, select.POLLOUT, deadline, "accept the request")
+                self._wait(self._stdin, select.POLLOUT, deadline, "accept the request", cancel)
                 continue
             except (BrokenPipeError, OSError):
-                raise self._exited("while the request was being written") from None
+                raise self.exited("while the request was being written") from None
             view = view[written:]
 
-    def messages(self, request_id: Any, deadline: float) -> Iterator[tuple[dict[str, Any], bytes]]:
-        """Yield what the child writes until the response to `request_id`.
-
-        Notifications are yielded as they come; server->client requests are
-        answered with an error at once (a pooled process has no client to ask);
-        the response is yielded last.
-        """
+    def messages(self, request_id: Any, deadline: float,
+                 cancel: Cancellation | None = None) -> Iterator[tuple[dict[str, Any], bytes]]:
+        """Yield what the child writes until the response to `request_id` (see `sort`), the response last."""
         while True:
-            raw = self._read_line(deadline)
-            try:
-                message = json.loads(raw)
-            except ValueError:
-                raise errors.ProcessFailed(
-                    f"server '{self.server_id}': process {self.pid} wrote non-JSON to stdout: {raw[:200]!r}"
-                ) from None
-            if not isinstance(message, dict):
-                raise errors.ProcessFailed(
-                    f"server '{self.server_id}': process {self.pid} wrote a non-object JSON-RPC message: {raw[:200]!r}"
-                )
-            if "method" in message:
-                if "id" in message:
-                    self._refuse(message, deadline)
-                    continue
-                yield message, raw
-            elif message.get("id") == request_id:
-                yield message, raw
+            raw = self._read_line(deadline, cancel)
+            message = self.sort(raw, request_id, deadline)
+            if message is None:
+                continue
+            yield message, raw
+            if "method" not in message:
                 return
-            elif self.cancelled and hashable_id(message.get("id")) and message.get("id") in self.cancelled:
-                self.cancelled.discard(message.get("id"))
-                log.info("server %s pid %s: dropped the answer to cancelled request %r", self.server_id, self.pid, message.get("id"))
-            elif message.get("id") == _DISCOVER_ID:  # the late answer handshake() asks for again
-                log.info("server %s pid %s: answered server/discover after %.0fs", self.server_id, self.pid, DISCOVER_TIMEOUT)
-            else:
-                log.warning("server %s pid %s: dropped a response to unknown id %r", self.server_id, self.pid, message.get("id"))
+
+    def sort(self, raw: bytes, request_id: Any, deadline: float) -> dict[str, Any] | None:
+        """One line the child wrote, for the request `request_id`: a notification, its response, or None.
+
+        Server->client requests are answered with an error at once (a pooled
+        process has no client to ask); late answers to cancelled requests and
+        strays are dropped (None). ProcessFailed for what is not a JSON-RPC message.
+        """
+        try:
+            message = json.loads(raw)
+        except ValueError:
+            raise errors.ProcessFailed(
+                f"server '{self.server_id}': process {self.pid} wrote non-JSON to stdout: {raw[:200]!r}"
+            ) from None
+        if not isinstance(message, dict):
+            raise errors.ProcessFailed(
+                f"server '{self.server_id}': process {self.pid} wrote a non-object JSON-RPC message: {raw[:200]!r}"
+            )
+        if "method" in message:
+            if "id" in message:
+                self._refuse(message, deadline)
+                return None
+            return message
+        if message.get("id") == request_id:
+            return message
+        if self.cancelled and hashable_id(message.get("id")) and message.get("id") in self.cancelled:
+            self.cancelled.discard(message.get("id"))
+            log.info("server %s pid %s: dropped the answer to cancelled request %r", self.server_id, self.pid, message.get("id"))
+        elif message.get("id") == _DISCOVER_ID:  # the late answer handshake() asks for again
+            log.info("server %s pid %s: answered server/discover after %.0fs", self.server_id, self.pid, DISCOVER_TIMEOUT)
+        else:
+            log.warning("server %s pid %s: dropped a response to unknown id %r", self.server_id, self.pid, message.get("id"))
+        return None
 
     def _refuse(self, message: dict[str, Any], deadline: float) -> None:
         log.info("server %s pid %s: refused server->client request %s", self.server_id, self.pid, message["method"])
@@ -166,39 +184,59 @@ class StdioProcess:
         )
         self.send(jsonrpc.encode(reply), deadline)
 
-    def _read_line(self, deadline: float) -> bytes:
+    def _read_line(self, deadline: float, cancel: Cancellation | None = None) -> bytes:
+        while True:
+            line = self.next_line()
+            if line is not None:
+                return line
+            self._wait(self._stdout, select.POLLIN, deadline, "answer", cancel)
+            if self.fill():
+                raise self.exited("before it answered")
+
+    def next_line(self) -> bytes | None:
+        """The next whole non-blank line already read (without its newline), or None; ProcessFailed past max_line_bytes."""
         limit = self.settings.max_line_bytes
         while True:
             newline = self._buffer.find(b"\n", self._scanned)
-            if newline >= 0:
-                line = bytes(self._buffer[:newline])
-                del self._buffer[: newline + 1]
-                self._scanned = 0
-                if len(line) > limit:
+            if newline < 0:
+                self._scanned = len(self._buffer)
+                if self._scanned > limit:
                     raise self._too_long()
-                if line.strip():
-                    return line
-                continue
-            self._scanned = len(self._buffer)
-            if self._scanned > limit:
+                return None
+            line = bytes(self._buffer[:newline])
+            del self._buffer[: newline + 1]
+            self._scanned = 0
+            if len(line) > limit:
                 raise self._too_long()
-            self._wait(self._stdout, select.POLLIN, deadline, "answer")
-            try:
-                chunk = os.read(self._stdout, 1 << 16)
-            except BlockingIOError:
-                continue
-            except OSError:
-                chunk = b""
-            if not chunk:
-                raise self._exited("before it answered")
-            self._buffer += chunk
+            if line.strip():
+                return line
 
-    def _wait(self, fd: int, event: int, deadline: float, doing: str) -> None:
+    def fill(self) -> bool:
+        """Read what the child wrote, without blocking; True when its stdout ended."""
+        try:
+            chunk = os.read(self._stdout, 1 << 16)
+        except BlockingIOError:
+            return False
+        except OSError:
+            chunk = b""
+        if not chunk:
+            return True
+        self._buffer += chunk
+        return False
+
+    def _wait(self, fd: int, event: int, deadline: float, doing: str, cancel: Cancellation | None = None) -> None:
+        if cancel is not None:
+            cancel.check(self.server_id)
         remaining = deadline - time.monotonic()
         if remaining > 0:
             poller = select.poll()
             poller.register(fd, event | select.POLLERR | select.POLLHUP)
-            if poller.poll(remaining * 1000):
+            if cancel is not None:
+                poller.register(cancel.fileno(), select.POLLIN)
+            ready = poller.poll(remaining * 1000)
+            if cancel is not None:
+                cancel.check(self.server_id)  # cancelled while waiting: before whatever the child did
+            if ready:
                 return
         raise errors.UpstreamTimeout(f"server '{self.server_id}': process {self.pid} did not {doing} in time")
 
@@ -207,12 +245,16 @@ class StdioProcess:
             f"server '{self.server_id}': process {self.pid} wrote a line over {self.settings.max_line_bytes} bytes"
         )
 
-    def _exited(self, when: str) -> errors.ProcessFailed:
+    def exited(self, when: str, wait: float = 0.5) -> errors.ProcessFailed:
+        """The failure of a child whose pipe ended; `wait` 0 (the loop's thread) does not wait for its exit."""
         try:
-            code = self._popen.wait(timeout=0.5)
-            how = f"exited with code {code}" if code >= 0 else f"was killed by signal {-code}"
+            code = self._popen.wait(timeout=wait) if wait else self._popen.poll()
         except subprocess.TimeoutExpired:
+            code = None
+        if code is None:
             how = "closed its stdout"
+        else:
+            how = f"exited with code {code}" if code >= 0 else f"was killed by signal {-code}"
         return errors.ProcessFailed(f"server '{self.server_id}': process {self.pid} {how} {when}")
 
     # --- stopping ------------------------------------------------------------

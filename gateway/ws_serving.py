@@ -33,6 +33,7 @@ from typing import Any
 from flask import Flask
 
 from . import errors, jsonrpc, streams
+from .cancel import Cancellation
 from .exchange import Exchange
 from .runtime import Gateway
 from .websocket import (
@@ -96,6 +97,8 @@ class Link:
         self.over = False
         self.writing = False
         self.serving = 0  # its requests queued or being served (MAX_SERVING); only the loop changes it
+        # Each request in flight by its JSON-RPC id (hashable), to cancel it; only the loop touches it.
+        self.in_flight: dict[Any, Cancellation] = {}
 
     # --- in the loop ---------------------------------------------------------------
 
@@ -138,9 +141,20 @@ class Link:
             if self.ws.closed:
                 self.end()
 
-    def served(self) -> None:
-        """Through the loop's queue: one of its requests is done (answered or failed)."""
+    def served(self, key: Any, cancel: Cancellation) -> None:
+        """Through the loop's queue: one of its requests is done (answered, failed or cancelled)."""
         self.serving -= 1
+        if self.in_flight.get(key) is cancel:
+            del self.in_flight[key]
+        cancel.close()
+
+    def cancelled(self, message: dict[str, Any]) -> None:
+        """The client's notifications/cancelled: the request it names is cut short, and not answered."""
+        params = message.get("params")
+        key = _key(params.get("requestId")) if isinstance(params, dict) else None
+        cancel = self.in_flight.get(key) if key is not None else None
+        if cancel is not None:
+            cancel.cancel("the client cancelled it")
 
     def flush(self) -> None:
         if not streams.send_pending(self.sock, self.pending):
@@ -164,6 +178,8 @@ class Link:
         self.over = True
         with suppress(KeyError, ValueError, OSError):
             self.hub.poller.unregister(self.sock)
+        for cancel in self.in_flight.values():  # no one is left to answer: every request winds down now
+            cancel.cancel("the connection ended")
         self.hub.ended(self)
 
 
@@ -228,8 +244,10 @@ class Hub:
 
     def submit(self, link: Link, message: dict[str, Any]) -> None:
         if not jsonrpc.is_request(message):
-            # Notifications (cancelled: its late answer is dropped by send_message) and the client's
-            # responses: pooled processes take no server->client traffic, as over HTTP.
+            # Its cancellations cut a request short; the client's responses and other notifications
+            # are ignored: a pooled process has nothing to ask the client, as over HTTP.
+            if message.get("method") == "notifications/cancelled":
+                link.cancelled(message)
             return
         if link.serving >= MAX_SERVING:
             link.send_message(jsonrpc.error(message["id"], errors.OVERLOADED, (
@@ -237,27 +255,45 @@ class Hub:
                 "serves for one; wait for their answers")))
             return
         link.serving += 1
+        cancel = Cancellation()
+        key = _key(message["id"])
+        if key is not None:
+            # A second request reusing an id in flight takes it over: a cancellation names the latest.
+            link.in_flight[key] = cancel
         try:
-            self.executor.submit(self._serve, link, message)
+            self.executor.submit(self._serve, link, message, key, cancel)
         except RuntimeError:  # shut down: the worker is going
             link.fail()
 
     # --- in a serving thread --------------------------------------------------------
 
-    def _serve(self, link: Link, message: dict[str, Any]) -> None:
+    def _serve(self, link: Link, message: dict[str, Any], key: Any, cancel: Cancellation) -> None:
+        def send(reply: dict[str, Any]) -> None:
+            if not cancel.cancelled:  # a cancelled request gets no answer (basic/utilities/cancellation)
+                self.defer(link.send_message, reply)
+
         try:
-            serve_message(self.gateway(), self.app, link.ws, link.environ, message,
-                          lambda reply: self.defer(link.send_message, reply))
+            serve_message(self.gateway(), self.app, link.ws, link.environ, message, send, cancel)
         except Exception:  # a fault of ours: this connection ends, the worker goes on
             log.exception("serving a WebSocket message failed")
             self.defer(link.fail)
         finally:
-            self.defer(link.served)
+            self.defer(link.served, key, cancel)
+
+
+def _key(request_id: Any) -> Any:
+    """A JSON-RPC id as a key of Link.in_flight (a string or a number), or None."""
+    return request_id if isinstance(request_id, (str, int, float)) and not isinstance(request_id, bool) else None
 
 
 def serve_message(gateway: Gateway, app: Flask, ws: WebSocketConnection, environ: dict[str, Any],
-                  message: dict[str, Any], send: Callable[[dict[str, Any]], None]) -> None:
-    """One JSON-RPC request of a connection, served as a bridged POST; what answers it goes to `send`."""
+                  message: dict[str, Any], send: Callable[[dict[str, Any]], None],
+                  cancel: Cancellation | None = None) -> None:
+    """One JSON-RPC request of a connection, served as a bridged POST; what answers it goes to `send`.
+
+    Cancelled (the client's notifications/cancelled, or the connection gone),
+    the request ends with no message and 499 in its access line.
+    """
     session = ws.session
     assert session is not None
     server_id = session.server_id
@@ -274,7 +310,7 @@ def serve_message(gateway: Gateway, app: Flask, ws: WebSocketConnection, environ
             return
         client = session.context(message)
         body = jsonrpc.encode(message)
-        replies = upstream.call(message, body, client, exchange.request_id)
+        replies = upstream.call(message, body, client, exchange.request_id, cancel)
         try:
             for reply in replies:
                 exchange.upstream = reply.origin or exchange.upstream
@@ -288,6 +324,9 @@ def serve_message(gateway: Gateway, app: Flask, ws: WebSocketConnection, environ
     except errors.GatewayError as exc:
         status = exc.http_status
         exchange.rpc_error = True
-        send(jsonrpc.error(message.get("id"), exc.code, exc.message, exc.data))
+        send(jsonrpc.error(message.get("id"), exc.code, exc.message, exc.data))  # dropped if it was cancelled
     finally:
+        if cancel is not None and cancel.cancelled:
+            status = errors.Cancelled.http_status  # however it ended: no answer was owed
+            exchange.rpc_error = False
         exchange.finish(app, status)

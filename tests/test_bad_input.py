@@ -388,11 +388,11 @@ def fail_once(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, when: Any 
 def _failing_messages(real: Any) -> Any:
     fired: list[bool] = []
 
-    def messages(process: Any, request_id: Any, deadline: float) -> Iterator[Any]:
+    def messages(process: Any, request_id: Any, deadline: float, cancel: Any = None) -> Iterator[Any]:
         if request_id == 1 and not fired:  # the client's request, after it was written: the answer is unread
             fired.append(True)
             raise RuntimeError("injected failure")
-        yield from real(process, request_id, deadline)
+        yield from real(process, request_id, deadline, cancel)
     return messages
 
 

@@ -444,3 +444,26 @@ def test_a_client_error_before_the_request_is_written_keeps_the_process(upstream
     monkeypatch.undo()
     after = upstream.pool.stats()
     assert after["pids"] == before["pids"] and after["restarts"] == 0 and after["busy"] == 0
+
+
+def test_a_cancellation_cuts_a_threads_wait_short_and_the_process_is_told(upstreams: Any, tmp_path: Path) -> None:
+    from gateway.cancel import Cancellation
+
+    record = tmp_path / "record"
+    upstream = upstreams(server_command("faulty_server.py", "cancel-silent", str(record)), pool_size=1)
+    cancel = Cancellation()
+    message = {"jsonrpc": "2.0", "id": 31, "method": "tools/call",
+               "params": {"name": "work", "arguments": {}, "_meta": {**ENVELOPE, "progressToken": "p"}}}
+    replies = upstream.call(message, json.dumps(message).encode(), MODERN, cancel=cancel)
+    assert next(replies).message["method"] == "notifications/progress"
+    timer = threading.Timer(0.3, cancel.cancel, ("the client cancelled it",))
+    timer.start()
+    with pytest.raises(errors.Cancelled):
+        for _ in replies:  # the process writes progress until it is told: only the cancel ends this
+            pass
+    timer.join()
+    lines = record.read_text().splitlines()
+    assert lines[-1].endswith(" cancelled 31"), lines
+    stats = upstream.pool.stats()
+    assert stats["busy"] == 0 and stats["restarts"] == 0  # cancelled, silent after it: kept
+    cancel.close()

@@ -16,7 +16,7 @@ from collections.abc import Generator
 from contextlib import closing
 from typing import Any
 
-from .. import errors, jsonrpc, metrics, protocol, scope
+from .. import errors, jsonrpc, metrics, protocol, scope, sse, streams
 from ..cancel import Cancellation
 from ..jsonrpc import Reply
 from ..pool import StdioPool
@@ -36,6 +36,10 @@ CANCEL_GRACE = 1.0
 CANCEL_QUIET = 0.25
 # More cancelled requests than this left unanswered on one process: it is replaced.
 MAX_CANCELLED = 16
+# The failure a request leaves its process with while mid-exchange: wound down by _abandon.
+ABANDONED = "abandoned"
+# How long the loop's thread may wait to refuse a server->client request (a few bytes to a pipe).
+REFUSE_WAIT = 1.0
 
 
 class StdioUpstream:
@@ -105,8 +109,13 @@ class StdioUpstream:
         return False  # the gateway ends MCP HTTP itself: a process speaks JSON-RPC lines
 
     def call(self, message: dict[str, Any], body: bytes, client: ClientContext,
-             request_id: str | None = None, cancel: Cancellation | None = None) -> Generator[Reply, None, None]:
-        """Serve one request; retry once on a fresh process where that is safe.
+             request_id: str | None = None, cancel: Cancellation | None = None) -> StdioReplies:
+        """Serve one request; retry once on a fresh process where that is safe (see `_replies`)."""
+        return StdioReplies(self, message, body, client, cancel)
+
+    def _replies(self, message: dict[str, Any], body: bytes, client: ClientContext, cancel: Cancellation | None,
+                 holder: StdioReplies) -> Generator[Reply, None, None]:
+        """The replies, from one process or (once) another.
 
         Safe means the request never reached the failed process, or its method
         changes nothing by protocol; never once a message went to the client.
@@ -119,8 +128,9 @@ class StdioUpstream:
             policy = policy.begin()  # at the first try only: later ones keep its deadline
             started = False
             try:
-                # The generator runs at once (the for below), so the process is always released.
-                with closing(self._call_once(process, message, body, client, policy.deadline)) as replies:
+                # The generator runs at once (the for below), so the process is always released
+                # (or, once handed over, left to the feed that owns it).
+                with closing(self._call_once(process, message, body, client, policy.deadline, cancel, holder)) as replies:
                     for reply in replies:
                         started = True
                         yield reply
@@ -133,57 +143,39 @@ class StdioUpstream:
                 retrying(self.server_id, message["method"], "another process", exc)
 
     def _call_once(
-        self, process: StdioProcess, message: dict[str, Any], body: bytes, client: ClientContext, deadline: float
+        self, process: StdioProcess, message: dict[str, Any], body: bytes, client: ClientContext, deadline: float,
+        cancel: Cancellation | None, holder: StdioReplies,
     ) -> Generator[Reply, None, None]:
-        client_id = message["id"]
-        request_id = scope.process_request_id(client_id)
-        if process.cancelled and request_id is client_id and _reuses_cancelled(process, client_id):
-            # A late answer to the cancelled request with this id may still come: send this one
-            # under an id no one else uses, so that answer can never be taken for this one's.
-            request_id = scope.fresh_request_id()
-        failure: str | None = None  # until the request is written, the process is as clean as it came
+        call = _Call(self, process, message, client, deadline, cancel)
+        holder.current = call
         try:
             translated_request = protocol.request_for_server(message, client.era, process.era)
             # Only what the protocol ties to this request reaches its client (see scope.py).
-            outgoing, request_scope = scope.scope(translated_request, process.era)
-            if request_id is not client_id:
-                outgoing = {**outgoing, "id": request_id}
+            outgoing, call.scope = scope.scope(translated_request, process.era)
+            if call.request_id is not message["id"]:
+                outgoing = {**outgoing, "id": call.request_id}
             # Bytes pass through untouched when no translation was needed and the
             # body is already one line (stdio framing forbids embedded newlines).
             data = body if outgoing is message and b"\n" not in body and b"\r" not in body else jsonrpc.encode(outgoing)
-            failure = "abandoned"  # from here until its response is read, the process is mid-exchange
+            if cancel is not None:
+                cancel.check(self.server_id)  # cancelled while it waited for a process: nothing was sent
+            call.failure = ABANDONED  # from here until its response is read, the process is mid-exchange
             try:
-                process.send(data, deadline)
+                process.send(data, deadline, cancel)
             except errors.ProcessFailed as exc:
                 raise errors.RequestNotSent(exc.message) from None
-            origin = f"pid {process.pid}"
-            for reply, raw in process.messages(request_id, deadline):
-                if "method" in reply:
-                    dropped = request_scope.drop_reason(reply)
-                    if dropped is None:
-                        delivered = request_scope.for_client(reply)
-                        yield Reply(delivered, raw if delivered is reply else None, final=False, origin=origin)
-                    else:
-                        self._dropped(process, reply, dropped)
-                    continue
-                failure = None  # the response is read: the process is between messages whatever follows
-                answer = reply if request_id is client_id else {**reply, "id": client_id}
-                translated = protocol.reply_for_client(answer, message["method"], client.era, process.era, self.server_id)
-                yield Reply(translated, raw if translated is reply else None, final=True, origin=origin)
-                return
+            for received, raw in process.messages(call.request_id, deadline, cancel):
+                reply = call.reply(received, raw)
+                if reply is not None:
+                    yield reply
+                    if reply.final:
+                        return
         except errors.UpstreamError as exc:
-            # The process failed. A client's error (a ClientError) says nothing about it:
-            # `failure` then stays as the exchange left it (kept, or wound down if mid-message).
-            failure = exc.message
-            metrics.UPSTREAM_ERRORS.labels(self.server_id, metrics.error_kind(exc)).inc()
+            call.failed(exc)
             raise
         finally:
-            try:
-                if failure == "abandoned":  # the client left, or the gateway failed, mid-exchange
-                    failure = _abandon(process, request_id, deadline)
-            except Exception as exc:  # noqa: BLE001  # whatever happens, the process goes back
-                failure = f"{type(exc).__name__} while winding down an abandoned request"
-            self.pool.release(process, failure=failure)
+            if not call.handed:  # once handed over, the feed releases the process
+                call.finish()
 
     def _dropped(self, process: StdioProcess, notification: dict[str, Any], reason: str) -> None:
         metrics.NOTIFICATIONS_DROPPED.labels(self.server_id, reason).inc()
@@ -196,8 +188,8 @@ def _reuses_cancelled(process: StdioProcess, client_id: Any) -> bool:
     return hashable_id(client_id) and client_id in process.cancelled
 
 
-def _abandon(process: StdioProcess, request_id: Any, deadline: float) -> str | None:
-    """The client left mid-answer: cancel, and keep the process unless it misbehaves.
+def _abandon(process: StdioProcess, request_id: Any, deadline: float, reason: str) -> str | None:
+    """The client left mid-answer (or cancelled): cancel, and keep the process unless it misbehaves.
 
     Cancellation is not a failure. A server that then says nothing within
     CANCEL_GRACE, or answers the cancelled request within it (read and
@@ -206,7 +198,7 @@ def _abandon(process: StdioProcess, request_id: Any, deadline: float) -> str | N
     returned). A late answer after the grace is dropped by process.messages.
     """
     cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled",
-              "params": {"requestId": request_id, "reason": "client disconnected"}}
+              "params": {"requestId": request_id, "reason": reason}}
     if process.era == protocol.MODERN:
         cancel = protocol.to_modern_request(cancel)
     grace_ends = time.monotonic() + CANCEL_GRACE
@@ -222,7 +214,7 @@ def _abandon(process: StdioProcess, request_id: Any, deadline: float) -> str | N
             return (f"server '{process.server_id}': process {process.pid} was still writing for request "
                     f"{request_id!r} {CANCEL_GRACE:g}s after it was cancelled")
     except errors.GatewayError as exc:
-        return f"{exc.message} (after the client disconnected)"
+        return f"{exc.message} (after the request was cancelled: {reason})"
     if not hashable_id(request_id):
         return None
     process.cancelled.add(request_id)
@@ -230,3 +222,164 @@ def _abandon(process: StdioProcess, request_id: Any, deadline: float) -> str | N
         return (f"server '{process.server_id}': process {process.pid} left {len(process.cancelled)} cancelled "
                 "requests unanswered")
     return None
+
+
+class _Call:
+    """One request on one checked-out process: how what it writes back is given to the client, and its end.
+
+    `reply` is the one place a message of the process becomes the client's
+    (a request thread's iteration and the relay's StdioFeed both use it);
+    `finish` gives the process back once, wound down if left mid-exchange.
+    """
+
+    __slots__ = ("cancel", "client", "deadline", "done", "failure", "finished", "handed", "message", "origin",
+                 "process", "request_id", "scope", "upstream")
+
+    def __init__(self, upstream: StdioUpstream, process: StdioProcess, message: dict[str, Any],
+                 client: ClientContext, deadline: float, cancel: Cancellation | None):
+        self.upstream = upstream
+        self.process = process
+        self.message = message
+        self.client = client
+        self.deadline = deadline
+        self.cancel = cancel
+        client_id = message["id"]
+        self.request_id = scope.process_request_id(client_id)
+        if process.cancelled and self.request_id is client_id and _reuses_cancelled(process, client_id):
+            # A late answer to the cancelled request with this id may still come: send this one
+            # under an id no one else uses, so that answer can never be taken for this one's.
+            self.request_id = scope.fresh_request_id()
+        self.scope = scope.RequestScope()
+        self.origin = f"pid {process.pid}"
+        self.failure: str | None = None  # until the request is written, the process is as clean as it came
+        self.done = False  # the response was read
+        self.handed = False  # a StdioFeed owns the rest
+        self.finished = False
+
+    def reply(self, message: dict[str, Any], raw: bytes) -> Reply | None:
+        """A message the process wrote for this request as the client gets it; None when it is dropped."""
+        if "method" in message:
+            dropped = self.scope.drop_reason(message)
+            if dropped is not None:
+                self.upstream._dropped(self.process, message, dropped)
+                return None
+            delivered = self.scope.for_client(message)
+            return Reply(delivered, raw if delivered is message else None, final=False, origin=self.origin)
+        self.failure = None  # the response is read: the process is between messages whatever follows
+        self.done = True
+        client_id = self.message["id"]
+        answer = message if self.request_id is client_id else {**message, "id": client_id}
+        translated = protocol.reply_for_client(answer, self.message["method"], self.client.era, self.process.era,
+                                               self.upstream.server_id)
+        return Reply(translated, raw if translated is message else None, final=True, origin=self.origin)
+
+    def failed(self, exc: errors.UpstreamError) -> None:
+        """The process failed. A client's error (a ClientError, Cancelled too) says nothing about it:
+        `failure` then stays as the exchange left it (kept, or wound down if mid-message)."""
+        self.failure = exc.message
+        metrics.UPSTREAM_ERRORS.labels(self.upstream.server_id, metrics.error_kind(exc)).inc()
+
+    def finish(self) -> None:
+        """Give the process back (once): wound down if mid-exchange, replaced if it failed. May block."""
+        if self.finished:
+            return
+        self.finished = True
+        failure = self.failure
+        try:
+            if failure == ABANDONED:  # the client left or cancelled, or the gateway failed, mid-exchange
+                reason = self.cancel.reason if self.cancel is not None and self.cancel.reason else "client disconnected"
+                failure = _abandon(self.process, self.request_id, self.deadline, reason)
+        except Exception as exc:  # noqa: BLE001  # whatever happens, the process goes back
+            failure = f"{type(exc).__name__} while winding down an abandoned request"
+        self.upstream.pool.release(self.process, failure=failure)
+
+
+class StdioReplies:
+    """What StdioUpstream.call returns (upstreams.Replies): iterated by a thread, or handed to the relay."""
+
+    def __init__(self, upstream: StdioUpstream, message: dict[str, Any], body: bytes, client: ClientContext,
+                 cancel: Cancellation | None):
+        self.current: _Call | None = None  # the call under way (_call_once sets it)
+        self._replies = upstream._replies(message, body, client, cancel, self)
+
+    def __iter__(self) -> StdioReplies:
+        return self
+
+    def __next__(self) -> Reply:
+        return next(self._replies)
+
+    def close(self) -> None:
+        self._replies.close()
+
+    def hand_over(self) -> StdioFeed | None:
+        """The rest of the answer as a feed over the process's stdout (after a reply that is not final)."""
+        call = self.current
+        if call is None or call.done or call.finished or call.failure != ABANDONED:
+            return None
+        call.handed = True
+        self._replies.close()  # its `finally` leaves the process to the feed
+        return StdioFeed(call)
+
+
+class StdioFeed:
+    """The rest of a stdio answer relayed by the worker's loop (streams.Feed): whole lines read without blocking.
+
+    Each line is sorted by the process and made the client's by the call,
+    as a thread would, then sent as an SSE event. It ends itself on the
+    response, on a failure of the process (an error event), or at the
+    request's deadline (-32001); the process is given back off the loop.
+    """
+
+    __slots__ = ("call",)
+
+    def __init__(self, call: _Call):
+        self.call = call
+
+    def fileno(self) -> int:
+        return self.call.process.stdout
+
+    def start(self, limit: int) -> streams.Fed:
+        return self._lines(read=False)  # what a thread read already and has not sorted
+
+    def readable(self) -> streams.Fed:
+        return self._lines(read=True)
+
+    def tick(self, now: float) -> streams.Fed:
+        if now < self.call.deadline:
+            return streams.NOTHING
+        upstream = self.call.upstream
+        error = errors.UpstreamTimeout(f"server '{upstream.server_id}': no answer within "
+                                       f"{upstream.settings.request_timeout:g}s")
+        metrics.UPSTREAM_ERRORS.labels(upstream.server_id, metrics.error_kind(error)).inc()
+        streams.in_background(self.call.finish)  # still ABANDONED: cancelled, and kept or replaced by _abandon
+        return streams.Fed(self._error_event(error), True, error.message)
+
+    def abandon(self, reason: str) -> None:
+        streams.in_background(self.call.finish)  # mid-exchange: notifications/cancelled, its grace, off the loop
+
+    def _lines(self, read: bool) -> streams.Fed:
+        call = self.call
+        process = call.process
+        out = bytearray()
+        try:
+            ended = process.fill() if read else False
+            while (raw := process.next_line()) is not None:
+                message = process.sort(raw, call.request_id, time.monotonic() + REFUSE_WAIT)
+                reply = None if message is None else call.reply(message, raw)
+                if reply is None:
+                    continue
+                out += sse.event(reply.encoded())
+                if reply.final:
+                    streams.in_background(call.finish)  # clean: back to the pool
+                    return streams.Fed(bytes(out), True)
+            if ended:
+                raise process.exited("before it answered", wait=0)
+        except errors.UpstreamError as exc:
+            call.failed(exc)
+            streams.in_background(call.finish)  # a failed process is closed, which blocks
+            return streams.Fed(bytes(out) + self._error_event(exc), True, exc.message)
+        return streams.Fed(bytes(out))
+
+    def _error_event(self, exc: errors.GatewayError) -> bytes:
+        # The failure travels as the final event, as a thread's stream sends it (carry_out._sse).
+        return sse.event(jsonrpc.encode(jsonrpc.error(self.call.message["id"], exc.code, exc.message, exc.data)))

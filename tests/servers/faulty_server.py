@@ -18,7 +18,10 @@ record-shutdown (appends "PID eof" to PIDFILE at stdin EOF, keeps running, and
 one progress notification (when the request has a progressToken), then waits for
 ``notifications/cancelled`` naming it, after which cancel-silent says nothing,
 cancel-answers answers it anyway (after FAULTY_LATE_SECONDS, default 0), cancel-garbage writes non-JSON and cancel-busy
-keeps sending progress for it for 3 s before answering.
+keeps sending progress for it for 3 s before answering (progress comes every
+FAULTY_PROGRESS_SECONDS meanwhile, default 0.2); each appends "PID cancelled ID" to PIDFILE
+when the cancel comes. asks-sampling: tools/call asks the client sampling/createMessage and
+answers with the text of the error it got back.
 If PIDFILE is given, "PID MODE" is appended to it at start.
 SIGTERM keeps its default action (the process dies); stdin EOF exits with 0.
 """
@@ -58,6 +61,7 @@ MODES = (
     "cancel-answers",
     "cancel-garbage",
     "cancel-busy",
+    "asks-sampling",
 )
 
 LONG_LINE_BYTES = 50 * 1024 * 1024
@@ -170,6 +174,9 @@ def on_call(mode: str, req_id: Any, params: Any) -> None:
     if mode.startswith("cancel-"):
         after_cancel(mode, req_id, params)
         return
+    if mode == "asks-sampling":
+        ask_sampling(req_id)
+        return
     if mode == "garbage":
         sys.stdout.buffer.write(b"this is not json\n")
         sys.stdout.buffer.flush()
@@ -214,8 +221,9 @@ def after_cancel(mode: str, req_id: Any, params: Any) -> None:
     if token is not None:
         progress(token, 1)
     sent = 1
+    every = float(os.environ.get("FAULTY_PROGRESS_SECONDS", "0.2"))
     while True:  # progress every 0.2 s (so a gateway notices a client that left) until the cancel
-        if not select.select([sys.stdin.buffer], [], [], 0.2)[0]:
+        if not select.select([sys.stdin.buffer], [], [], every)[0]:
             if token is not None:
                 sent += 1
                 progress(token, sent)
@@ -232,6 +240,8 @@ def after_cancel(mode: str, req_id: Any, params: Any) -> None:
         cancelled = msg.get("params") if isinstance(msg.get("params"), dict) else {}
         if cancelled.get("requestId") == req_id:
             break
+    if RECORD_PATH is not None:
+        record(RECORD_PATH, f"cancelled {req_id}")
     if mode == "cancel-silent":
         return
     if mode == "cancel-garbage":
@@ -244,6 +254,26 @@ def after_cancel(mode: str, req_id: Any, params: Any) -> None:
             time.sleep(0.1)
     time.sleep(float(os.environ.get("FAULTY_LATE_SECONDS", "0")))
     reply(req_id, {"content": [{"type": "text", "text": "late"}], "isError": False, "resultType": "complete"})
+
+
+def ask_sampling(req_id: Any) -> None:
+    """Ask the client to sample, and answer `req_id` with what came back (an error, from a gateway)."""
+    send({"jsonrpc": "2.0", "id": "faulty-sampling-1", "method": "sampling/createMessage",
+          "params": {"messages": [{"role": "user", "content": {"type": "text", "text": "hi"}}], "maxTokens": 5}})
+    for raw in iter(sys.stdin.buffer.readline, b""):
+        try:
+            msg = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(msg, dict) and msg.get("id") == "faulty-sampling-1" and "method" not in msg:
+            got = msg.get("error") or {}
+            text = f"sampling refused: {got.get('code')} {got.get('message')}" if "error" in msg else "sampled"
+            reply(req_id, {"content": [{"type": "text", "text": text}], "isError": False, "resultType": "complete"})
+            return
+    hard_exit(0)
+
+
+RECORD_PATH: str | None = None
 
 
 def record(path: str, what: str) -> None:
@@ -293,7 +323,9 @@ def main(argv: list[str]) -> int:
         )
         return 64
     mode = argv[0]
+    global RECORD_PATH
     if len(argv) > 1:
+        RECORD_PATH = argv[1]
         with open(argv[1], "a", encoding="utf-8") as fh:
             fh.write(f"{os.getpid()} {mode}\n")
     if mode == "exit-at-start":
