@@ -88,6 +88,9 @@ class Framing(Protocol):
     def closed(self) -> bool:
         """Whether the connection's end is a clean end of the body."""
 
+    def complete(self) -> bool:
+        """Whether the whole body has arrived, so the connection could carry another request."""
+
 
 class UntilClose:
     def feed(self, data: bytes) -> tuple[bytes, bool]:
@@ -95,6 +98,9 @@ class UntilClose:
 
     def closed(self) -> bool:
         return True
+
+    def complete(self) -> bool:
+        return False  # only the connection's end ends the body
 
 
 class Length:
@@ -109,6 +115,8 @@ class Length:
 
     def closed(self) -> bool:
         return self.left == 0
+
+    complete = closed
 
 
 class Chunked:
@@ -160,6 +168,8 @@ class Chunked:
 
     def closed(self) -> bool:
         return self.done
+
+    complete = closed
 
 
 # --- SSE events ---------------------------------------------------------------------------
@@ -469,6 +479,9 @@ class Stream:
     finishing: float = 0.0  # the feed is done; the rest is being flushed until this time
     over: bool = False
     feeding: bool = True  # the feed has not ended, nor been abandoned
+    # The descriptor registered for the feed: a feed that let its source go may have closed it,
+    # and its fileno() then says -1, which would leave the number in the selector's map.
+    feed_fd: int = -1
 
     @property
     def client(self) -> socket.socket:
@@ -552,8 +565,9 @@ class Stream:
         if not self.feeding:
             return
         self.feeding = False
-        with suppress(KeyError, ValueError, OSError):
-            self.relay.poller.unregister(self.feed.fileno())
+        if self.feed_fd >= 0:
+            with suppress(KeyError, ValueError, OSError):
+                self.relay.poller.unregister(self.feed_fd)
 
     def abort(self, reason: str) -> None:
         """End now: the client is gone or too slow, or the worker stops; nothing more is sent but what goes at once."""
@@ -603,6 +617,7 @@ class Relay:
             self.poller.register(conn.sock, selectors.EVENT_READ, Watch(stream, False))
             if not first.done:
                 self.poller.register(feed.fileno(), selectors.EVENT_READ, Watch(stream, True))
+                stream.feed_fd = feed.fileno()
         except (OSError, ValueError, KeyError):
             stream.abort("client_gone")
             return
