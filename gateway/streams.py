@@ -88,6 +88,9 @@ class Framing(Protocol):
     def closed(self) -> bool:
         """Whether the connection's end is a clean end of the body."""
 
+    def complete(self) -> bool:
+        """Whether the whole body has arrived, so the connection could carry another request."""
+
 
 class UntilClose:
     def feed(self, data: bytes) -> tuple[bytes, bool]:
@@ -95,6 +98,9 @@ class UntilClose:
 
     def closed(self) -> bool:
         return True
+
+    def complete(self) -> bool:
+        return False  # only the connection's end ends the body
 
 
 class Length:
@@ -109,6 +115,8 @@ class Length:
 
     def closed(self) -> bool:
         return self.left == 0
+
+    complete = closed
 
 
 class Chunked:
@@ -160,6 +168,8 @@ class Chunked:
 
     def closed(self) -> bool:
         return self.done
+
+    complete = closed
 
 
 # --- SSE events ---------------------------------------------------------------------------

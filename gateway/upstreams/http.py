@@ -13,18 +13,16 @@ it, a JSON body read whole first so a read-only request can still fail over.
 
 from __future__ import annotations
 
-from collections.abc import Generator
 from typing import Any
 
 from .. import errors
 from ..balancer import Balancer, Instance
 from ..cancel import Cancellation
 from ..health import HealthPolicy, InstanceHealth
-from ..jsonrpc import Reply
 from ..protocol import ClientContext, ServerHello
 from ..registry import HttpSettings, ServerEntry
 from ..settings import GATEWAY
-from .bridge import Bridge, session_lost
+from .bridge import Bridge, BridgedReplies, session_lost
 from .checks import HealthChecks
 from .failover import Failover, retrying
 from .transport import ProxyRequest, ProxyResponse, Transport
@@ -140,7 +138,7 @@ class HttpUpstream:
         self.bridge.relearn()
 
     def call(self, message: dict[str, Any], body: bytes, client: ClientContext,
-             request_id: str | None = None, cancel: Cancellation | None = None) -> Generator[Reply, None, None]:
+             request_id: str | None = None, cancel: Cancellation | None = None) -> BridgedReplies:
         """A bridged request: translated, sent, and every message of the answer translated back."""
         return self.bridge.call(message, body, client, request_id, cancel)
 

@@ -18,6 +18,7 @@ import ssl
 import threading
 import time
 from collections.abc import Generator, Iterator, Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
@@ -319,13 +320,20 @@ class Transport:
             with self._lock:
                 instance.in_flight -= 1
 
-    def released(self, instance: Instance, response: requests.Response, problem: str | None) -> None:
-        """A stream the worker's relay read (streams.py) is over: its connection closed, its count down."""
+    def released(self, instance: Instance, response: requests.Response, problem: str | None,
+                 framing: Framing | None = None) -> None:
+        """A stream the worker's relay read (streams.py) is over: its connection reused or closed, its count down.
+
+        Given back to the keep-alive pool only when the body ended whole by its
+        `framing`, the answer allowed keep-alive and the pool has room: a
+        thousand streams ending must not each overflow it ("Connection pool is
+        full" every time); every other connection is closed, with whatever
+        the stream left unread.
+        """
         raw = response.raw
-        raw.close()  # the socket the relay read: closed, with whatever the stream left unread
-        # Not given back to the keep-alive pool, which holds max_connections idle connections: a
-        # thousand streams ending would each overflow it ("Connection pool is full" every time).
-        raw._connection = None
+        if not (problem is None and framing is not None and framing.complete() and _give_back(raw)):
+            raw.close()
+            raw._connection = None
         response.close()
         with self._lock:
             instance.in_flight -= 1
@@ -378,10 +386,17 @@ class UpstreamStream:
             self._taken = True
             self._release(None)  # never read, or handed over and not let go by the relay
 
-    def _release(self, problem: str | None) -> None:
+    def _release(self, problem: str | None, framing: Framing | None = None) -> None:
         if not self._released:
             self._released = True
-            self._transport.released(self._instance, self._response, problem)
+            self._transport.released(self._instance, self._response, problem, framing)
+
+    def interrupt(self) -> None:
+        """Cut a read blocked on this answer, from another thread: its socket shut down."""
+        sock = getattr(getattr(self._response.raw, "connection", None), "sock", None)
+        if isinstance(sock, socket.socket):
+            with suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def hand_over(self) -> Handoff | None:
         """The socket, what urllib3 has buffered of the body and its framing; None when that cannot be (TLS, read already)."""
@@ -401,7 +416,23 @@ class UpstreamStream:
             buffered = b""
         framing: Framing = (Chunked() if message.chunked else Length(message.length) if message.length is not None
                             else UntilClose())
-        return Handoff(sock, buffered or b"", framing, self._release)
+        return Handoff(sock, buffered or b"", framing, lambda problem: self._release(problem, framing))
+
+
+def _give_back(raw: Any) -> bool:
+    """Put a relayed answer's connection back in its pool, the body read whole; False when it cannot go back."""
+    message = getattr(raw, "_fp", None)
+    connection = getattr(raw, "_connection", None)
+    pool = getattr(raw, "_pool", None)
+    queue = getattr(pool, "pool", None)
+    if message is None or connection is None or queue is None or message.will_close or queue.full():
+        return False
+    sock = getattr(connection, "sock", None)
+    if sock is not None:
+        sock.setblocking(True)  # the relay made it non-blocking; urllib3 sets its timeouts per request
+    message.close()  # http.client's response (the socket stays open): the connection may send a request again
+    raw.release_conn()
+    return True
 
 
 def _finish_briefly(raw: urllib3.BaseHTTPResponse, chunks: Iterator[bytes], guard: Translating) -> None:
