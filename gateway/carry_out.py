@@ -17,6 +17,7 @@ from functools import partial
 from typing import Any
 
 from flask import Response
+from werkzeug.datastructures import EnvironHeaders
 
 from . import errors, jsonrpc, metrics, protocol, sse, streams
 from .exchange import Exchange
@@ -180,6 +181,10 @@ def _thread_given_back(exchange: Exchange) -> None:
     they go on on their own socket until they end or the worker stops.
     """
     release, exchange.release = exchange.release, None
+    # Of the request, a held stream's access line needs only X-Forwarded-For: not the whole
+    # environ (wsgi.input, the parser's objects), which the headers would keep for the stream's life.
+    forwarded = exchange.headers.get("X-Forwarded-For")
+    exchange.headers = EnvironHeaders({} if forwarded is None else {"HTTP_X_FORWARDED_FOR": forwarded})
     if release is not None:
         release()
 

@@ -118,7 +118,8 @@ class WebSocketConnection:
         self.session: WebSocketSession | None = None
         # Ids of the client's requests passed on and not answered yet.
         self.in_flight: set[Any] = set()
-        self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HANDSHAKE_BYTES)
+        # The handshake's parser: let go once the connection is open (memory per idle WebSocket, issue 15).
+        self._http: h11.Connection | None = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HANDSHAKE_BYTES)
         self._ws: Connection | None = None
         self._text: list[str] = []
         self._text_bytes = 0
@@ -240,16 +241,18 @@ class WebSocketConnection:
     # --- the handshake ---------------------------------------------------------------
 
     def _handshake(self, data: bytes, outcome: Outcome) -> None:
+        http = self._http
+        assert http is not None  # dropped only when the connection opened, which ends the handshake state
         try:
-            self._http.receive_data(data)
-            event = self._http.next_event()
+            http.receive_data(data)
+            event = http.next_event()
         except h11.RemoteProtocolError as exc:  # 400, or 431 for a head over MAX_HANDSHAKE_BYTES
             self._refuse(Refused.of(errors.ClientError(f"not a valid WebSocket upgrade request: {exc}"),
                                     exc.error_status_hint), outcome)
             return
         if not isinstance(event, h11.Request):
             return  # h11.NEED_DATA: the head is not complete yet
-        trailing, _ = self._http.trailing_data
+        trailing, _ = http.trailing_data
         self._upgrade(event.method.decode("latin-1"), event.target.decode("latin-1"),
                       list(event.headers), trailing, outcome)
 
@@ -270,6 +273,7 @@ class WebSocketConnection:
         outcome.to_send += handshake.send(AcceptConnection(subprotocol=verdict.subprotocol, extensions=[]))
         assert request.target == path
         self._ws = handshake.connection
+        self._http = None
         self.state = State.OPEN
         self.session = WebSocketSession(verdict.server_id, verdict.principal)
         outcome.accepted = verdict

@@ -279,7 +279,8 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
                 conn.sock.sendall(outcome.to_send)  # the refusal, before any upgrade
             return ()
         assert self.hub is not None  # made in run(), before any request
-        conn.gateway_relayed = (partial(self.hub.start, conn, ws, outcome, dict(environ)), streams.CLAIMS.give_back)
+        kept = ws_serving.kept_environ(environ)
+        conn.gateway_relayed = (partial(self.hub.start, conn, ws, outcome, kept), streams.CLAIMS.give_back)
         return ()
 
     def _keepalive_after(self, conn: Any, keepalive: Any) -> Any:

@@ -84,6 +84,19 @@ def request_headers(environ: dict[str, Any]) -> list[tuple[bytes, bytes]]:
     return pairs
 
 
+# What serving a message reads of the upgrade request's environ (Exchange.begin, the access line).
+KEPT_KEYS = ("REQUEST_METHOD", "SCRIPT_NAME", "PATH_INFO", "REMOTE_ADDR", "CONTENT_TYPE", "CONTENT_LENGTH")
+
+
+def kept_environ(environ: dict[str, Any]) -> dict[str, Any]:
+    """The strings of `environ` a connection keeps for its life: its method, path, peer and headers.
+
+    Not the whole environ: wsgi.input, gunicorn's socket and the rest would keep the request's
+    parser objects alive for as long as the connection is open (memory per idle WebSocket, issue 15).
+    """
+    return {key: value for key, value in environ.items() if key.startswith("HTTP_") or key in KEPT_KEYS}
+
+
 class Link:
     """One upgraded connection held by the loop: its socket, its sans-IO state, its unsent bytes."""
 
@@ -203,6 +216,8 @@ class Hub:
     def start(self, conn: Any, ws: WebSocketConnection, outcome: Outcome, environ: dict[str, Any]) -> None:
         """In the loop: the upgraded connection's socket is watched from now on; `outcome` holds the 101."""
         link = Link(self, conn, ws, environ)
+        # The connection is never parsed as HTTP again: its parser and last request need not be kept.
+        conn.parser = None
         self.links.add(link)
         streams.WEBSOCKETS.take(1 << 62)
         conn.sock.setblocking(False)

@@ -31,9 +31,10 @@ from wsproto.events import (
     TextMessage,
 )
 
-from gateway import errors, protocol, registry, websocket, ws_handshake
+from gateway import errors, protocol, registry, websocket, ws_handshake, ws_serving
 from gateway import settings as ws_settings
 from gateway.auth import Authenticator
+from gateway.exchange import Exchange
 from gateway.rebinding import RebindingGuard
 
 from .harness import ROOT, Clock
@@ -744,3 +745,18 @@ def test_nginx_passes_websocket_upgrades_and_keeps_keepalive_for_the_rest() -> N
     read_timeout = re.search(r"proxy_read_timeout\s+(\d+)s;", code)
     assert read_timeout is not None
     assert int(read_timeout[1]) >= 10 * ws_settings.GATEWAY.default("ws_ping_interval")
+
+
+def test_an_open_connection_keeps_only_the_strings_of_its_upgrade_request() -> None:
+    # Issue 15: an idle WebSocket must not keep gunicorn's request objects alive through its environ.
+    body, sock = object(), object()
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/time/ws", "SCRIPT_NAME": "", "REMOTE_ADDR": "127.0.0.1",
+               "QUERY_STRING": "", "HTTP_HOST": "127.0.0.1", "HTTP_X_FORWARDED_FOR": "10.0.0.1",
+               "HTTP_AUTHORIZATION": "Bearer t", "wsgi.input": body, "gunicorn.socket": sock, "RAW_URI": "/time/ws"}
+    kept = ws_serving.kept_environ(environ)
+    assert body not in kept.values() and sock not in kept.values()
+    assert all(isinstance(value, str) for value in kept.values())
+    exchange = Exchange.begin(kept, server_id="time", path=kept["PATH_INFO"])
+    assert (exchange.method, exchange.path, exchange.peer) == ("GET", "/time/ws", "127.0.0.1")
+    assert exchange.headers.get("X-Forwarded-For") == "10.0.0.1"
+    assert exchange.headers.get("Authorization") == "Bearer t"

@@ -320,7 +320,7 @@ class Transport:
             with self._lock:
                 instance.in_flight -= 1
 
-    def released(self, instance: Instance, response: requests.Response, problem: str | None,
+    def released(self, instance: Instance, raw: urllib3.BaseHTTPResponse, problem: str | None,
                  framing: Framing | None = None) -> None:
         """A stream the worker's relay read (streams.py) is over: its connection reused or closed, its count down.
 
@@ -330,11 +330,9 @@ class Transport:
         full" every time); every other connection is closed, with whatever
         the stream left unread.
         """
-        raw = response.raw
         if not (problem is None and framing is not None and framing.complete() and _give_back(raw)):
             raw.close()
-            raw._connection = None
-        response.close()
+            raw._connection = None  # type: ignore[attr-defined]
         with self._lock:
             instance.in_flight -= 1
         if problem is not None:
@@ -362,7 +360,8 @@ class UpstreamStream:
     def __init__(self, transport: Transport, instance: Instance, response: requests.Response, guard: Translating):
         self._transport = transport
         self._instance = instance
-        self._response = response
+        self._response: requests.Response | None = response  # until handed over; then only its raw answer
+        self._raw = response.raw
         self._guard = guard
         self._chunks: Generator[bytes, None, None] | None = None
         self._taken = False  # iterated or handed over
@@ -376,6 +375,7 @@ class UpstreamStream:
             if self._taken:
                 raise StopIteration
             self._taken = True
+            assert self._response is not None  # dropped only when handed over, which sets _taken
             self._chunks = self._transport._stream(self._instance, self._response, self._guard)
         return next(self._chunks)
 
@@ -389,11 +389,11 @@ class UpstreamStream:
     def _release(self, problem: str | None, framing: Framing | None = None) -> None:
         if not self._released:
             self._released = True
-            self._transport.released(self._instance, self._response, problem, framing)
+            self._transport.released(self._instance, self._raw, problem, framing)
 
     def interrupt(self) -> None:
         """Cut a read blocked on this answer, from another thread: its socket shut down."""
-        sock = getattr(getattr(self._response.raw, "connection", None), "sock", None)
+        sock = getattr(getattr(self._raw, "connection", None), "sock", None)
         if isinstance(sock, socket.socket):
             with suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -402,7 +402,7 @@ class UpstreamStream:
         """The socket, what urllib3 has buffered of the body and its framing; None when that cannot be (TLS, read already)."""
         if self._taken:
             return None
-        raw = self._response.raw
+        raw = self._raw
         message = getattr(raw, "_fp", None)  # http.client's response: it parsed the head, nothing of the body
         sock = getattr(getattr(raw, "connection", None), "sock", None)
         reader = getattr(message, "fp", None)
@@ -414,6 +414,14 @@ class UpstreamStream:
             buffered = reader.read1(STREAM_CHUNK)  # what it buffered after the head; else what has arrived
         except OSError:
             buffered = b""
+        # The relay reads the socket itself from now on, so what a held stream keeps is cut to what
+        # release() needs (issue 15: worker memory per idle stream). The buffered reader, emptied
+        # above, goes with its 8 KB buffer: http.client keeps the raw socket file in its place, so
+        # the socket's file reference (what keeps it open after http.client closed its connection,
+        # as it does for an answer that ends with the connection) is let go on release, as before.
+        # And the requests.Response with its headers, cookies and prepared request is let go.
+        message.fp = reader.detach()
+        self._response = None
         framing: Framing = (Chunked() if message.chunked else Length(message.length) if message.length is not None
                             else UntilClose())
         return Handoff(sock, buffered or b"", framing, lambda problem: self._release(problem, framing))

@@ -7,8 +7,10 @@ Settings come from the environment (defaults in brackets):
   BENCH_RSS_REQUESTS [100000]  requests of the memory loop, BENCH_RSS_SECONDS [300] its time bound
   BENCH_SCALING_WORKERS [1,2,4], BENCH_SCALING_POOLS [1,2,4]   the scaling grid
   BENCH_PEERS [mcp-proxy,supergateway]   peers to run (empty: none)
-  BENCH_ONLY [direct,stdio,peers,http,floor,sdk,rss,scaling,streams]   sections to run
+  BENCH_ONLY [direct,stdio,peers,http,ws,floor,sdk,rss,scaling,streams]   sections to run
+    (ws: the WebSocket tools/call rows beside the gateway's HTTP ones, in the same gateway run)
   BENCH_IDLE_STREAMS [1000]   idle GET streams the streams section holds beside its load
+  BENCH_IDLE_WEBSOCKETS [1000]   idle WebSocket connections it holds beside them
   BENCH_MAX_REQUESTS [1000000]  count bound of every measured run
   BENCH_WRK_THREADS [1]  wrk threads             BENCH_OUT [.bench]  where results.json and table.md go
   BENCH_REPEAT [1]       runs per row; the row shows the run with the median req/s (others in its JSON)
@@ -35,7 +37,7 @@ import requests
 
 from gateway.protocol import LATEST_LEGACY
 
-from . import direct, idle, load, procs, report, servers
+from . import direct, idle, load, procs, report, servers, wsload
 from .load import Row
 
 
@@ -56,6 +58,7 @@ class Settings:
     wrk_threads: int = int(os.environ.get("BENCH_WRK_THREADS", "1"))
     repeat: int = max(1, int(os.environ.get("BENCH_REPEAT", "1")))
     idle_streams: int = int(os.environ.get("BENCH_IDLE_STREAMS", "1000"))
+    idle_websockets: int = int(os.environ.get("BENCH_IDLE_WEBSOCKETS", "1000"))
     out: Path = Path(os.environ.get("BENCH_OUT", str(servers.BENCH_DIR)))
 
     @property
@@ -72,7 +75,7 @@ class Settings:
 
     @property
     def sections(self) -> set[str]:
-        return set(_env_list("BENCH_ONLY", "direct,stdio,peers,http,floor,sdk,rss,scaling,streams"))
+        return set(_env_list("BENCH_ONLY", "direct,stdio,peers,http,ws,floor,sdk,rss,scaling,streams"))
 
     def summary(self) -> dict[str, Any]:
         return {"seconds": self.seconds, "warmup": self.warmup, "workers": self.workers, "threads": self.threads,
@@ -216,6 +219,15 @@ class Bench:
             self.wrk_row("http", "gateway, 2026-07-28 client (bridged to the handshake era)", url, ECHO_CALL_MODERN,
                          load.modern_headers(ECHO_CALL_MODERN), concurrency)
 
+    def websocket(self, gateway: servers.Gateway) -> None:
+        """tools/call over /everything/ws (subprotocol mcp), beside the HTTP rows of the same gateway run."""
+        s = self.settings
+        url = f"ws://127.0.0.1:{gateway.port}/everything/ws"
+        for concurrency in (1, 8):
+            self.timed(partial(wsload.measure, "http", "gateway WebSocket /everything/ws, handshake era "
+                               "(initialize on the socket)", url, ECHO_CALL, concurrency, s.seconds, s.warmup,
+                               s.max_requests))
+
     def floor(self) -> None:
         """A constant-answering Flask app under the same gunicorn config: what the stack costs before forwarding."""
         s = self.settings
@@ -299,14 +311,17 @@ class Bench:
         print("  " + report._memory_lines({"rss_loop": self.memory["rss_loop"]})[0], flush=True)
 
     def streams(self) -> None:
-        """Issue 15: a c=8 stdio load with and without many idle GET streams held through the same gateway."""
+        """Issue 15: a c=8 stdio load with and without many idle GET streams and idle WebSockets held
+        through the same gateway; worker RSS per idle stream and per idle WebSocket, and release times."""
         s = self.settings
+        wsload.raise_fd_limit()
         upstream = idle.IdleUpstream()
         gateway = servers.Gateway(self.folder, "gunicorn-streams", {
             "time": servers.stdio_time_server(s.pool), "idle": servers.http_server(upstream.url),
         }, s.workers, s.threads)
         loop = asyncio.new_event_loop()  # the held streams live as long as this loop
         held = idle.Held()
+        sockets = wsload.IdleSockets()  # the held WebSockets live on a loop thread of their own
         try:
             gateway.wait_ready(pooled=s.workers * s.pool)
             url = f"{gateway.url}/time/mcp"
@@ -314,24 +329,39 @@ class Bench:
             alone = self.wrk_row("streams", "gateway stdio tools/call, no idle streams", url, TIME_CALL, {}, 8)
             before = gateway.memory()
             held = loop.run_until_complete(idle.hold(f"{gateway.url}/idle/mcp", s.idle_streams))
-            after = gateway.memory()
-            opened = len(held.streams)
-            note = f"{opened} of {s.idle_streams} idle GET streams held"
+            after_streams = gateway.memory()
+            sockets.open(f"ws://127.0.0.1:{gateway.port}/time/ws", s.idle_websockets)
+            after_sockets = gateway.memory()
+            opened, opened_ws = len(held.streams), len(sockets.sockets)
+            note = f"{opened} of {s.idle_streams} idle GET streams, {opened_ws} of {s.idle_websockets} idle WebSockets held"
             if held.failed:
-                note += f"; {held.failed} could not be opened (first: {held.first_failure})"
-            beside = self.wrk_row("streams", f"gateway stdio tools/call, beside {s.idle_streams} idle GET streams", url,
-                                  TIME_CALL, {}, 8, note=note)
+                note += f"; {held.failed} streams could not be opened (first: {held.first_failure})"
+            if sockets.failed:
+                note += f"; {sockets.failed} WebSockets could not be opened (first: {sockets.first_failure})"
+            beside = self.wrk_row("streams", f"gateway stdio tools/call, beside {s.idle_streams} idle GET streams "
+                                  f"and {s.idle_websockets} idle WebSockets", url, TIME_CALL, {}, 8, note=note)
+            gauge_held = _websockets_gauge(gateway)
+            alive_ws = sockets.alive()
             released = loop.run_until_complete(idle.release_times(held, upstream, min(20, opened)))
+            released_ws = sockets.release_times(min(20, opened_ws))
             self.memory["idle_streams"] = {
                 "wanted": s.idle_streams, "held": opened, "failed": held.failed, "open_seconds": round(held.seconds, 1),
-                "rss_growth_kb_per_stream": round((after["gateway_rss_mb"] - before["gateway_rss_mb"]) * 1024 / opened, 1)
-                if opened else None,
+                "rss_growth_kb_per_stream": _kb_per(before, after_streams, opened),
                 "throughput_ratio": round(beside.rps / alone.rps, 3) if alone.rps else None,
                 "p99_ratio": round(beside.p99_ms / alone.p99_ms, 2) if alone.p99_ms and beside.requests else None,
                 "release": idle.summary(released),
+                "websockets": {
+                    "wanted": s.idle_websockets, "held": opened_ws, "failed": sockets.failed,
+                    "open_seconds": round(sockets.seconds, 1), "alive_after_load": alive_ws,
+                    "status_gauge": gauge_held,
+                    "rss_growth_kb_per_websocket": _kb_per(after_streams, after_sockets, opened_ws),
+                    "release": idle.summary(released_ws),
+                },
             }
-            print("  " + report._memory_lines({"idle_streams": self.memory["idle_streams"]})[0], flush=True)
+            for line in report._memory_lines({"idle_streams": self.memory["idle_streams"]}):
+                print("  " + line, flush=True)
         finally:
+            sockets.stop()
             idle.close_all(held)
             loop.close()
             self.stop_gateway(gateway)
@@ -399,6 +429,8 @@ class Bench:
                 self.section("stdio", self.peers)
             if "http" in sections:
                 self.section("http", lambda: self.http(everything, gateway))
+            if "ws" in sections:
+                self.section("http", lambda: self.websocket(gateway))
             self.memory["after_rows"] = gateway.memory()
             if "rss" in sections and s.rss_requests > 0:
                 self.rss_loop(gateway)
@@ -414,6 +446,20 @@ class Bench:
         if "streams" in sections:
             self.section("streams", self.streams)
         everything.child.stop()
+
+
+def _kb_per(before: Mapping[str, Any], after: Mapping[str, Any], count: int) -> float | None:
+    """Growth of master+workers RSS between two snapshots, per held connection."""
+    return round((after["gateway_rss_mb"] - before["gateway_rss_mb"]) * 1024 / count, 1) if count else None
+
+
+def _websockets_gauge(gateway: servers.Gateway) -> int | None:
+    """WebSockets open over all workers, as /status says (workers[].websockets)."""
+    try:
+        status = requests.get(f"{gateway.url}/status", timeout=5).json()
+    except (requests.RequestException, ValueError):
+        return None
+    return sum(int(worker.get("websockets", 0)) for worker in status.get("workers", []))
 
 
 def main() -> int:

@@ -190,6 +190,16 @@ def _memory_lines(memory: dict[str, Any]) -> list[str]:
             f"stream; client disconnect to upstream release: {release['released']} of {release['closed']} closed "
             f"streams released within {release['within_s']:g} s"
             + (f" (median {release['median_ms']} ms, max {release['max_ms']} ms)" if release["released"] else ""))
+        sockets = streams.get("websockets")
+        if sockets:
+            release = sockets["release"]
+            lines.append(
+                f"idle WebSockets beside them: {sockets['held']} of {sockets['wanted']} held ({sockets['failed']} failed) "
+                f"in {sockets['open_seconds']} s, {sockets['alive_after_load']} still open after the load "
+                f"(/status: {sockets['status_gauge']}); worker RSS {sockets['rss_growth_kb_per_websocket']} KB per "
+                f"WebSocket; client gone (FIN) to the worker dropping it: {release['released']} of "
+                f"{release['closed']} within {release['within_s']:g} s"
+                + (f" (median {release['median_ms']} ms, max {release['max_ms']} ms)" if release["released"] else ""))
     return lines
 
 
