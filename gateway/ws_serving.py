@@ -154,6 +154,12 @@ class Link:
             if self.ws.closed:
                 self.end()
 
+    def answered(self, message: dict[str, Any] | None, key: Any, cancel: Cancellation) -> None:
+        """Through the loop's queue: a request's final message (None: it was cancelled), then its end."""
+        if message is not None:
+            self.send_message(message)
+        self.served(key, cancel)
+
     def served(self, key: Any, cancel: Cancellation) -> None:
         """Through the loop's queue: one of its requests is done (answered, failed or cancelled)."""
         self.serving -= 1
@@ -283,9 +289,18 @@ class Hub:
     # --- in a serving thread --------------------------------------------------------
 
     def _serve(self, link: Link, message: dict[str, Any], key: Any, cancel: Cancellation) -> None:
-        def send(reply: dict[str, Any]) -> None:
-            if not cancel.cancelled:  # a cancelled request gets no answer (basic/utilities/cancellation)
-                self.defer(link.send_message, reply)
+        answered = False
+
+        def send(reply: dict[str, Any], final: bool) -> None:
+            nonlocal answered
+            kept = None if cancel.cancelled else reply  # a cancelled request gets no answer (basic/utilities/cancellation)
+            if final:
+                # The answer and the request's share given back in one step of the loop: a client
+                # that sends again as soon as it reads the answer finds its share free.
+                answered = True
+                self.defer(link.answered, kept, key, cancel)
+            elif kept is not None:
+                self.defer(link.send_message, kept)
 
         try:
             serve_message(self.gateway(), self.app, link.ws, link.environ, message, send, cancel)
@@ -293,7 +308,8 @@ class Hub:
             log.exception("serving a WebSocket message failed")
             self.defer(link.fail)
         finally:
-            self.defer(link.served, key, cancel)
+            if not answered:
+                self.defer(link.served, key, cancel)
 
 
 def _key(request_id: Any) -> Any:
@@ -302,9 +318,10 @@ def _key(request_id: Any) -> Any:
 
 
 def serve_message(gateway: Gateway, app: Flask, ws: WebSocketConnection, environ: dict[str, Any],
-                  message: dict[str, Any], send: Callable[[dict[str, Any]], None],
+                  message: dict[str, Any], send: Callable[[dict[str, Any], bool], None],
                   cancel: Cancellation | None = None) -> None:
-    """One JSON-RPC request of a connection, served as a bridged POST; what answers it goes to `send`.
+    """One JSON-RPC request of a connection, served as a bridged POST; what answers it goes to `send`
+    (the message, and whether it is the final one).
 
     Cancelled (the client's notifications/cancelled, or the connection gone),
     the request ends with no message and 499 in its access line.
@@ -321,7 +338,7 @@ def serve_message(gateway: Gateway, app: Flask, ws: WebSocketConnection, environ
     try:
         upstream = gateway.checkout(server_id, exchange)
         if WebSocketSession.is_initialize(message):
-            send(session.initialize(message, upstream.hello()))
+            send(session.initialize(message, upstream.hello()), True)
             return
         client = session.context(message)
         body = jsonrpc.encode(message)
@@ -331,7 +348,7 @@ def serve_message(gateway: Gateway, app: Flask, ws: WebSocketConnection, environ
                 exchange.upstream = reply.origin or exchange.upstream
                 if reply.final and "error" in reply.message:
                     exchange.rpc_error = True
-                send(reply.message)
+                send(reply.message, reply.final)
         finally:
             close = getattr(replies, "close", None)
             if close is not None:
@@ -339,7 +356,7 @@ def serve_message(gateway: Gateway, app: Flask, ws: WebSocketConnection, environ
     except errors.GatewayError as exc:
         status = exc.http_status
         exchange.rpc_error = True
-        send(jsonrpc.error(message.get("id"), exc.code, exc.message, exc.data))  # dropped if it was cancelled
+        send(jsonrpc.error(message.get("id"), exc.code, exc.message, exc.data), True)  # dropped if it was cancelled
     finally:
         if cancel is not None and cancel.cancelled:
             status = errors.Cancelled.http_status  # however it ended: no answer was owed

@@ -328,6 +328,66 @@ def read_answer(reader: Any) -> tuple[int, bytes]:
     return status, reader.read(length)
 
 
+def read_until(sock: socket.socket, marker: bytes, seconds: float = 15.0, data: bytes = b"") -> bytes:
+    """Read a socket (after `data`, already read) until `marker` is in what came; fails on a timeout or a close."""
+    deadline = time.monotonic() + seconds
+    while marker not in data:
+        assert time.monotonic() < deadline, f"{marker!r} not received within {seconds:g}s; got {data[-300:]!r}"
+        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            more = sock.recv(65536)
+        except TimeoutError:
+            continue
+        assert more, f"the connection closed before {marker!r}; got {data[-300:]!r}"
+        data += more
+    return data
+
+
+def read_request(sock: socket.socket, data: bytes) -> tuple[bytes, bytes, bytes] | None:
+    """For a raw test server: one HTTP request's head and body (by Content-Length) after `data`, and what is left; None at EOF."""
+    while b"\r\n\r\n" not in data:
+        more = sock.recv(65536)
+        if not more:
+            return None
+        data += more
+    head, _, data = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(data) < length:
+        more = sock.recv(65536)
+        if not more:
+            return None
+        data += more
+    return head, data[:length], data[length:]
+
+
+# --- MCP over WebSocket, as a client's transport frames it (the `websockets` library's sync client) ---
+
+
+def ws_receive(ws: Any, until_id: Any, timeout: float = 30.0) -> list[dict[str, Any]]:
+    """Every message received on a WebSocket up to and including the answer to `until_id`."""
+    seen = []
+    while True:
+        got = json.loads(ws.recv(timeout=timeout))
+        seen.append(got)
+        if got.get("id") == until_id and "method" not in got:
+            return seen
+
+
+def ws_ask(ws: Any, message: dict[str, Any]) -> list[dict[str, Any]]:
+    """Send one request on a WebSocket; every message received up to and including its answer."""
+    ws.send(json.dumps(message))
+    return ws_receive(ws, message["id"])
+
+
+def ws_initialize(ws: Any, client: str = "ws-test") -> dict[str, Any]:
+    """The handshake-era handshake on a WebSocket: initialize (id 0), then notifications/initialized."""
+    answer = ws_ask(ws, rpc("initialize", {"protocolVersion": "2025-06-18", "capabilities": {},
+                                           "clientInfo": {"name": client, "version": "1"}}, request_id=0))[-1]
+    ws.send(json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+    return answer
+
+
 class Clock:
     """A monotonic or wall clock the test moves by hand (`clock.now += 5`)."""
 

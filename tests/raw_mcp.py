@@ -23,6 +23,8 @@ import time
 from contextlib import closing, suppress
 from typing import Any
 
+from .harness import read_request
+
 SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n")
 SESSION = "raw-session-1"
@@ -75,18 +77,8 @@ class RawMcp:
     def _serve(self, sock: socket.socket) -> None:
         with closing(sock), suppress(OSError):
             data = b""
-            while True:
-                while b"\r\n\r\n" not in data:
-                    more = sock.recv(65536)
-                    if not more:
-                        return
-                    data += more
-                head, _, data = data.partition(b"\r\n\r\n")
-                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length:")), 0)
-                while len(data) < length:
-                    data += sock.recv(65536)
-                body, data = data[:length], data[length:]
+            while (request := read_request(sock, data)) is not None:
+                head, body, data = request
                 if head.startswith(b"GET"):  # a stream of one event, ended whole
                     sock.sendall(SSE_HEAD + event({"jsonrpc": "2.0", "method": "notifications/message",
                                                    "params": {"level": "info", "data": "hello"}}) + b"0\r\n\r\n")

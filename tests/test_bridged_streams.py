@@ -25,7 +25,7 @@ from gateway.cancel import Cancellation
 from gateway.protocol import ClientContext
 from gateway.upstreams import HttpUpstream
 
-from .harness import ACCEPT_BOTH, Gunicorn, rpc, wait_for, write_registry
+from .harness import ACCEPT_BOTH, Gunicorn, read_until, rpc, wait_for, write_registry
 from .raw_mcp import RawMcp
 
 
@@ -53,17 +53,6 @@ def open_call(gateway: Gunicorn, name: str, request_id: Any = 1, x_request_id: s
                  % ((x_request_id or f"bridged-{request_id}").encode(), len(body), body))
     return sock
 
-
-def read_until(sock: socket.socket, marker: bytes, seconds: float = 15.0) -> bytes:
-    data = b""
-    end = time.monotonic() + seconds
-    while marker not in data:
-        assert time.monotonic() < end, f"no {marker!r} in {data[-500:]!r}"
-        sock.settimeout(max(0.1, end - time.monotonic()))
-        more = sock.recv(65536)
-        assert more, f"closed before {marker!r}: {data[-500:]!r}"
-        data += more
-    return data
 
 
 def events(data: bytes) -> list[dict[str, Any]]:

@@ -21,7 +21,16 @@ import pytest
 import requests
 from websockets.sync.client import ClientConnection, connect
 
-from .harness import Gunicorn, rpc, server_command, wait_for, write_registry
+from .harness import (
+    Gunicorn,
+    read_until,
+    rpc,
+    server_command,
+    wait_for,
+    write_registry,
+    ws_initialize,
+    ws_receive,
+)
 
 TOKEN = "relay-token-" + "x" * 24
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -41,19 +50,6 @@ def open_call(gateway: Gunicorn, request_id: Any, server: str = "srv", tag: str 
                  f"X-Request-Id: {tag or f'relay-{request_id}'}\r\n\r\n".encode() + body)
     return sock
 
-
-def read_until(sock: socket.socket, marker: bytes, seconds: float = 10.0, data: bytes = b"") -> bytes:
-    deadline = time.monotonic() + seconds
-    while marker not in data:
-        assert time.monotonic() < deadline, f"{marker!r} not received within {seconds:g}s; got {data[-300:]!r}"
-        sock.settimeout(max(0.05, deadline - time.monotonic()))
-        try:
-            more = sock.recv(65536)
-        except TimeoutError:
-            continue
-        assert more, f"the connection closed before {marker!r}; got {data[-300:]!r}"
-        data += more
-    return data
 
 
 def pool(gateway: Gunicorn, server: str = "srv") -> dict[str, Any]:
@@ -225,21 +221,6 @@ def open_ws(gateway: Gunicorn, server: str = "srv") -> ClientConnection:
                    additional_headers=AUTH, open_timeout=10)
 
 
-def receive(ws: ClientConnection, until_id: Any) -> list[dict[str, Any]]:
-    """Every message received up to the answer to `until_id`."""
-    seen = []
-    while True:
-        got = json.loads(ws.recv(timeout=20))
-        seen.append(got)
-        if got.get("id") == until_id and "method" not in got:
-            return seen
-
-
-def initialize(ws: ClientConnection) -> None:
-    ws.send(json.dumps(rpc("initialize", {"protocolVersion": "2025-06-18", "capabilities": {},
-                                          "clientInfo": {"name": "relay-test", "version": "1"}}, request_id=0)))
-    receive(ws, 0)
-    ws.send(json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}))
 
 
 def test_a_websocket_clients_cancel_reaches_the_process_and_its_request_gets_no_answer(
@@ -247,7 +228,7 @@ def test_a_websocket_clients_cancel_reaches_the_process_and_its_request_gets_no_
     gateway, record = ws_gateway
     before = len(cancelled(record))
     with open_ws(gateway) as ws:
-        initialize(ws)
+        ws_initialize(ws, "relay-test")
         # Ignored, not errors: a response to nothing asked, and a notification no one serves.
         ws.send(json.dumps({"jsonrpc": "2.0", "id": "stray", "result": {}}))
         ws.send(json.dumps({"jsonrpc": "2.0", "method": "notifications/roots/list_changed"}))
@@ -259,7 +240,7 @@ def test_a_websocket_clients_cancel_reaches_the_process_and_its_request_gets_no_
         wait_for(lambda: cancelled(record)[before:] == ["ws-a"], 10, "the process told of the cancel")
         # Other requests are still answered; nothing more comes for the cancelled one.
         ws.send(json.dumps(rpc("tools/list", request_id="list-1")))
-        seen = receive(ws, "list-1")
+        seen = ws_receive(ws, "list-1")
         assert seen[-1]["result"]["tools"], seen
         assert not [m for m in seen if m.get("id") == "ws-a" and "method" not in m], seen
         assert not [m for m in seen if m.get("id") == "stray" or "error" in m], seen
@@ -272,7 +253,7 @@ def test_a_websocket_closed_mid_call_cancels_it(ws_gateway: tuple[Gunicorn, Path
     gateway, record = ws_gateway
     before = len(cancelled(record))
     with open_ws(gateway) as ws:
-        initialize(ws)
+        ws_initialize(ws, "relay-test")
         ws.send(call_body("ws-b").decode())
         assert json.loads(ws.recv(timeout=20))["method"] == "notifications/progress"
     wait_for(lambda: cancelled(record)[before:] == ["ws-b"], 10, "the process told of the cancel")
@@ -283,9 +264,9 @@ def test_a_pooled_processs_sampling_request_during_a_websocket_call_is_refused(
         ws_gateway: tuple[Gunicorn, Path]) -> None:
     gateway, _ = ws_gateway
     with open_ws(gateway, "asks") as ws:
-        initialize(ws)
+        ws_initialize(ws, "relay-test")
         ws.send(json.dumps(rpc("tools/call", {"name": "work", "arguments": {}}, request_id="s")))
-        seen = receive(ws, "s")
+        seen = ws_receive(ws, "s")
     assert not [m for m in seen if m.get("method") == "sampling/createMessage"], seen  # never reaches the client
     text = seen[-1]["result"]["content"][0]["text"]
     assert text.startswith("sampling refused: -32601 sampling/createMessage is not available"), text

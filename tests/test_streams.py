@@ -26,6 +26,8 @@ from .harness import (
     EVERYTHING,
     Gunicorn,
     McpHttpServer,
+    read_request,
+    read_until,
     rpc,
     wait_for,
     write_registry,
@@ -70,18 +72,8 @@ class Upstream:
     def _serve(self, sock: socket.socket) -> None:
         with closing(sock), suppress(OSError):
             data = b""
-            while True:
-                while b"\r\n\r\n" not in data:
-                    more = sock.recv(65536)
-                    if not more:
-                        return
-                    data += more
-                head, _, data = data.partition(b"\r\n\r\n")
-                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length:")), 0)
-                while len(data) < length:
-                    data += sock.recv(65536)
-                body, data = data[:length], data[length:]
+            while (request := read_request(sock, data)) is not None:
+                head, body, data = request
                 if head.startswith(b"GET"):
                     with self.lock:
                         index = self.gets
@@ -135,20 +127,6 @@ def open_stream(gateway: Gunicorn, request_id: str = "", path: str = "/raw/mcp")
                  f"X-Request-Id: {request_id or os.urandom(8).hex()}\r\n\r\n".encode())
     return sock
 
-
-def read_until(sock: socket.socket, marker: bytes, seconds: float = 10.0) -> bytes:
-    data = b""
-    deadline = time.monotonic() + seconds
-    while marker not in data:
-        assert time.monotonic() < deadline, f"{marker!r} not received within {seconds:g}s; got {data[-300:]!r}"
-        sock.settimeout(max(0.05, deadline - time.monotonic()))
-        try:
-            more = sock.recv(65536)
-        except TimeoutError:
-            continue
-        assert more, f"the stream closed before {marker!r}; got {data[-300:]!r}"
-        data += more
-    return data
 
 
 def read_to_end(sock: socket.socket, seconds: float = 15.0) -> bytes:

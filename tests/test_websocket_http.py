@@ -21,7 +21,15 @@ from websockets.sync.client import ClientConnection, connect
 
 from gateway import errors
 
-from .harness import Gunicorn, McpHttpServer, rpc, wait_for, write_registry
+from .harness import (
+    Gunicorn,
+    McpHttpServer,
+    rpc,
+    wait_for,
+    write_registry,
+    ws_ask,
+    ws_initialize,
+)
 from .raw_mcp import RawMcp
 
 TOKEN = "ws-http-token-" + "x" * 24
@@ -66,30 +74,14 @@ def open_ws(gateway: Gunicorn, server: str) -> ClientConnection:
                    additional_headers=AUTH, open_timeout=10)
 
 
-def ask(ws: ClientConnection, message: dict[str, Any]) -> list[dict[str, Any]]:
-    """Send one request; every message received up to and including its answer."""
-    ws.send(json.dumps(message))
-    seen = []
-    while True:
-        got = json.loads(ws.recv(timeout=30))
-        seen.append(got)
-        if got.get("id") == message["id"] and "method" not in got:
-            return seen
-
-
-def initialize(ws: ClientConnection) -> dict[str, Any]:
-    answer = ask(ws, rpc("initialize", {"protocolVersion": "2025-06-18", "capabilities": {},
-                                        "clientInfo": {"name": "ws-http-test", "version": "1"}}, request_id=0))[-1]
-    ws.send(json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}))
-    return answer
 
 
 def tools_and_progress(ws: ClientConnection, server: str, meta: dict[str, Any]) -> None:
     """tools/list, then a tools/call whose progress notifications all arrive before its response."""
-    tools = ask(ws, rpc("tools/list", {"_meta": meta} if meta else {}, request_id=1))[-1]
+    tools = ws_ask(ws, rpc("tools/list", {"_meta": meta} if meta else {}, request_id=1))[-1]
     call, progress, text = SLOW[server]
     assert call["name"] in {tool["name"] for tool in tools["result"]["tools"]}, tools
-    seen = ask(ws, rpc("tools/call", {**call, "_meta": {**meta, "progressToken": "p1"}}, request_id=2))
+    seen = ws_ask(ws, rpc("tools/call", {**call, "_meta": {**meta, "progressToken": "p1"}}, request_id=2))
     kinds = [m.get("method") or "answer" for m in seen]
     assert kinds.count("notifications/progress") == progress and kinds[-1] == "answer", kinds
     assert all(m["params"]["progressToken"] == "p1" for m in seen if m.get("method") == "notifications/progress"), seen
@@ -99,7 +91,7 @@ def tools_and_progress(ws: ClientConnection, server: str, meta: dict[str, Any]) 
 @pytest.mark.parametrize("server", ["sdk", "modern"])
 def test_a_handshake_era_client_initializes_on_the_socket(gateway: Gunicorn, server: str) -> None:
     with open_ws(gateway, server) as ws:
-        answer = initialize(ws)
+        answer = ws_initialize(ws, "ws-http-test")
         assert answer["result"]["protocolVersion"] == "2025-06-18", answer
         assert answer["result"]["serverInfo"]["name"], answer
         tools_and_progress(ws, server, {})
@@ -113,8 +105,8 @@ def test_a_2026_client_names_its_version_per_request(gateway: Gunicorn, server: 
 
 def test_a_request_from_the_http_server_mid_call_is_refused_at_once(gateway: Gunicorn, servers: Servers) -> None:
     with open_ws(gateway, "raw") as ws:
-        initialize(ws)
-        seen = ask(ws, rpc("tools/call", {"name": "ask", "arguments": {}}, request_id=3))
+        ws_initialize(ws, "ws-http-test")
+        seen = ws_ask(ws, rpc("tools/call", {"name": "ask", "arguments": {}}, request_id=3))
         assert [m.get("method") for m in seen[:-1]] == ["notifications/progress"], seen  # never the elicitation
         refusal = next(m for m in servers.raw.received if m.get("id") == "ask-1")
         assert refusal["error"]["code"] == errors.METHOD_NOT_FOUND, refusal
@@ -127,15 +119,15 @@ def test_an_http_instance_dying_mid_call_gives_an_error_and_the_socket_stays_ope
         registry = write_registry(tmp_path, {"dying": {"type": "http", "instances": [{"endpoint": server.url}]}},
                                   {"auth": {"tokens": {"ci": TOKEN}}, "health_check_interval": 3600})
         with Gunicorn(registry, workers=1, threads=4).serving() as gateway, open_ws(gateway, "dying") as ws:
-            initialize(ws)
-            assert "result" in ask(ws, rpc("tools/list", {}, request_id=1))[-1]
+            ws_initialize(ws, "ws-http-test")
+            assert "result" in ws_ask(ws, rpc("tools/list", {}, request_id=1))[-1]
             ws.send(json.dumps(rpc("tools/call", {"name": "sleep", "arguments": {"seconds": 60}}, request_id=2)))
             time.sleep(1)  # the call is at the instance
             server.stop()
             answer = json.loads(ws.recv(timeout=20))
             assert answer["id"] == 2 and answer["error"]["code"] == errors.UPSTREAM_ERROR, answer
             # The socket goes on: the next request is answered (with an error: no instance left).
-            later = ask(ws, rpc("tools/list", {}, request_id=3))[-1]
+            later = ws_ask(ws, rpc("tools/list", {}, request_id=3))[-1]
             assert later["id"] == 3 and "error" in later, later
             wait_for(lambda: requests.get(f"{gateway.url}/status", headers=AUTH, timeout=5).json()
                      ["servers"]["dying"]["instances"][0]["in_flight"] == 0, 10, "in_flight back to 0")

@@ -25,6 +25,8 @@ from .harness import (
     server_command,
     wait_for,
     write_registry,
+    ws_ask,
+    ws_initialize,
 )
 
 TOKEN = "ws-token-" + "x" * 24
@@ -53,22 +55,6 @@ def open_ws(gateway: Gunicorn, server: str = "time", **options: Any) -> ClientCo
                    open_timeout=10, **options)
 
 
-def ask(ws: ClientConnection, message: dict[str, Any]) -> list[dict[str, Any]]:
-    """Send one request; every message received up to and including its answer."""
-    ws.send(json.dumps(message))
-    seen = []
-    while True:
-        got = json.loads(ws.recv(timeout=30))
-        seen.append(got)
-        if got.get("id") == message["id"] and "method" not in got:
-            return seen
-
-
-def initialize(ws: ClientConnection) -> dict[str, Any]:
-    answer = ask(ws, rpc("initialize", {"protocolVersion": "2025-06-18", "capabilities": {},
-                                        "clientInfo": {"name": "ws-test", "version": "1"}}, request_id=0))[-1]
-    ws.send(json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}))
-    return answer
 
 
 def close_code(ws: ClientConnection) -> int | None:
@@ -81,25 +67,25 @@ def close_code(ws: ClientConnection) -> int | None:
 def test_handshake_era_initialize_then_tools(gateway: Gunicorn) -> None:
     with open_ws(gateway) as ws:
         assert ws.subprotocol == "mcp"
-        answer = initialize(ws)
+        answer = ws_initialize(ws)
         assert answer["result"]["protocolVersion"] == "2025-06-18", answer
         assert answer["result"]["serverInfo"]["name"]
-        tools = ask(ws, rpc("tools/list", {}, request_id=1))[-1]
+        tools = ws_ask(ws, rpc("tools/list", {}, request_id=1))[-1]
         assert "get_current_time" in {tool["name"] for tool in tools["result"]["tools"]}, tools
-        called = ask(ws, rpc("tools/call", {"name": "get_current_time", "arguments": {"timezone": "UTC"}}, request_id=2))[-1]
+        called = ws_ask(ws, rpc("tools/call", {"name": "get_current_time", "arguments": {"timezone": "UTC"}}, request_id=2))[-1]
         assert "UTC" in called["result"]["content"][0]["text"], called
 
 
 def test_a_2026_client_names_its_version_per_request(gateway: Gunicorn) -> None:
     with open_ws(gateway) as ws:
-        called = ask(ws, rpc("tools/call", {"name": "get_current_time", "arguments": {"timezone": "UTC"},
+        called = ws_ask(ws, rpc("tools/call", {"name": "get_current_time", "arguments": {"timezone": "UTC"},
                                             "_meta": MODERN_META}, request_id="a"))[-1]
         assert "UTC" in called["result"]["content"][0]["text"], called
 
 
 def test_progress_arrives_before_the_result_and_two_requests_are_answered_by_id(gateway: Gunicorn) -> None:
     with open_ws(gateway, "sdk") as ws:
-        initialize(ws)
+        ws_initialize(ws)
         slow = rpc("tools/call", {"name": "slow", "arguments": {"steps": 3}, "_meta": {"progressToken": "p1"}}, request_id=7)
         quick = rpc("tools/call", {"name": "add", "arguments": {"a": 2, "b": 3}}, request_id=8)
         ws.send(json.dumps(slow))
@@ -128,7 +114,7 @@ def test_a_flood_of_requests_on_one_connection_is_refused_past_its_share(tmp_pat
                      "max_concurrent": 4, "max_queued": 100, "queue_timeout": 60}}
     with Gunicorn(write_registry(tmp_path, roomy, SETTINGS), workers=1, threads=4).serving() as gateway, \
             open_ws(gateway, "sdk") as ws:
-        initialize(ws)
+        ws_initialize(ws)
         for n in range(count):
             ws.send(json.dumps(rpc("tools/call", {"name": "sleep", "arguments": {"seconds": 1}}, request_id=n)))
         answers: dict[int, dict[str, Any]] = {}
@@ -140,7 +126,7 @@ def test_a_flood_of_requests_on_one_connection_is_refused_past_its_share(tmp_pat
         assert len(refused) == 8, answers
         assert all(a["error"]["code"] == -32002 for a in refused)
         assert all(a.get("result", {}).get("content") for a in answers.values() if a not in refused), answers
-        after = ask(ws, rpc("tools/call", {"name": "add", "arguments": {"a": 1, "b": 2}}, request_id="after"))[-1]
+        after = ws_ask(ws, rpc("tools/call", {"name": "add", "arguments": {"a": 1, "b": 2}}, request_id="after"))[-1]
         assert after["result"]["content"][0]["text"] == "3", after
 
 
@@ -161,7 +147,7 @@ def test_a_text_frame_that_is_not_json_rpc_gets_an_error_and_the_connection_goes
         ws.send("{not json")
         error = json.loads(ws.recv(timeout=10))
         assert error["error"]["code"] == -32700, error
-        assert "result" in ask(ws, rpc("tools/list", {}, request_id=3))[-1]
+        assert "result" in ws_ask(ws, rpc("tools/list", {}, request_id=3))[-1]
 
 
 @pytest.mark.parametrize(("headers", "status"), [
@@ -192,7 +178,7 @@ def test_idle_websockets_hold_no_thread(gateway: Gunicorn) -> None:
         status = requests.get(f"{gateway.url}/status", headers=AUTH, timeout=10).json()
         assert sum(worker["websockets"] for worker in status["workers"]) >= 10, status["workers"]  # the answering worker's half
         for ws in sockets:  # all still served
-            assert "result" in ask(ws, rpc("tools/list", {}, request_id=9))[-1]
+            assert "result" in ws_ask(ws, rpc("tools/list", {}, request_id=9))[-1]
 
 
 def test_hup_closes_websockets_with_1001(tmp_path: Path) -> None:
@@ -201,7 +187,7 @@ def test_hup_closes_websockets_with_1001(tmp_path: Path) -> None:
             ExitStack() as stack:
         sockets = [stack.enter_context(open_ws(gateway)) for _ in range(4)]
         for ws in sockets:
-            initialize(ws)
+            ws_initialize(ws)
         old = gateway.worker_pids()
         gateway.remember()
         gateway.process.send_signal(signal.SIGHUP)
@@ -209,7 +195,7 @@ def test_hup_closes_websockets_with_1001(tmp_path: Path) -> None:
             assert close_code(ws) == 1001
         wait_for(lambda: not (gateway.worker_pids() & old) and len(gateway.worker_pids()) == 2, 30, "new workers only")
         with open_ws(gateway) as again:
-            assert "result" in initialize(again)
+            assert "result" in ws_initialize(again)
 
 
 def test_a_plain_get_on_the_ws_route_is_told_to_upgrade(gateway: Gunicorn) -> None:
@@ -223,7 +209,7 @@ def test_a_plain_get_on_the_ws_route_is_told_to_upgrade(gateway: Gunicorn) -> No
 def test_an_upgrade_on_the_mcp_path_is_served_too(gateway: Gunicorn) -> None:
     with connect(f"ws://127.0.0.1:{gateway.port}/time/mcp", subprotocols=["mcp"],  # type: ignore[list-item]
                  additional_headers=AUTH, open_timeout=10) as ws:
-        assert "result" in ask(ws, rpc("tools/list", {"_meta": MODERN_META}, request_id=1))[-1]
+        assert "result" in ws_ask(ws, rpc("tools/list", {"_meta": MODERN_META}, request_id=1))[-1]
 
 
 def test_websockets_count_in_max_streams(tmp_path: Path) -> None:
