@@ -4,7 +4,9 @@ The `Mcp-Session-Id` a legacy client receives is a sealed, self-describing
 token: `v1.` and the base64url of a random 12-byte nonce and an AES-256-GCM
 ciphertext. Sealed inside are the negotiated protocol version, the issue and
 expiry times, a random revocation id and, for HTTP servers, the instance
-holding the session and that instance's own session id; the server id and
+holding the session and that instance's own session id, and for a session
+whose state lives in one gateway process (a dedicated stdio process) that
+process, its owner; the server id and
 the caller's principal are the additional authenticated data. So a client
 can read nothing out of an id, and an id changed in any byte, presented on
 another server or by another principal, or past its time is refused (404).
@@ -51,6 +53,9 @@ class Session:
     principal: str | None = None  # who opened it (the token's name), when auth is on
     expires_at: float = 0.0
     revocation_id: str = ""  # names its revocation record; never shown outside the sealed id
+    # The gateway process that holds the session's state (a dedicated process), where one does:
+    # requests reaching another worker or replica are relayed to it.
+    owner: str | None = None
 
 
 class Revocations:
@@ -118,13 +123,15 @@ class SessionSigner:
         self.revocations = revocations if revocations is not None else Revocations(None)
 
     def mint(self, server_id: str, protocol_version: str, instance: str | None = None,
-             upstream_session: str | None = None, principal: str | None = None) -> str:
+             upstream_session: str | None = None, principal: str | None = None, owner: str | None = None) -> str:
         now = self._clock()
         claims: dict[str, object] = {"v": protocol_version, "t": now, "e": now + self._ttl, "r": secrets.token_hex(16)}
         if instance is not None:
             claims["i"] = instance
         if upstream_session is not None:
             claims["u"] = upstream_session
+        if owner is not None:
+            claims["o"] = owner
         return self._sealer.seal(json.dumps(claims, separators=(",", ":")).encode(), server_id, principal)
 
     def verify(self, token: str, server_id: str, principal: str | None = None) -> Session:
@@ -154,11 +161,11 @@ def _session(plain: bytes, server_id: str, principal: str | None) -> Session | N
     if not (isinstance(claims, dict) and isinstance(claims.get("v"), str)
             and all(isinstance(claims.get(k), int | float) for k in ("t", "e"))
             and isinstance(claims.get("r"), str) and _REVOCATION_ID.fullmatch(claims["r"])
-            and all(isinstance(claims.get(k), str | None) for k in ("i", "u"))):
+            and all(isinstance(claims.get(k), str | None) for k in ("i", "u", "o"))):
         return None
     return Session(server_id=server_id, protocol_version=claims["v"], issued_at=float(claims["t"]),
                    instance=claims.get("i"), upstream_session=claims.get("u"), principal=principal,
-                   expires_at=float(claims["e"]), revocation_id=claims["r"])
+                   expires_at=float(claims["e"]), revocation_id=claims["r"], owner=claims.get("o"))
 
 
 # --- the secrets -----------------------------------------------------------------------

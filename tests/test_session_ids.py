@@ -93,6 +93,9 @@ def test_the_sealed_session_round_trips() -> None:
         "github-server", "2025-06-18", "http://a:1", "u-1")
     assert session.principal == "alice" and session.issued_at == clock.now
     assert session.expires_at == clock.now + 3600 and len(session.revocation_id) >= 16
+    assert session.owner is None
+    owned = seal.verify(seal.mint("memory", "2025-06-18", owner="worker-7"), "memory")
+    assert owned.owner == "worker-7"
 
 
 # --- tampering, garbage, wrong server, expiry -> 404 ---------------------------------------
