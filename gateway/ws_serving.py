@@ -213,6 +213,7 @@ class Hub:
         self.drop = drop  # closes a connection the loop is done with (and counts it gone)
         self.peer = peer
         self.links: set[Link] = set()
+        self._tick_at = 0.0
         self.executor = futures.ThreadPoolExecutor(SERVING_THREADS, thread_name_prefix="ws")
 
     def gateway(self) -> Gateway:
@@ -241,12 +242,21 @@ class Hub:
         self.drop(link.conn)
 
     def timeout(self, timeout: float) -> float:
-        now = time.monotonic()
-        soonest = min((link.ws.next_deadline() for link in self.links), default=now + timeout)
-        return max(0.0, min(timeout, soonest - now))
+        """The loop's select timeout while connections are held: at most streams.TICK.
+
+        Not the soonest deadline of every connection: that is a pass over all
+        of them on every turn of the loop, which under load turns thousands of
+        times a second. Pings and dead-peer timeouts are seconds; a quarter of
+        one late is nothing.
+        """
+        return min(timeout, streams.TICK)
 
     def tick(self) -> None:
+        """Pings, dead peers and unanswered closes: every connection looked at, at most once per streams.TICK."""
         now = time.monotonic()
+        if now < self._tick_at:
+            return
+        self._tick_at = now + streams.TICK
         for link in list(self.links):
             if link.ws.next_deadline() <= now:
                 link.apply(link.ws.tick(now))
