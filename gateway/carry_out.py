@@ -9,6 +9,7 @@ refusal. Upstreams are seen through the Protocols of gateway/upstreams only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ from typing import Any
 from flask import Response
 from werkzeug.datastructures import EnvironHeaders
 
-from . import errors, jsonrpc, metrics, protocol, sse, streams
+from . import errors, jsonrpc, metrics, protocol, scope, sse, streams
 from .exchange import Exchange
 from .jsonrpc import Reply
 from .protocol import ClientContext
@@ -196,6 +197,10 @@ def _bridge(served: Served) -> Response:
     """Hand the message to the upstream's `call`: an SSE stream, or just the final response as JSON."""
     exchange, upstream, message, client = served.exchange, served.upstream, served.message, served.client
     assert message is not None and client is not None  # serving.decide bridges POSTs only
+    if served.session is not None and client.era == protocol.LEGACY:
+        level = served.gateway.log_levels.get(served.session.revocation_id)
+        if level is not None:  # the session's logging/setLevel, carried by each of its requests
+            client = dataclasses.replace(client, log_level=level)
     replies = upstream.call(message, served.body, client, exchange.request_id)
     first = next(replies)  # errors before the first message become plain HTTP errors
     exchange.upstream = first.origin
@@ -326,6 +331,19 @@ def _discover(served: Served) -> Response:
     return json_response(jsonrpc.result(_message(served)["id"], protocol.discover_result(served.upstream.hello())))
 
 
+def _set_level(served: Served) -> Response:
+    """A handshake-era session's logging/setLevel: kept for its later requests (log_levels.py), answered `{}`."""
+    message = _message(served)
+    params = message.get("params")
+    level = params.get("level") if isinstance(params, dict) else None
+    if not isinstance(level, str) or level not in scope.LOG_LEVELS:
+        raise errors.InvalidParams(f"logging/setLevel: params.level must be one of {', '.join(scope.LOG_LEVELS)}")
+    session = served.session
+    if session is not None:  # without a session (a single request) there is nothing later to carry it
+        served.gateway.log_levels.set(session.revocation_id, level, session.expires_at)
+    return json_response(jsonrpc.result(message["id"], {}))
+
+
 def _accepted(served: Served) -> Response:
     return Response(status=202)
 
@@ -347,6 +365,7 @@ _ANSWERS: dict[Local, Callable[[Served], Response]] = {
     Local.INITIALIZE: _initialize,
     Local.PING: _ping,
     Local.DISCOVER: _discover,
+    Local.SET_LEVEL: _set_level,
     Local.ACCEPTED: _accepted,
     Local.END_SESSION: _end_session,
 }

@@ -30,6 +30,8 @@ META_PROTOCOL_VERSION = "io.modelcontextprotocol/protocolVersion"
 META_CLIENT_CAPABILITIES = "io.modelcontextprotocol/clientCapabilities"
 META_CLIENT_INFO = "io.modelcontextprotocol/clientInfo"
 META_SERVER_INFO = "io.modelcontextprotocol/serverInfo"
+# The level a 2026-07-28 request asks the server to log at for it (server/utilities/logging, SEP-2575).
+META_LOG_LEVEL = "io.modelcontextprotocol/logLevel"
 _META_PREFIX = "io.modelcontextprotocol/"
 
 # Methods whose Mcp-Name header mirrors a body field (2026-07-28).
@@ -64,6 +66,8 @@ class ClientContext:
 
     era: str  # MODERN or LEGACY
     version: str
+    # The level a handshake-era session set with logging/setLevel (log_levels.py), where it set one.
+    log_level: str | None = None
 
 
 @dataclass(frozen=True)
@@ -187,11 +191,17 @@ def _check_modern_headers(
         )
 
 
-def to_modern_request(message: dict[str, Any]) -> dict[str, Any]:
-    """Give a legacy client's request the `_meta` envelope a 2026-07-28 server needs."""
+def to_modern_request(message: dict[str, Any], log_level: str | None = None) -> dict[str, Any]:
+    """Give a legacy client's request the `_meta` envelope a 2026-07-28 server needs.
+
+    `log_level`: the level the client's session set (logging/setLevel), which
+    2026-07-28 carries on each request instead.
+    """
     params = dict(message.get("params") or {})
     meta = dict(params.get("_meta") or {})
     meta[META_PROTOCOL_VERSION] = LATEST_MODERN
+    if log_level is not None:
+        meta[META_LOG_LEVEL] = log_level
     meta.setdefault(META_CLIENT_CAPABILITIES, {})
     meta.setdefault(META_CLIENT_INFO, GATEWAY_INFO)
     params["_meta"] = meta
@@ -220,12 +230,13 @@ def to_modern_result(method: str, result: dict[str, Any]) -> dict[str, Any]:
     return modern
 
 
-def request_for_server(message: dict[str, Any], client_era: str, server_era: str) -> dict[str, Any]:
-    """The client's request as a server of `server_era` expects it."""
+def request_for_server(message: dict[str, Any], client_era: str, server_era: str,
+                       log_level: str | None = None) -> dict[str, Any]:
+    """The client's request as a server of `server_era` expects it (`log_level`: its session's, see ClientContext)."""
     if client_era == server_era:
         return message
     if server_era == MODERN:
-        return to_modern_request(message)
+        return to_modern_request(message, log_level)
     return to_legacy_request(message)
 
 
@@ -273,12 +284,31 @@ def hello_from_initialize(result: Mapping[str, Any]) -> ServerHello:
                        result.get("serverInfo") or {}, result.get("instructions"))
 
 
+# Server capabilities whose promise is a notification or stream the gateway cannot deliver
+# to a client it answers itself (a pooled process, a bridged server): no client subscribed
+# to the shared process, it offers no GET stream, and refuses subscriptions/listen.
+_UNDELIVERABLE = {"tools": ("listChanged",), "prompts": ("listChanged",), "resources": ("listChanged", "subscribe")}
+
+
+def deliverable_capabilities(capabilities: Mapping[str, Any]) -> dict[str, Any]:
+    """The server's capabilities less what the gateway cannot deliver (_UNDELIVERABLE)."""
+    offered = dict(capabilities)
+    for name, flags in _UNDELIVERABLE.items():
+        value = offered.get(name)
+        if isinstance(value, dict) and any(flag in value for flag in flags):
+            offered[name] = {k: v for k, v in value.items() if k not in flags}
+    return offered
+
+
 def initialize_result(hello: ServerHello, requested: Any) -> dict[str, Any]:
-    """The gateway's own answer to a legacy client's `initialize`."""
+    """The gateway's own answer to a legacy client's `initialize`: only what it can deliver."""
     version = requested if requested in LEGACY_VERSIONS else LATEST_LEGACY
+    # `logging` whatever the server said: the gateway itself answers a handshake-era
+    # session's logging/setLevel and carries the level to the server, or filters by it
+    # (log_levels.py, scope.py), so the method works; a server that never logs sends nothing.
     result: dict[str, Any] = {
         "protocolVersion": version,
-        "capabilities": dict(hello.capabilities),
+        "capabilities": {**deliverable_capabilities(hello.capabilities), "logging": {}},
         "serverInfo": dict(hello.server_info or GATEWAY_INFO),
     }
     if hello.instructions:
@@ -287,13 +317,13 @@ def initialize_result(hello: ServerHello, requested: Any) -> dict[str, Any]:
 
 
 def discover_result(hello: ServerHello) -> dict[str, Any]:
-    """The gateway's own answer to `server/discover` (2026-07-28)."""
+    """The gateway's own answer to `server/discover` (2026-07-28): only what it can deliver."""
     return {
         "resultType": "complete",
         "ttlMs": 0,
         "cacheScope": "private",
         "supportedVersions": list(MODERN_VERSIONS),
-        "capabilities": dict(hello.capabilities),
+        "capabilities": deliverable_capabilities(hello.capabilities),
         **({"instructions": hello.instructions} if hello.instructions else {}),
         "_meta": {META_SERVER_INFO: dict(hello.server_info or GATEWAY_INFO)},
     }

@@ -37,6 +37,7 @@ from flask import Flask, current_app
 from . import accesslog, metrics, rundir, streams, supervisor, upstreams
 from .auth import Authenticator
 from .leases import AnyUpstream, Draining, Leases
+from .log_levels import LogLevels
 from .rebinding import RebindingGuard
 from .registry import Registry, ServerEntry
 from .reload import plan_reload
@@ -57,6 +58,8 @@ DRAIN_TIMEOUT = 30.0
 class Gateway:
     def __init__(self, registry: Registry):
         self.revocations = Revocations(rundir.revoked_dir())
+        folder = rundir.directory()
+        self.log_levels = LogLevels(folder / "levels" if folder is not None else None)
         self.auth, self.rebinding, self.signer, self.states = _guards(registry, self.revocations)
         self.drain_timeout = DRAIN_TIMEOUT
         # http templates: gunicorn's master runs their processes and publishes where they

@@ -18,16 +18,21 @@ exactly two ways, and only those reach the client:
   stream (server/utilities/logging, SEP-2575). So a log message reaches the
   client when the process speaks 2026-07-28 and the request asked for that
   level. Handshake-era logging belongs to the connection, which for a pooled
-  process is the gateway's, and stdio carries no related-request marker in
-  either era (the official SDK's `related_request_id` is transport metadata,
-  never written to the pipe), so a handshake-era process's log messages are
-  not passed on.
+  process is the gateway's: the gateway never sends such a process
+  `logging/setLevel` (it would change the level for every client of it).
+  Instead the level a request asks for (a handshake-era session's, set with
+  `logging/setLevel` and answered by the gateway, see log_levels.py, or a
+  2026-07-28 request's `_meta` level) is the gateway's own filter: the
+  process's log messages at that level and above written while it serves the
+  request reach the client, the rest are dropped; a request that asked for no
+  level gets none of them.
 
 Everything else (`*/list_changed`, `resources/updated`, `cancelled`, methods
 no spec defines) is dropped: on a pooled process no client subscribed to it.
-What remains possible: a 2026-07-28 request that asked for logs can receive a
-log line an earlier call's leftover work writes during it, since stdio gives
-no way to tell the two apart.
+What remains possible: a request that asked for logs can receive a log line
+an earlier call's leftover work writes during it, since stdio carries no
+related-request marker in either era (the official SDK's
+`related_request_id` is transport metadata, never written to the pipe).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from typing import Any
 
 from . import protocol
 
-META_LOG_LEVEL = "io.modelcontextprotocol/logLevel"
+META_LOG_LEVEL = protocol.META_LOG_LEVEL
 # RFC 5424 severities, least severe first (server/utilities/logging).
 LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
 # Tokens and request ids the process sees that the gateway made; a client's own
@@ -84,17 +89,22 @@ class RequestScope:
         return {**notification, "params": {**notification["params"], "progressToken": self.client_token}}
 
 
-def scope(outgoing: dict[str, Any], process_era: str) -> tuple[dict[str, Any], RequestScope]:
+def scope(outgoing: dict[str, Any], process_era: str, level: Any = None) -> tuple[dict[str, Any], RequestScope]:
     """The request as the process gets it (own progress token), and what may come back for it.
 
-    A request without a progress token is returned as it is, so its bytes can
-    pass through untouched (the hot path).
+    `level`: the log level the client asked for this request, for a
+    handshake-era process, which is never told it (a 2026-07-28 process reads
+    it from `outgoing`'s `_meta`). A request without a progress token is
+    returned as it is, so its bytes can pass through untouched (the hot path).
     """
     params = outgoing.get("params")
     meta = params.get("_meta") if isinstance(params, dict) else None
+    if process_era == protocol.MODERN:
+        levels = _levels_from(meta.get(META_LOG_LEVEL)) if isinstance(meta, dict) else frozenset()
+    else:
+        levels = _levels_from(level)
     if not isinstance(meta, dict):
-        return outgoing, RequestScope()
-    levels = _levels_from(meta.get(META_LOG_LEVEL)) if process_era == protocol.MODERN else frozenset()
+        return outgoing, RequestScope(log_levels=levels)
     client_token = meta.get("progressToken")
     if client_token is None:
         return outgoing, RequestScope(log_levels=levels)
@@ -119,6 +129,13 @@ def process_request_id(client_id: Any) -> Any:
 def fresh_request_id() -> str:
     """An id for the process that no client can choose (see process_request_id)."""
     return f"{REQUEST_ID_PREFIX}request-{next(_numbers)}"
+
+
+def requested_level(message: dict[str, Any]) -> Any:
+    """The log level a 2026-07-28 request asks for in its `_meta` (None when it asks for none)."""
+    params = message.get("params")
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    return meta.get(META_LOG_LEVEL) if isinstance(meta, dict) else None
 
 
 def _levels_from(requested: Any) -> frozenset[str]:

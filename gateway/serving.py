@@ -9,8 +9,8 @@ era, JSON-RPC message) and carried out by carry_out.py:
 - `Bridge`: the gateway ends MCP HTTP itself and hands the message to the
   upstream's `call` (a stdio process, or an http server of the other era).
 - `Answer`: the gateway answers alone (`Local` says what: initialize, ping,
-  server/discover, 202 for a notification or a client's response, the end
-  of a session it minted).
+  server/discover, a handshake-era session's logging/setLevel, 202 for a
+  notification or a client's response, the end of a session it minted).
 - `Refuse`: a gateway error, raised as the JSON-RPC error answer.
 
 `decide` does no I/O of its own. It asks an http upstream which eras its
@@ -55,6 +55,7 @@ class Local(enum.Enum):
     INITIALIZE = "initialize"  # the handshake, and a session id of the gateway's own
     PING = "ping"
     DISCOVER = "server/discover"
+    SET_LEVEL = "logging/setLevel"  # a handshake-era session's log level, kept by the gateway (log_levels.py)
     ACCEPTED = "accepted"  # 202: a notification or a client's response has nowhere to go
     END_SESSION = "end session"  # DELETE of a session the gateway minted: revoked, 204
 
@@ -77,6 +78,7 @@ BRIDGE = Bridge()
 INITIALIZE = Answer(Local.INITIALIZE)
 PING = Answer(Local.PING)
 DISCOVER = Answer(Local.DISCOVER)
+SET_LEVEL = Answer(Local.SET_LEVEL)
 ACCEPTED = Answer(Local.ACCEPTED)
 END_SESSION = Answer(Local.END_SESSION)
 
@@ -112,6 +114,11 @@ def _post(upstream: Upstream, instances: bool, session: Session | None, client: 
           message: dict[str, Any]) -> Plan:
     if instances and _passes(upstream, session, client, message):
         return PASS_THROUGH
+    if instances and client.era == protocol.MODERN and message.get("method") == "server/discover":
+        # The server's instances speak only the handshake era: they answer discover as they
+        # do (an error, or no 2026-07-28 version), so a client that can fall back to
+        # initialize does, and is passed through with the whole handshake-era protocol.
+        return PASS_THROUGH
     # From here the gateway ends MCP HTTP itself: a stdio server, or an http
     # server of the other protocol era than the client's.
     if not jsonrpc.is_request(message):
@@ -124,6 +131,11 @@ def _post(upstream: Upstream, instances: bool, session: Session | None, client: 
             return INITIALIZE
         if method == "ping":
             return PING
+        if method == "logging/setLevel":
+            # Never sent on: a pooled process is shared (the level would be every client's),
+            # and a 2026-07-28 server has no such method. The level rides on the session's
+            # later requests instead (scope.py).
+            return SET_LEVEL
     elif method == "server/discover":
         return DISCOVER
     if method in LONG_LIVED:

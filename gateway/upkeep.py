@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from . import metrics, rundir
 from . import registry as registry_module
 from .errors import RegistryError, UnsafePath
+from .log_levels import LogLevels
 from .registry import Registry
 from .sessions import Revocations
 from .upstreams import Upstream
@@ -38,6 +39,7 @@ class Upkept(Protocol):
     """What upkeep looks after (runtime.Gateway)."""
 
     revocations: Revocations
+    log_levels: LogLevels
     loaded_at: float  # time.time() the running registry was loaded
 
     @property
@@ -87,6 +89,7 @@ class Upkeep:
             if time.monotonic() - self._pruned_at >= PRUNE_INTERVAL:
                 self._pruned_at = time.monotonic()
                 guarded(lambda: gateway.revocations.prune(time.time()), "forgetting expired session revocations")
+                guarded(lambda: gateway.log_levels.prune(time.time()), "forgetting expired session log levels")
             if gateway.registry.gateway.reload_registry:
                 guarded(self._look_at_registry, "reading the registry")
             guarded(lambda: rundir.publish_status(gateway.worker_status()), "publishing status")

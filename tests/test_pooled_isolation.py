@@ -103,9 +103,29 @@ def test_log_messages_reach_only_a_2026_request_that_asked_for_that_level() -> N
     _, modern = scope.scope(asked, protocol.MODERN)
     assert modern.drop_reason(note("notifications/message", level="error", data="x")) is None
     assert modern.drop_reason(note("notifications/message", level="info", data="x")) == scope.UNREQUESTED_LOG
-    _, legacy = scope.scope(asked, protocol.LEGACY)  # no related-request marker on a handshake-era pipe
+    _, legacy = scope.scope(asked, protocol.LEGACY)  # a handshake-era process is filtered by the level given
     assert legacy.drop_reason(note("notifications/message", level="error", data="x")) == scope.UNREQUESTED_LOG
+    _, filtered = scope.scope({"jsonrpc": "2.0", "id": 1, "method": "tools/call"}, protocol.LEGACY, "warning")
+    assert filtered.drop_reason(note("notifications/message", level="error", data="x")) is None
+    assert filtered.drop_reason(note("notifications/message", level="info", data="x")) == scope.UNREQUESTED_LOG
+    assert scope.scope(asked, protocol.LEGACY, "loud")[1].drop_reason(
+        note("notifications/message", level="emergency", data="x")) == scope.UNREQUESTED_LOG
     _, unasked = scope.scope({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"_meta": ENVELOPE}}, protocol.MODERN)
     assert unasked.drop_reason(note("notifications/message", level="emergency", data="x")) == scope.UNREQUESTED_LOG
     for method in ("notifications/tools/list_changed", "notifications/resources/updated", "notifications/x"):
         assert modern.drop_reason(note(method)) == scope.NOT_REQUEST_SCOPED
+
+
+def test_a_session_log_level_is_kept_by_revocation_id_until_the_session_expires(tmp_path: Any) -> None:
+    from gateway.log_levels import LogLevels
+
+    for levels in (LogLevels(tmp_path / "levels"), LogLevels(None)):
+        assert levels.get("a" * 32) is None
+        levels.set("a" * 32, "info", expires_at=100.0)
+        levels.set("b" * 32, "error", expires_at=300.0)
+        levels.set("a" * 32, "debug", expires_at=100.0)  # set again: the new level
+        assert (levels.get("a" * 32), levels.get("b" * 32)) == ("debug", "error")
+        assert levels.prune(200.0) == 1
+        assert (levels.get("a" * 32), levels.get("b" * 32)) == (None, "error")
+    (tmp_path / "levels" / ("c" * 32)).write_text("loud")  # not a level: read as none
+    assert LogLevels(tmp_path / "levels").get("c" * 32) is None

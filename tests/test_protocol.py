@@ -72,3 +72,21 @@ def test_request_headers_mirror_method_and_name() -> None:
     assert headers["MCP-Protocol-Version"] == "2026-07-28" and headers["Mcp-Method"] == "resources/read"
     assert protocol.decode_header_value(headers["Mcp-Name"]) == "file:///é"
     assert "Mcp-Name" not in protocol.request_headers({"method": "tools/list"})
+
+
+def test_a_handshake_era_sessions_log_level_rides_in_the_2026_meta() -> None:
+    message = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "x"}}
+    sent = protocol.request_for_server(message, protocol.LEGACY, protocol.MODERN, "warning")
+    assert sent["params"]["_meta"][protocol.META_LOG_LEVEL] == "warning"
+    assert protocol.META_LOG_LEVEL not in protocol.request_for_server(message, protocol.LEGACY, protocol.MODERN)["params"]["_meta"]
+    assert protocol.request_for_server(message, protocol.LEGACY, protocol.LEGACY, "warning") is message
+
+
+def test_the_gateways_own_answers_claim_only_what_it_delivers() -> None:
+    hello = protocol.ServerHello(protocol.MODERN, "2026-07-28", {
+        "tools": {"listChanged": True}, "prompts": {"listChanged": True},
+        "resources": {"listChanged": True, "subscribe": True}, "completions": {}}, {"name": "s"})
+    delivered = {"tools": {}, "prompts": {}, "resources": {}, "completions": {}}
+    assert protocol.initialize_result(hello, "2025-11-25")["capabilities"] == {**delivered, "logging": {}}
+    assert protocol.discover_result(hello)["capabilities"] == delivered
+    assert hello.capabilities["tools"] == {"listChanged": True}, "the server's own is not changed"

@@ -162,7 +162,7 @@ class Bridge:
         # Every bridged request of this worker shares one session per instance, and clients
         # choose ids alike (curl's are all 1): a server keying its answer streams by id
         # would cross or lose them, so the instance sees an id of the gateway's.
-        outgoing = {**protocol.request_for_server(message, client.era, server_era), "id": f"mcp-gateway-{next(_bridge_ids)}"}
+        outgoing = {**protocol.request_for_server(message, client.era, server_era, client.log_level), "id": f"mcp-gateway-{next(_bridge_ids)}"}
         tried: list[Instance] = []
         while True:
             if cancel is not None:

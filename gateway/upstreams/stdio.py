@@ -149,9 +149,11 @@ class StdioUpstream:
         call = _Call(self, process, message, client, deadline, cancel)
         holder.current = call
         try:
-            translated_request = protocol.request_for_server(message, client.era, process.era)
-            # Only what the protocol ties to this request reaches its client (see scope.py).
-            outgoing, call.scope = scope.scope(translated_request, process.era)
+            translated_request = protocol.request_for_server(message, client.era, process.era, client.log_level)
+            # Only what the protocol ties to this request reaches its client (see scope.py); a
+            # handshake-era process is never told a log level, the gateway filters for it.
+            requested = client.log_level or scope.requested_level(message)
+            outgoing, call.scope = scope.scope(translated_request, process.era, requested)
             if call.request_id is not message["id"]:
                 outgoing = {**outgoing, "id": call.request_id}
             # Bytes pass through untouched when no translation was needed and the

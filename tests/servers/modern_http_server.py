@@ -4,7 +4,8 @@ Usage: python modern_http_server.py PORT   (binds 127.0.0.1, endpoint /mcp)
 
 It refuses anything without the 2026-07-28 headers and envelope (so it proves
 the gateway adds them), answers `initialize` with -32022, and streams two
-progress notifications before a `tools/call` result when given a progressToken.
+progress notifications before a `tools/call` result when given a progressToken,
+and one `info` log message when the request's `_meta` log level asks for it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Any
 
 VERSION = "2026-07-28"
 ENVELOPE = ("io.modelcontextprotocol/protocolVersion", "io.modelcontextprotocol/clientCapabilities")
+LOG_LEVEL = "io.modelcontextprotocol/logLevel"
+LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
 INFO = {"io.modelcontextprotocol/serverInfo": {"name": "modern-server", "version": "1.0"}}
 ECHO_TOOL = {"name": "echo", "description": "Echo text back.",
              "inputSchema": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}}
@@ -62,11 +65,17 @@ class Handler(BaseHTTPRequestHandler):
             answer = result(request_id, {"content": [{"type": "text", "text": f"{text} (pid {os.getpid()})"}],
                                          "isError": False})
             token = meta.get("progressToken")
-            if token is None:
-                self._json(200, answer)
+            notes = [] if token is None else [{"jsonrpc": "2.0", "method": "notifications/progress",
+                                               "params": {"progressToken": token, "progress": n, "total": 2}}
+                                              for n in (1, 2)]
+            level = meta.get(LOG_LEVEL)
+            if level in LEVELS and LEVELS.index(level) <= LEVELS.index("info"):  # logs only when asked (SEP-2575)
+                notes.append({"jsonrpc": "2.0", "method": "notifications/message",
+                              "params": {"level": "info", "logger": "modern-server", "data": f"echoed {text}"}})
+            if notes:
+                self._sse([*notes, answer])
             else:
-                self._sse([{"jsonrpc": "2.0", "method": "notifications/progress",
-                            "params": {"progressToken": token, "progress": n, "total": 2}} for n in (1, 2)] + [answer])
+                self._json(200, answer)
         else:
             self._json(404, error(request_id, -32601, "Method not found"))
 
