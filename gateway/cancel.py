@@ -22,7 +22,7 @@ from . import errors
 class Cancellation:
     """Set once; an eventfd (made on first use) becomes readable when it is."""
 
-    __slots__ = ("_callbacks", "_fd", "_lock", "reason")
+    __slots__ = ("_lock", "_fd", "_callbacks", "reason")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

@@ -156,7 +156,7 @@ class WebSocketConnection:
                 self._handshake(data, outcome)
             else:
                 self._frames(data, outcome)
-        except Exception:  # a fault of ours must end this connection, not the loop
+        except Exception:  # noqa: BLE001  # a fault of ours must end this connection, not the loop
             log.exception("WebSocket connection for %s failed", self.session.server_id if self.session else "?")
             outcome.to_send += self._fail()
             outcome.messages.clear()
@@ -176,7 +176,7 @@ class WebSocketConnection:
         outcome = Outcome()
         try:
             self._upgrade(method, path, headers, trailing, outcome)
-        except Exception:
+        except Exception:  # noqa: BLE001
             log.exception("WebSocket upgrade of %s failed", quoted(path))
             outcome.to_send += self._fail()
             outcome.closed = True
