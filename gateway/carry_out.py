@@ -20,7 +20,7 @@ from typing import Any
 from flask import Response
 from werkzeug.datastructures import EnvironHeaders
 
-from . import errors, jsonrpc, metrics, protocol, scope, sse, streams
+from . import errors, jsonrpc, log_levels, metrics, protocol, sse, streams
 from .exchange import Exchange
 from .jsonrpc import Reply
 from .protocol import ClientContext
@@ -334,10 +334,7 @@ def _discover(served: Served) -> Response:
 def _set_level(served: Served) -> Response:
     """A handshake-era session's logging/setLevel: kept for its later requests (log_levels.py), answered `{}`."""
     message = _message(served)
-    params = message.get("params")
-    level = params.get("level") if isinstance(params, dict) else None
-    if not isinstance(level, str) or level not in scope.LOG_LEVELS:
-        raise errors.InvalidParams(f"logging/setLevel: params.level must be one of {', '.join(scope.LOG_LEVELS)}")
+    level = log_levels.requested(message)
     session = served.session
     if session is not None:  # without a session (a single request) there is nothing later to carry it
         served.gateway.log_levels.set(session.revocation_id, level, session.expires_at)

@@ -12,7 +12,8 @@ Session ids are sealed and minted at initialize, so the level cannot live in
 the id. Like the revocations (sessions.py), it lives in a folder of the runtime
 directory that every worker of the host shares (`levels/`, one file per
 session holding the level, its mtime the expiry), or in this process without
-one. Across replicas the level is per host: a session balanced to another
+one. A WebSocket connection is its own session and keeps its level itself
+(websocket.WebSocketSession). Across replicas the level is per host: a session balanced to another
 replica has none there until it sets it again.
 """
 
@@ -21,8 +22,20 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
+from . import errors
 from .scope import LOG_LEVELS
+
+
+def requested(message: dict[str, Any]) -> str:
+    """The level a `logging/setLevel` request names; InvalidParams (-32602) unless it is one of LOG_LEVELS."""
+    params = message.get("params")
+    level = params.get("level") if isinstance(params, dict) else None
+    if not isinstance(level, str) or level not in LOG_LEVELS:
+        raise errors.InvalidParams(f"logging/setLevel: params.level must be one of {', '.join(LOG_LEVELS)}",
+                                   rpc_id=message.get("id"))
+    return level
 
 
 class LogLevels:

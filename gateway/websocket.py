@@ -26,6 +26,7 @@ protocol.py gives the same request over HTTP.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import math
@@ -47,7 +48,7 @@ from wsproto.events import (
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import ProtocolError
 
-from . import errors, jsonrpc, protocol
+from . import errors, jsonrpc, log_levels, protocol
 from .logtext import quoted
 from .protocol import Headers
 from .ws_handshake import Accepted, Refused, RequestHeaders
@@ -384,6 +385,9 @@ class WebSocketSession:
         self.server_id = server_id
         self.principal = principal
         self.protocol_version: str | None = None  # set by a handshake-era client's initialize
+        # Set by its logging/setLevel, which the gateway answers (a pooled process is shared):
+        # carried by each later request of the connection, as over HTTP (log_levels.py).
+        self.log_level: str | None = None
 
     @staticmethod
     def is_initialize(message: dict[str, Any]) -> bool:
@@ -396,6 +400,11 @@ class WebSocketSession:
         result = protocol.initialize_result(hello, requested)
         self.protocol_version = str(result["protocolVersion"])
         return jsonrpc.result(message.get("id"), result)
+
+    def set_level(self, message: dict[str, Any]) -> dict[str, Any]:
+        """The gateway's answer to a handshake-era `logging/setLevel`: the connection's level from now on."""
+        self.log_level = log_levels.requested(message)
+        return jsonrpc.result(message.get("id"), {})
 
     def context(self, message: dict[str, Any]) -> protocol.ClientContext:
         """The era and version of one message, decided by protocol.client_context as for a POST.
@@ -420,4 +429,7 @@ class WebSocketSession:
             headers = {**protocol.request_headers(message), "MCP-Protocol-Version": version}
         elif self.protocol_version is not None:
             headers = {"MCP-Protocol-Version": self.protocol_version}
-        return protocol.client_context(RequestHeaders.of(headers), message, self.protocol_version)
+        client = protocol.client_context(RequestHeaders.of(headers), message, self.protocol_version)
+        if self.log_level is not None and client.era == protocol.LEGACY:
+            return dataclasses.replace(client, log_level=self.log_level)
+        return client

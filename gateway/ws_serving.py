@@ -32,7 +32,7 @@ from typing import Any
 
 from flask import Flask
 
-from . import errors, jsonrpc, streams
+from . import errors, jsonrpc, protocol, streams
 from .cancel import Cancellation
 from .exchange import Exchange
 from .runtime import Gateway
@@ -351,6 +351,9 @@ def serve_message(gateway: Gateway, app: Flask, ws: WebSocketConnection, environ
             send(session.initialize(message, upstream.hello()), True)
             return
         client = session.context(message)
+        if client.era == protocol.LEGACY and message.get("method") == "logging/setLevel":
+            send(session.set_level(message), True)  # never to a shared process (serving.Local.SET_LEVEL)
+            return
         body = jsonrpc.encode(message)
         replies = upstream.call(message, body, client, exchange.request_id, cancel)
         try:

@@ -34,6 +34,7 @@ import requests
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPDeprecationWarning
+from websockets.sync.client import connect
 
 from .harness import (
     ACCEPT_BOTH,
@@ -44,6 +45,8 @@ from .harness import (
     rpc,
     server_command,
     write_registry,
+    ws_ask,
+    ws_initialize,
 )
 
 INSPECTOR = ROOT / "tests/node/node_modules/.bin/mcp-inspector"
@@ -187,6 +190,21 @@ def test_raw_set_level_is_answered_and_kept_per_session(gateway: Gunicorn, serve
     refused = post(gateway, server, rpc("logging/setLevel", {"level": "loud"}), mine)
     bad = refused.json()
     assert refused.status_code == 400 and bad["error"]["code"] == -32602 and "params.level must be one of debug" in bad["error"]["message"]
+
+
+@pytest.mark.parametrize(("server", "tool", "arguments", "logged"), LOGGING_CASES[:2], ids=[c[0] for c in LOGGING_CASES[:2]])
+def test_websocket_set_level_is_the_connections(gateway: Gunicorn, server: str, tool: str, arguments: dict[str, Any],
+                                                logged: str) -> None:
+    call = rpc("tools/call", {"name": tool, "arguments": arguments}, request_id=2)
+    with connect(f"ws://127.0.0.1:{gateway.port}/{server}/ws", subprotocols=["mcp"],  # type: ignore[list-item]
+                 open_timeout=10) as ws:
+        assert ws_initialize(ws)["result"]["capabilities"]["logging"] == {}
+        assert [m for m in ws_ask(ws, call) if m.get("method")] == []
+        assert ws_ask(ws, rpc("logging/setLevel", {"level": "info"}, request_id=3)) == [
+            {"jsonrpc": "2.0", "id": 3, "result": {}}]
+        assert [m["params"]["data"] for m in ws_ask(ws, call) if m.get("method")] == [logged]
+        bad = ws_ask(ws, rpc("logging/setLevel", {"level": "loud"}, request_id=4))[-1]
+        assert bad["error"]["code"] == -32602
 
 
 def test_initialize_claims_no_notification_the_gateway_cannot_deliver(gateway: Gunicorn) -> None:
