@@ -223,8 +223,9 @@ def test_raw_discover_gets_the_servers_own_answer(gateway: Gunicorn) -> None:
     body = rpc("server/discover", {"_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}})
     direct = requests.post(f"{gateway.url}/everything/mcp", data=json.dumps(body),
                            headers={**MODERN_HEADERS, "Mcp-Method": "server/discover"}, timeout=30)
-    assert direct.status_code >= 400 or "error" in direct.json(), direct.text  # not the gateway's own answer
-    assert "supportedVersions" not in direct.text
+    # server-everything's own answer, not one the gateway makes up: the client knows to fall back.
+    assert direct.status_code == 400, direct.text
+    assert direct.json()["error"] == {"code": -32000, "message": "Bad Request: Server not initialized"}
 
 
 def test_sdk_auto_mode_falls_back_and_is_passed_through(gateway: Gunicorn) -> None:
@@ -239,19 +240,32 @@ def test_sdk_auto_mode_falls_back_and_is_passed_through(gateway: Gunicorn) -> No
         asked.append("roots")
         return types.ListRootsResult(roots=[types.Root(uri="file:///tmp/root", name="root")])  # type: ignore[arg-type]
 
-    async def scenario() -> tuple[str | None, set[str], str]:
-        async with http_client() as http, Client(streamable_http_client(f"{gateway.url}/everything/mcp", http_client=http),
-                                                  mode="auto", sampling_callback=on_sample,
-                                                  list_roots_callback=on_roots) as client:
-            tools = {tool.name for tool in (await client.list_tools()).tools}
-            sampled = await client.call_tool("trigger-sampling-request", {"prompt": "hello", "maxTokens": 10})
-            text = json.dumps([c.model_dump() for c in sampled.content])
-            return client.protocol_version, tools, text
+    async def on_elicit(context: Any, params: types.ElicitRequestParams) -> types.ElicitResult:
+        asked.append("elicitation")
+        return types.ElicitResult(action="accept", content={"name": "Ada"})
 
-    version, tools, text = anyio.run(scenario)
+    def text_of(result: types.CallToolResult) -> str:
+        return json.dumps([c.model_dump() for c in result.content])
+
+    async def scenario() -> tuple[str | None, set[str], dict[str, str]]:
+        async with http_client() as http, Client(streamable_http_client(f"{gateway.url}/everything/mcp", http_client=http),
+                                                  mode="auto", sampling_callback=on_sample, list_roots_callback=on_roots,
+                                                  elicitation_callback=on_elicit) as client:
+            tools = {tool.name for tool in (await client.list_tools()).tools}
+            texts = {
+                "sampling": text_of(await client.call_tool("trigger-sampling-request", {"prompt": "hi", "maxTokens": 9})),
+                "elicitation": text_of(await client.call_tool("trigger-elicitation-request", {})),
+                "roots": text_of(await client.call_tool("get-roots-list", {})),
+            }
+            return client.protocol_version, tools, texts
+
+    version, tools, texts = anyio.run(scenario)
     assert version == "2025-11-25", "fell back to initialize"
-    assert {"trigger-sampling-request", "get-roots-list"} <= tools, tools
-    assert "sampling" in asked and "sampled" in text
+    assert {"trigger-sampling-request", "trigger-elicitation-request", "get-roots-list"} <= tools, tools
+    assert {"sampling", "elicitation", "roots"} <= set(asked), asked
+    assert "sampled" in texts["sampling"], texts
+    assert "User provided the requested information" in texts["elicitation"], texts
+    assert "file:///tmp/root" in texts["roots"], texts
 
 
 # --- the MCP Inspector CLI ------------------------------------------------------------------
