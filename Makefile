@@ -16,7 +16,7 @@ $(STAMP): setup.cfg setup.py
 	$(BIN)/python -m pip install --quiet -e '.[demo,test,dev]'
 	touch $(STAMP)
 
-# Real MCP servers from npm that the tests run (server-everything).
+# Real MCP servers and clients from npm that the tests run (server-everything, the MCP Inspector CLI).
 $(NODE_STAMP): tests/node/package.json $(wildcard tests/node/package-lock.json)
 	@command -v npm >/dev/null || { apt-get update -qq && apt-get install -y -qq nodejs npm; }
 	cd tests/node && npm install --no-audit --no-fund --loglevel=error

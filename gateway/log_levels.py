@@ -13,8 +13,8 @@ the id. Like the revocations (sessions.py), it lives in a folder of the runtime
 directory that every worker of the host shares (`levels/`, one file per
 session holding the level, its mtime the expiry), or in this process without
 one. A WebSocket connection is its own session and keeps its level itself
-(websocket.WebSocketSession). Across replicas the level is per host: a session balanced to another
-replica has none there until it sets it again.
+(websocket.WebSocketSession). Across replicas the level is per host: a
+session balanced to another replica has none there until it sets it again.
 """
 
 from __future__ import annotations
