@@ -20,11 +20,22 @@ from flask import Response
 from werkzeug.datastructures import EnvironHeaders
 
 from . import errors, jsonrpc, metrics, protocol, sse, streams
+from .dedicated import SessionProcess, Sessions
 from .exchange import Exchange
 from .jsonrpc import Reply
 from .protocol import ClientContext
 from .runtime import Gateway
-from .serving import SESSION_HEADER, Answer, Bridge, Local, PassThrough, Plan, Refuse
+from .serving import (
+    SESSION_HEADER,
+    Answer,
+    Bridge,
+    Dedicated,
+    Held,
+    Local,
+    PassThrough,
+    Plan,
+    Refuse,
+)
 from .sessions import Session
 from .upstreams import (
     MessageUpstream,
@@ -63,6 +74,8 @@ def carry_out(served: Served, plan: Plan) -> Response:
             return _pass_through(served, plan)
         case Answer(what=what):
             return _ANSWERS[what](served)
+        case Dedicated(what=what):
+            return _HELD[what](served)
         case Refuse(error=error):
             raise error
 
@@ -196,7 +209,12 @@ def _bridge(served: Served) -> Response:
     """Hand the message to the upstream's `call`: an SSE stream, or just the final response as JSON."""
     exchange, upstream, message, client = served.exchange, served.upstream, served.message, served.client
     assert message is not None and client is not None  # serving.decide bridges POSTs only
-    replies = upstream.call(message, served.body, client, exchange.request_id)
+    return _answered(served, upstream.call(message, served.body, client, exchange.request_id))
+
+
+def _answered(served: Served, replies: Replies) -> Response:
+    """The replies to a POST: an SSE stream when the client takes one and there is more than the response."""
+    exchange, upstream = served.exchange, served.upstream
     first = next(replies)  # errors before the first message become plain HTTP errors
     exchange.upstream = first.origin
     if not first.final and "text/event-stream" in exchange.headers.get("Accept", ""):
@@ -349,4 +367,84 @@ _ANSWERS: dict[Local, Callable[[Served], Response]] = {
     Local.DISCOVER: _discover,
     Local.ACCEPTED: _accepted,
     Local.END_SESSION: _end_session,
+}
+
+
+# --- dedicated sessions: a process per client session (gateway/dedicated.py) -----------------
+
+
+def _sessions(served: Served) -> Sessions:
+    sessions: Sessions | None = getattr(served.upstream, "sessions", None)
+    assert sessions is not None  # serving.decide holds sessions only of an upstream with dedicated sessions
+    return sessions
+
+
+def _held_process(served: Served) -> SessionProcess:
+    assert served.session is not None  # serving.decide: only a session the request names
+    return _sessions(served).get(served.session.upstream_session)
+
+
+def _start_session(served: Served) -> Response:
+    """initialize: a process of the session's own, given the client's initialize; its answer is the client's."""
+    message, exchange, gateway = _message(served), served.exchange, served.gateway
+    sessions = _sessions(served)
+    process = sessions.start()
+    exchange.upstream = f"pid {process.pid}"
+    try:
+        final = next(reply for reply in process.call(message, served.body, sse=False) if reply.final)
+    except BaseException:
+        sessions.end(process.key)
+        raise
+    result = final.message.get("result")
+    if not isinstance(result, dict):
+        sessions.end(process.key)  # refused: no session to keep
+        exchange.rpc_error = True
+        return json_response(final.message)
+    version = str(result.get("protocolVersion") or protocol.DEFAULT_LEGACY)
+    token = gateway.signer.mint(served.upstream.server_id, version, upstream_session=process.key,
+                                principal=exchange.principal, owner=getattr(gateway, "owner", None))
+    response = json_response(final.message)
+    response.headers[SESSION_HEADER] = token
+    return response
+
+
+def _held_request(served: Served) -> Response:
+    process = _held_process(served)
+    served.exchange.upstream = f"pid {process.pid}"
+    sse_answer = "text/event-stream" in served.exchange.headers.get("Accept", "")
+    return _answered(served, process.call(_message(served), served.body, sse_answer))
+
+
+def _deliver(served: Served) -> Response:
+    """A notification (initialized, cancelled) or a response to the process's own request: to the process."""
+    _held_process(served).send(served.body)
+    return Response(status=202)
+
+
+def _held_stream(served: Served) -> Response:
+    """GET: what the process sends unasked (notifications, requests when no POST answer is open)."""
+    process = _held_process(served)
+    served.exchange.upstream = f"pid {process.pid}"
+    events = process.stream()
+    # The stream holds this thread, not the server's share of them (its bulkhead slot), so the
+    # session's POSTs (a response to a sampling request among them) are never queued behind it.
+    _thread_given_back(served.exchange)
+    return Response(events, mimetype="text/event-stream", headers=SSE_HEADERS)
+
+
+def _end_held(served: Served) -> Response:
+    """DELETE: the process closed and the id revoked (for every worker of this host)."""
+    assert served.session is not None
+    if served.session.upstream_session is not None:
+        _sessions(served).end(served.session.upstream_session)
+    served.gateway.signer.revoke(served.session)
+    return Response(status=204)
+
+
+_HELD: dict[Held, Callable[[Served], Response]] = {
+    Held.START: _start_session,
+    Held.REQUEST: _held_request,
+    Held.DELIVER: _deliver,
+    Held.STREAM: _held_stream,
+    Held.END: _end_held,
 }

@@ -1,0 +1,341 @@
+"""Dedicated stdio sessions: one process per handshake-era client session, in the worker that started it.
+
+A stdio server with `session_mode: dedicated` gives each handshake-era
+client that sends `initialize` a process of its own: the client's own
+initialize goes to it (its capabilities and clientInfo, so capability-gated
+tools appear) and its answer back; the client's session id (sessions.py)
+names the process (a key into this worker's `Sessions` table) and the owner.
+Every later message of the session goes to that process with the client's
+own ids (one client per process: nothing to rewrite).
+
+One reader thread per process reads its stdout and dispatches each message:
+a response to the POST waiting for that id; a server->client request
+(sampling, elicitation, roots/list) to the newest POST whose SSE answer is
+open, else to the session's GET stream; a progress notification to the POST
+whose progressToken it names; every other notification to the GET stream.
+What is for the GET stream while none is open waits for it (the newest
+STREAM_BACKLOG messages). A process that exits ends its session: the next
+request gets 404.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import queue
+import secrets
+import select
+import threading
+import time
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import errors, jsonrpc
+from .jsonrpc import Reply
+from .registry import StdioSettings
+from .stdio_process import StdioProcess
+
+log = logging.getLogger(__name__)
+
+# How long the reader waits on stdout before it looks again whether the session was closed.
+READ_POLL = 0.5
+# Messages a GET stream may have waiting for its client; more are dropped (a stalled client).
+STREAM_BACKLOG = 256
+# Seconds between keep-alive comments on an idle GET stream.
+KEEPALIVE = 15.0
+_END = object()  # put in a waiter's queue when the process is gone
+
+
+def _id_key(value: Any) -> str:
+    """A JSON-RPC id as a dict key: 1 and "1" stay apart."""
+    return json.dumps(value)
+
+
+@dataclass(eq=False)
+class _Waiter:
+    """A POST of the session waiting for its response, and what the reader gives it meanwhile."""
+
+    request_id: Any
+    sse: bool  # its answer is an SSE stream: server->client requests may ride on it
+    token: Any = None  # its progressToken
+    messages: queue.Queue[Any] = field(default_factory=queue.Queue)
+
+
+class SessionProcess:
+    """One client session's process and the reader that shares its stdout between POST answers and the GET stream."""
+
+    def __init__(self, server_id: str, settings: StdioSettings):
+        self.server_id = server_id
+        self.key = secrets.token_hex(16)
+        self.process = StdioProcess(server_id, settings)
+        self.settings = settings
+        self.started = time.monotonic()
+        self.last_used = self.started
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._waiters: dict[str, _Waiter] = {}
+        self._open: list[_Waiter] = []  # in-flight POSTs, oldest first
+        self._stream: queue.Queue[Any] | None = None
+        # For the GET stream while none is open (the client opens it after initialize: a server that asks
+        # roots/list at once must still be heard); the oldest are dropped past STREAM_BACKLOG.
+        self._backlog: collections.deque[dict[str, Any]] = collections.deque(maxlen=STREAM_BACKLOG)
+        self.closed = False
+        self._reader = threading.Thread(target=self._read, name=f"mcp-session-{server_id}", daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return not self.closed and self.process.alive()
+
+    def idle(self) -> bool:
+        """No request in flight and no GET stream open: it may be ended to make room."""
+        with self._lock:
+            return not self._open and self._stream is None
+
+    # --- writing -------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        """Write one message line from the client (a notification, a response to the process's request)."""
+        self.last_used = time.monotonic()
+        with self._send_lock:
+            self.process.send(data.replace(b"\n", b" ").replace(b"\r", b" "),
+                              time.monotonic() + self.settings.request_timeout)
+
+    def call(self, message: dict[str, Any], body: bytes, sse: bool) -> Generator[Reply, None, None]:
+        """The replies to one client request: what the process writes for it, its response last."""
+        key = _id_key(message["id"])
+        meta = (message.get("params") or {}).get("_meta") if isinstance(message.get("params"), dict) else None
+        waiter = _Waiter(message["id"], sse, meta.get("progressToken") if isinstance(meta, dict) else None)
+        with self._lock:
+            if key in self._waiters:
+                raise errors.InvalidRequest(f"server '{self.server_id}': request id {message['id']!r} is already "
+                                            "in flight in this session", rpc_id=message["id"])
+            self._waiters[key] = waiter
+            self._open.append(waiter)
+        return self._replies(waiter, key, body)
+
+    def _replies(self, waiter: _Waiter, key: str, body: bytes) -> Generator[Reply, None, None]:
+        origin = f"pid {self.pid}"
+        answered = False
+        try:
+            self.send(body)
+            deadline = time.monotonic() + self.settings.request_timeout
+            while True:
+                remaining = deadline - time.monotonic()
+                try:
+                    if remaining <= 0:
+                        raise queue.Empty
+                    item = waiter.messages.get(timeout=remaining)
+                except queue.Empty:
+                    raise errors.UpstreamTimeout(f"server '{self.server_id}': process {self.pid} did not answer "
+                                                 f"within {self.settings.request_timeout:g}s") from None
+                if item is _END:
+                    raise self.process.exited("before it answered", wait=0)
+                final = "method" not in item
+                answered = final
+                yield Reply(item, None, final=final, origin=origin)
+                if final:
+                    return
+        finally:
+            with self._lock:
+                self._waiters.pop(key, None)
+                if waiter in self._open:
+                    self._open.remove(waiter)
+            self.last_used = time.monotonic()
+            if not answered and self.alive():  # the client left (or the wait ran out): the process stops too
+                cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled",
+                          "params": {"requestId": waiter.request_id, "reason": "client disconnected"}}
+                with contextlib.suppress(errors.GatewayError):
+                    self.send(jsonrpc.encode(cancel))
+
+    # --- the GET stream --------------------------------------------------------
+
+    def stream(self) -> Iterator[bytes]:
+        """The session's GET stream as SSE events, until the process or the client ends it (one at a time)."""
+        mine: queue.Queue[Any] = queue.Queue(STREAM_BACKLOG)
+        with self._lock:
+            if self._stream is not None:
+                self._stream.put(_END)  # a newer GET takes over (a client reconnecting)
+            self._stream = mine
+            while self._backlog:
+                mine.put_nowait(self._backlog.popleft())
+        return self._events(mine)
+
+    def _events(self, mine: queue.Queue[Any]) -> Iterator[bytes]:
+        try:
+            yield b": stream open\n\n"
+            while self.alive():
+                try:
+                    item = mine.get(timeout=KEEPALIVE)
+                except queue.Empty:
+                    yield b": keep-alive\n\n"
+                    continue
+                if item is _END:
+                    return
+                self.last_used = time.monotonic()
+                yield b"event: message\ndata: " + jsonrpc.encode(item) + b"\n\n"
+        finally:
+            with self._lock:
+                if self._stream is mine:
+                    self._stream = None
+
+    # --- reading -------------------------------------------------------------
+
+    def _read(self) -> None:
+        process = self.process
+        poller = select.poll()
+        poller.register(process.stdout, select.POLLIN | select.POLLHUP | select.POLLERR)
+        try:
+            while not self.closed:
+                if not poller.poll(READ_POLL * 1000):
+                    continue
+                ended = process.fill()
+                while (raw := process.next_line()) is not None:
+                    self._dispatch(raw)
+                if ended:
+                    return
+        except errors.GatewayError as exc:
+            log.warning("server %s: session process %s failed: %s", self.server_id, self.pid, exc.message)
+        except Exception:  # a bug must not leave the session's requests waiting forever
+            log.exception("server %s: the reader of session process %s failed", self.server_id, self.pid)
+        finally:
+            self.closed = True
+            with self._lock:
+                targets = [w.messages for w in self._waiters.values()] + ([self._stream] if self._stream else [])
+            for target in targets:
+                with contextlib.suppress(queue.Full):
+                    target.put_nowait(_END)
+
+    def _dispatch(self, raw: bytes) -> None:
+        try:
+            message = json.loads(raw)
+        except ValueError:
+            message = None
+        if not isinstance(message, dict):
+            log.warning("server %s pid %s: dropped a line that is not a JSON-RPC message: %r",
+                        self.server_id, self.pid, raw[:200])
+            return
+        with self._lock:
+            if "method" not in message:  # a response
+                waiter = self._waiters.get(_id_key(message.get("id")))
+                target = waiter.messages if waiter else None
+            elif "id" in message:  # a server->client request: on the newest open SSE answer, else the GET stream
+                sse = [w for w in self._open if w.sse]
+                target = sse[-1].messages if sse else self._stream
+            else:
+                target = self._notification_target(message)
+            if target is None and "method" in message:
+                self._backlog.append(message)  # until the client opens its GET stream
+                return
+        if target is None:
+            log.debug("server %s pid %s: dropped a response to unknown id %r", self.server_id, self.pid,
+                      message.get("id"))
+            return
+        try:
+            target.put_nowait(message)
+        except queue.Full:
+            log.warning("server %s pid %s: the GET stream's client is not reading; dropped %s",
+                        self.server_id, self.pid, message.get("method"))
+
+    def _notification_target(self, message: dict[str, Any]) -> queue.Queue[Any] | None:
+        params = message.get("params")
+        token = params.get("progressToken") if isinstance(params, dict) else None
+        if token is not None:
+            for waiter in self._open:
+                if waiter.token == token:
+                    return waiter.messages
+        return self._stream
+
+    def close(self) -> None:
+        self.closed = True
+        self.process.close()
+        self._reader.join(timeout=READ_POLL * 4)
+
+
+class Sessions:
+    """This worker's dedicated sessions of one stdio server, by key."""
+
+    def __init__(self, server_id: str, settings: StdioSettings):
+        self.server_id = server_id
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._sessions: dict[str, SessionProcess] = {}
+        self._starting = 0
+
+    def start(self) -> SessionProcess:
+        """A new session's process, after making room: the oldest idle session ends, or 503 when none is idle."""
+        evicted: SessionProcess | None = None
+        with self._lock:
+            if len(self._sessions) + self._starting >= self.settings.max_sessions:
+                idle = [s for s in self._sessions.values() if s.idle() or not s.alive()]
+                if not idle:
+                    raise errors.Overloaded(
+                        f"server '{self.server_id}': all {self.settings.max_sessions} dedicated sessions of this "
+                        "worker are busy", retry_after=1.0)
+                evicted = min(idle, key=lambda s: (s.alive(), s.last_used))
+                del self._sessions[evicted.key]
+            self._starting += 1
+        try:
+            if evicted is not None:
+                log.info("server %s: ended dedicated session (pid %s) to make room", self.server_id, evicted.pid)
+                evicted.close()
+            try:
+                session = SessionProcess(self.server_id, self.settings)
+            except OSError as exc:
+                raise errors.SpawnFailed(f"server '{self.server_id}': could not start a process: {exc}") from None
+            with self._lock:
+                self._sessions[session.key] = session
+            return session
+        finally:
+            with self._lock:
+                self._starting -= 1
+
+    def get(self, key: str | None) -> SessionProcess:
+        """The live session `key` names; SessionNotFound (404) when it ended or its process died."""
+        with self._lock:
+            session = self._sessions.get(key) if key else None
+        if session is None or not session.alive():
+            if session is not None:
+                self.end(session.key)
+            raise errors.SessionNotFound(f"session on server '{self.server_id}' has ended (its process is gone): "
+                                         "start a new session with initialize")
+        return session
+
+    def end(self, key: str) -> bool:
+        with self._lock:
+            session = self._sessions.pop(key, None)
+        if session is not None:
+            session.close()
+        return session is not None
+
+    def maintain(self, now: float | None = None) -> None:
+        """End sessions idle past session_idle_timeout, and those whose process died."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            ended = [s for s in self._sessions.values()
+                     if not s.alive() or (s.idle() and now - s.last_used > self.settings.session_idle_timeout)]
+        for session in ended:
+            log.info("server %s: ended dedicated session (pid %s): %s", self.server_id, session.pid,
+                     "idle" if session.alive() else "its process exited")
+            self.end(session.key)
+
+    def close(self) -> None:
+        with self._lock:
+            sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            session.close()
+
+    def stats(self) -> dict[str, Any]:
+        now = time.monotonic()
+        with self._lock:
+            sessions = list(self._sessions.values())
+        idle = [now - s.last_used for s in sessions if s.idle()]
+        return {"count": len(sessions), "max": self.settings.max_sessions,
+                "oldest_idle": round(max(idle), 1) if idle else None,
+                "pids": sorted(s.pid for s in sessions)}
