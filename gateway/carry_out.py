@@ -417,7 +417,7 @@ def _held_request(served: Served) -> Response:
 
 def _deliver(served: Served) -> Response:
     """A notification (initialized, cancelled) or a response to the process's own request: to the process."""
-    _held_process(served).send(served.body)
+    _held_process(served).deliver(_message(served), served.body)
     return Response(status=202)
 
 

@@ -47,6 +47,7 @@ STREAM_BACKLOG = 256
 # Seconds between keep-alive comments on an idle GET stream.
 KEEPALIVE = 15.0
 _END = object()  # put in a waiter's queue when the process is gone
+_CANCELLED = object()  # put in a waiter's queue when the client cancelled its request
 
 
 def _id_key(value: Any) -> str:
@@ -107,6 +108,21 @@ class SessionProcess:
             self.process.send(data.replace(b"\n", b" ").replace(b"\r", b" "),
                               time.monotonic() + self.settings.request_timeout)
 
+    def deliver(self, message: dict[str, Any], body: bytes) -> None:
+        """A notification or a response from the client, written to the process.
+
+        notifications/cancelled also ends the POST still waiting for the
+        cancelled request: the process owes it no answer (basic/utilities/cancellation).
+        """
+        self.send(body)
+        if message.get("method") == "notifications/cancelled":
+            params = message.get("params")
+            if isinstance(params, dict) and "requestId" in params:
+                with self._lock:
+                    waiter = self._waiters.get(_id_key(params["requestId"]))
+                if waiter is not None:
+                    waiter.messages.put(_CANCELLED)
+
     def call(self, message: dict[str, Any], body: bytes, sse: bool) -> Generator[Reply, None, None]:
         """The replies to one client request: what the process writes for it, its response last."""
         key = _id_key(message["id"])
@@ -137,6 +153,9 @@ class SessionProcess:
                                                  f"within {self.settings.request_timeout:g}s") from None
                 if item is _END:
                     raise self.process.exited("before it answered", wait=0)
+                if item is _CANCELLED:
+                    answered = True  # the process was told already, by the client's own notification
+                    raise errors.Cancelled(f"server '{self.server_id}': the client cancelled the request")
                 final = "method" not in item
                 answered = final
                 yield Reply(item, None, final=final, origin=origin)

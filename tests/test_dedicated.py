@@ -22,7 +22,18 @@ import requests
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from .harness import ACCEPT_BOTH, EVERYTHING, ROOT, Gunicorn, sse_or_json, still_running, wait_for, write_registry
+from gateway import errors
+
+from .harness import (
+    ACCEPT_BOTH,
+    EVERYTHING,
+    ROOT,
+    Gunicorn,
+    sse_or_json,
+    still_running,
+    wait_for,
+    write_registry,
+)
 
 THINKING = ROOT / "tests/node/node_modules/@modelcontextprotocol/server-sequential-thinking/dist/index.js"
 VERSION = "2025-11-25"
@@ -232,3 +243,55 @@ def test_status_and_metrics_show_the_sessions(gateway: Gunicorn) -> None:
     metrics = requests.get(f"{gateway.url}/metrics", timeout=10).text
     assert 'mcp_gateway_dedicated_sessions{owner=' in metrics and 'server="every"' in metrics
     requests.delete(f"{gateway.url}/every/mcp", headers=headers, timeout=10)
+
+
+# --- what the process sends unasked, and what the client tells it ---------------------------
+
+
+def read_events(lines: Iterator[bytes], wanted: str, most: int = 50) -> list[dict[str, Any]]:
+    """A GET stream's messages until one whose method is `wanted` (at most `most` lines; reads time out)."""
+    seen: list[dict[str, Any]] = []
+    for count, line in enumerate(lines):
+        assert count < most, f"no {wanted} in {seen}"
+        if line.startswith(b"data: "):
+            seen.append(json.loads(line[6:]))
+            if seen[-1].get("method") == wanted:
+                return seen
+    raise AssertionError(f"the stream ended without {wanted}: {seen}")
+
+
+def test_log_messages_reach_the_get_stream_after_set_level_and_subscribe(gateway: Gunicorn) -> None:
+    headers = start(gateway, "every")
+    with requests.get(f"{gateway.url}/every/mcp", headers={**headers, "Accept": "text/event-stream"},
+                      stream=True, timeout=20) as stream:
+        assert stream.status_code == 200 and stream.headers["Content-Type"].startswith("text/event-stream")
+        lines = stream.iter_lines()  # one iterator: a second would lose what the first had buffered
+        level = call(gateway, "every", headers, "logging/setLevel", {"level": "debug"}, request_id=3)
+        assert level.status_code == 200 and "error" not in sse_or_json(level), level.text
+        subscribed = call(gateway, "every", headers, "resources/subscribe",
+                          {"uri": "demo://resource/static/document/architecture.md"}, request_id=4)
+        assert subscribed.status_code == 200 and "error" not in sse_or_json(subscribed), subscribed.text
+        logged = read_events(lines, "notifications/message")
+        assert "Subscribe" in json.dumps(logged[-1]["params"]), logged
+        toggled = call(gateway, "every", headers, "tools/call", {"name": "toggle-simulated-logging", "arguments": {}}, 5)
+        assert toggled.status_code == 200, toggled.text
+        assert read_events(lines, "notifications/message")[-1]["params"]["level"]
+    requests.delete(f"{gateway.url}/every/mcp", headers=headers, timeout=10)
+
+
+def test_a_cancelled_request_ends_its_post_and_the_session_goes_on(gateway: Gunicorn) -> None:
+    headers = start(gateway, "every")
+    url = f"{gateway.url}/every/mcp"
+    body = rpc("tools/call", {"name": "trigger-long-running-operation", "arguments": {"duration": 30, "steps": 30},
+                              "_meta": {"progressToken": "long"}}, request_id=7)
+    with requests.post(url, json=body, headers=headers, stream=True, timeout=20) as long:
+        assert long.status_code == 200 and long.headers["Content-Type"].startswith("text/event-stream")
+        lines = long.iter_lines()
+        assert b"notifications/progress" in next(line for line in lines if line.startswith(b"data: "))
+        cancelled = requests.post(url, headers=headers, timeout=10, json={
+            "jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 7, "reason": "enough"}})
+        assert cancelled.status_code == 202
+        rest = [json.loads(line[6:]) for line in lines if line.startswith(b"data: ")]
+        assert "result" not in rest[-1] and rest[-1]["error"]["code"] == errors.REQUEST_CANCELLED, rest[-1]
+    assert call(gateway, "every", headers, "ping", {}, request_id=8).status_code == 200
+    requests.delete(url, headers=headers, timeout=10)
