@@ -20,7 +20,7 @@ from flask import Response
 from werkzeug.datastructures import EnvironHeaders
 
 from . import errors, jsonrpc, metrics, protocol, sse, streams
-from .dedicated import SessionProcess, Sessions
+from .dedicated import CORRELATION_HEADER, SessionProcess, Sessions
 from .exchange import Exchange
 from .jsonrpc import Reply
 from .protocol import ClientContext
@@ -441,7 +441,31 @@ def _end_held(served: Served) -> Response:
     return Response(status=204)
 
 
+def _correlated(served: Served) -> Response:
+    """A 2026-07-28 request: to the process of its principal, else of its correlation header (a new one without)."""
+    gateway, exchange, client = served.gateway, served.exchange, served.client
+    assert client is not None  # a POST's
+    sessions, server_id = _sessions(served), served.upstream.server_id
+    token: str | None = None
+    if exchange.principal is not None:
+        process = sessions.keyed(exchange.principal)
+    else:
+        token = exchange.headers.get(CORRELATION_HEADER)
+        if token:
+            process = sessions.get(gateway.signer.verify(token, server_id).upstream_session)
+        else:
+            process = sessions.start(protocol.MODERN)
+            token = gateway.signer.mint(server_id, client.version, upstream_session=process.key,
+                                        owner=getattr(gateway, "owner", None))
+    exchange.upstream = f"pid {process.pid}"
+    response = _answered(served, process.call(_message(served), served.body, sse=False))
+    if token is not None:
+        response.headers[CORRELATION_HEADER] = token
+    return response
+
+
 _HELD: dict[Held, Callable[[Served], Response]] = {
+    Held.CORRELATED: _correlated,
     Held.START: _start_session,
     Held.REQUEST: _held_request,
     Held.DELIVER: _deliver,

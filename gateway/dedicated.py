@@ -13,6 +13,12 @@ a response to the POST waiting for that id; a server->client request
 (sampling, elicitation, roots/list) to the newest POST whose SSE answer is
 open, else to the session's GET stream; a progress notification to the POST
 whose progressToken it names; every other notification to the GET stream.
+A 2026-07-28 client, which has no session, is given a process by its
+principal (auth on) or by CORRELATION_HEADER, which the gateway returns and
+the client sends back; the gateway does that process's handshake and
+translates between the eras as the pool does; its server->client requests
+are refused (that era asks with input_required results).
+
 What is for the GET stream while none is open waits for it (the newest
 STREAM_BACKLOG messages). A process that exits ends its session: the next
 request gets 404.
@@ -33,7 +39,7 @@ from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import errors, jsonrpc
+from . import errors, jsonrpc, protocol
 from .jsonrpc import Reply
 from .registry import StdioSettings
 from .stdio_process import StdioProcess
@@ -46,6 +52,9 @@ READ_POLL = 0.5
 STREAM_BACKLOG = 256
 # Seconds between keep-alive comments on an idle GET stream.
 KEEPALIVE = 15.0
+# A 2026-07-28 client has no session id: without a principal (auth off) its process is named by this
+# header, a sealed id the gateway returns on the first answer and the client sends back (SEP-2567).
+CORRELATION_HEADER = "Mcp-Gateway-Correlation"
 _END = object()  # put in a waiter's queue when the process is gone
 _CANCELLED = object()  # put in a waiter's queue when the client cancelled its request
 
@@ -68,10 +77,19 @@ class _Waiter:
 class SessionProcess:
     """One client session's process and the reader that shares its stdout between POST answers and the GET stream."""
 
-    def __init__(self, server_id: str, settings: StdioSettings):
+    def __init__(self, server_id: str, settings: StdioSettings, client_era: str = protocol.LEGACY):
         self.server_id = server_id
         self.key = secrets.token_hex(16)
+        self.client_era = client_era
         self.process = StdioProcess(server_id, settings)
+        if client_era == protocol.MODERN:
+            # A 2026-07-28 client sends no initialize: the gateway's handshake learns the process's era,
+            # before the reader owns its stdout. Its requests are then translated as the pool's are.
+            try:
+                self.process.handshake(time.monotonic() + settings.startup_timeout)
+            except BaseException:
+                self.process.close(0)
+                raise
         self.settings = settings
         self.started = time.monotonic()
         self.last_used = self.started
@@ -128,15 +146,18 @@ class SessionProcess:
         key = _id_key(message["id"])
         meta = (message.get("params") or {}).get("_meta") if isinstance(message.get("params"), dict) else None
         waiter = _Waiter(message["id"], sse, meta.get("progressToken") if isinstance(meta, dict) else None)
+        if self.client_era != self.process.era:
+            translated = protocol.request_for_server(message, self.client_era, self.process.era)
+            body = jsonrpc.encode(translated)
         with self._lock:
             if key in self._waiters:
                 raise errors.InvalidRequest(f"server '{self.server_id}': request id {message['id']!r} is already "
                                             "in flight in this session", rpc_id=message["id"])
             self._waiters[key] = waiter
             self._open.append(waiter)
-        return self._replies(waiter, key, body)
+        return self._replies(waiter, key, body, message["method"])
 
-    def _replies(self, waiter: _Waiter, key: str, body: bytes) -> Generator[Reply, None, None]:
+    def _replies(self, waiter: _Waiter, key: str, body: bytes, method: str) -> Generator[Reply, None, None]:
         origin = f"pid {self.pid}"
         answered = False
         try:
@@ -158,6 +179,8 @@ class SessionProcess:
                     raise errors.Cancelled(f"server '{self.server_id}': the client cancelled the request")
                 final = "method" not in item
                 answered = final
+                if final and self.client_era != self.process.era:
+                    item = protocol.reply_for_client(item, method, self.client_era, self.process.era, self.server_id)
                 yield Reply(item, None, final=final, origin=origin)
                 if final:
                     return
@@ -240,18 +263,24 @@ class SessionProcess:
             log.warning("server %s pid %s: dropped a line that is not a JSON-RPC message: %r",
                         self.server_id, self.pid, raw[:200])
             return
+        refuse = False
         with self._lock:
             if "method" not in message:  # a response
                 waiter = self._waiters.get(_id_key(message.get("id")))
                 target = waiter.messages if waiter else None
             elif "id" in message:  # a server->client request: on the newest open SSE answer, else the GET stream
+                if self.client_era != protocol.LEGACY:
+                    refuse = True  # a 2026-07-28 client is asked with input_required results, not requests
                 sse = [w for w in self._open if w.sse]
                 target = sse[-1].messages if sse else self._stream
             else:
                 target = self._notification_target(message)
-            if target is None and "method" in message:
+            if not refuse and target is None and "method" in message:
                 self._backlog.append(message)  # until the client opens its GET stream
                 return
+        if refuse:
+            self._refuse(message)
+            return
         if target is None:
             log.debug("server %s pid %s: dropped a response to unknown id %r", self.server_id, self.pid,
                       message.get("id"))
@@ -271,6 +300,14 @@ class SessionProcess:
                     return waiter.messages
         return self._stream
 
+    def _refuse(self, message: dict[str, Any]) -> None:
+        """A server->client request of a 2026-07-28 client's process: no client to ask it of."""
+        reply = jsonrpc.error(message["id"], errors.METHOD_NOT_FOUND,
+                              f"{message['method']} is not available: this client speaks 2026-07-28, "
+                              "which the gateway cannot ask it of")
+        with contextlib.suppress(errors.GatewayError):
+            self.send(jsonrpc.encode(reply))
+
     def close(self) -> None:
         self.closed = True
         self.process.close()
@@ -286,8 +323,29 @@ class Sessions:
         self._lock = threading.Lock()
         self._sessions: dict[str, SessionProcess] = {}
         self._starting = 0
+        self._names: dict[str, str] = {}  # a 2026-07-28 client's principal -> its session's key
+        self._name_locks: dict[str, threading.Lock] = {}
 
-    def start(self) -> SessionProcess:
+    def keyed(self, name: str) -> SessionProcess:
+        """The process of a 2026-07-28 client named `name` (its principal): the live one, else a new one."""
+        with self._lock:
+            key = self._names.get(name)
+            session = self._sessions.get(key) if key else None
+            if session is not None and session.alive():
+                return session
+            lock = self._name_locks.setdefault(name, threading.Lock())
+        with lock:  # one start per name at once: its concurrent requests share the process
+            with self._lock:
+                key = self._names.get(name)
+                session = self._sessions.get(key) if key else None
+            if session is not None and session.alive():
+                return session
+            session = self.start(protocol.MODERN)
+            with self._lock:
+                self._names[name] = session.key
+            return session
+
+    def start(self, client_era: str = protocol.LEGACY) -> SessionProcess:
         """A new session's process, after making room: the oldest idle session ends, or 503 when none is idle."""
         evicted: SessionProcess | None = None
         with self._lock:
@@ -305,9 +363,13 @@ class Sessions:
                 log.info("server %s: ended dedicated session (pid %s) to make room", self.server_id, evicted.pid)
                 evicted.close()
             try:
-                session = SessionProcess(self.server_id, self.settings)
+                session = SessionProcess(self.server_id, self.settings, client_era)
             except OSError as exc:
                 raise errors.SpawnFailed(f"server '{self.server_id}': could not start a process: {exc}") from None
+            except errors.SpawnFailed:
+                raise
+            except errors.GatewayError as exc:  # the handshake of a 2026-07-28 client's process
+                raise errors.SpawnFailed(f"{exc.message} (during start-up)") from None
             with self._lock:
                 self._sessions[session.key] = session
             return session
@@ -329,6 +391,9 @@ class Sessions:
     def end(self, key: str) -> bool:
         with self._lock:
             session = self._sessions.pop(key, None)
+            for name in [name for name, named in self._names.items() if named == key]:
+                del self._names[name]
+                self._name_locks.pop(name, None)
         if session is not None:
             session.close()
         return session is not None

@@ -79,6 +79,7 @@ class Held(enum.Enum):
     REQUEST = "request"  # a request, answered by the process
     DELIVER = "deliver"  # a notification or a response to the process's request: written to it, 202
     STREAM = "stream"  # GET: the session's stream of what the process sends unasked
+    CORRELATED = "correlated"  # a 2026-07-28 request: to the process of its principal or correlation header
     END = "end"  # DELETE: the process closed, the id revoked
 
 
@@ -135,15 +136,19 @@ def _held(method: str, upstream: Upstream, session: Session | None, client: Clie
     """For a stdio server of session_mode dedicated: what a handshake-era session's request does, else None.
 
     A handshake-era initialize starts a session; a request naming one goes to
-    its process. Requests outside a session (curl) and 2026-07-28 clients,
-    which have no sessions, are served by the pool as on a pooled server.
+    its process; handshake-era requests outside a session (curl) are served
+    by the pool as on a pooled server. A 2026-07-28 request goes to the
+    process of its principal, or of the correlation header it carries.
     """
     if getattr(upstream, "sessions", None) is None:
         return None
     if method == "POST":
         assert client is not None and message is not None
         if client.era != protocol.LEGACY:
-            return None
+            # 2026-07-28 has no sessions: keyed by principal or the gateway's correlation header
+            # (gateway/dedicated.py). Discover is the server's, answered as on a pooled server.
+            wanted = jsonrpc.is_request(message) and message["method"] not in ("server/discover", *LONG_LIVED)
+            return Held.CORRELATED if wanted else None
         if session is None:
             return Held.START if message.get("method") == "initialize" and jsonrpc.is_request(message) else None
     if session is None or session.upstream_session is None:

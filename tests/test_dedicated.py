@@ -23,6 +23,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from gateway import errors
+from gateway.dedicated import CORRELATION_HEADER
 
 from .harness import (
     ACCEPT_BOTH,
@@ -37,6 +38,9 @@ from .harness import (
 
 THINKING = ROOT / "tests/node/node_modules/@modelcontextprotocol/server-sequential-thinking/dist/index.js"
 VERSION = "2025-11-25"
+MODERN = "2026-07-28"
+ENVELOPE = {"io.modelcontextprotocol/protocolVersion": MODERN, "io.modelcontextprotocol/clientCapabilities": {}}
+ALICE, BOB = "alice-token-" + "a" * 24, "bob-token-" + "b" * 24
 
 pytestmark = pytest.mark.skipif(not (EVERYTHING.exists() and THINKING.exists()),
                                 reason="needs tests/node (make test installs it)")
@@ -60,9 +64,11 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
         "pooled-thinking": thinking("pooled"),
         "short": everything(session_idle_timeout=2),
         "two": everything(max_sessions=2),
+        "guarded-thinking": {**thinking("dedicated"), "auth_tokens": {"alice": ALICE, "bob": BOB}},
     }
     folder = tmp_path_factory.mktemp("dedicated")
-    with Gunicorn(write_registry(folder, servers), workers=1, threads=8).serving() as instance:
+    registry = write_registry(folder, servers, {"auth": {"protect_operator_endpoints": False}})
+    with Gunicorn(registry, workers=1, threads=8).serving() as instance:
         yield instance
 
 
@@ -295,3 +301,40 @@ def test_a_cancelled_request_ends_its_post_and_the_session_goes_on(gateway: Guni
         assert "result" not in rest[-1] and rest[-1]["error"]["code"] == errors.REQUEST_CANCELLED, rest[-1]
     assert call(gateway, "every", headers, "ping", {}, request_id=8).status_code == 200
     requests.delete(url, headers=headers, timeout=10)
+
+
+# --- 2026-07-28 clients: no session, keyed by principal or the correlation header -------------
+
+
+def modern_think(gateway: Gunicorn, server: str, number: int, headers: dict[str, str]) -> requests.Response:
+    body = rpc("tools/call", {"name": "sequentialthinking", "_meta": ENVELOPE, "arguments": {
+        "thought": f"thought {number}", "thoughtNumber": number, "totalThoughts": 10, "nextThoughtNeeded": True}}, number)
+    answer = requests.post(f"{gateway.url}/{server}/mcp", json=body, timeout=30, headers={
+        **ACCEPT_BOTH, "MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": "sequentialthinking",
+        **headers})
+    assert answer.status_code == 200, answer.text
+    return answer
+
+
+def history(answer: requests.Response) -> int:
+    length: int = json.loads(sse_or_json(answer)["result"]["content"][0]["text"])["thoughtHistoryLength"]
+    return length
+
+
+def test_modern_clients_are_kept_apart_by_the_correlation_header(gateway: Gunicorn) -> None:
+    first = modern_think(gateway, "thinking", 1, {})
+    correlation = {CORRELATION_HEADER: first.headers[CORRELATION_HEADER]}
+    assert history(first) == 1
+    assert history(modern_think(gateway, "thinking", 2, correlation)) == 2, "the header leads back to its process"
+    other = modern_think(gateway, "thinking", 1, {})
+    assert history(other) == 1 and other.headers[CORRELATION_HEADER] != correlation[CORRELATION_HEADER]
+    assert history(modern_think(gateway, "thinking", 3, correlation)) == 3
+
+
+def test_modern_clients_are_kept_apart_by_their_principal(gateway: Gunicorn) -> None:
+    alice, bob = {"Authorization": f"Bearer {ALICE}"}, {"Authorization": f"Bearer {BOB}"}
+    for number in (1, 2):
+        assert history(modern_think(gateway, "guarded-thinking", number, alice)) == number
+    answer = modern_think(gateway, "guarded-thinking", 1, bob)
+    assert history(answer) == 1 and CORRELATION_HEADER not in answer.headers
+    assert history(modern_think(gateway, "guarded-thinking", 3, alice)) == 3
