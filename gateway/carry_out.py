@@ -20,7 +20,7 @@ from flask import Response
 from werkzeug.datastructures import EnvironHeaders
 
 from . import errors, jsonrpc, metrics, protocol, sse, streams
-from .dedicated import CORRELATION_HEADER, SessionProcess, Sessions
+from .dedicated import CORRELATION_HEADER, GetStream, SessionProcess, Sessions
 from .exchange import Exchange
 from .jsonrpc import Reply
 from .protocol import ClientContext
@@ -423,13 +423,39 @@ def _deliver(served: Served) -> Response:
 
 def _held_stream(served: Served) -> Response:
     """GET: what the process sends unasked (notifications, requests when no POST answer is open)."""
-    process = _held_process(served)
-    served.exchange.upstream = f"pid {process.pid}"
-    events = process.stream()
-    # The stream holds this thread, not the server's share of them (its bulkhead slot), so the
-    # session's POSTs (a response to a sampling request among them) are never queued behind it.
-    _thread_given_back(served.exchange)
-    return Response(events, mimetype="text/event-stream", headers=SSE_HEADERS)
+    process, exchange = _held_process(served), served.exchange
+    exchange.upstream = f"pid {process.pid}"
+    stream = process.stream()
+    if not streams.CLAIMS.take(served.gateway.registry.gateway.max_streams):
+        # Past gateway.max_streams this thread holds it, but not the server's share of the threads (its
+        # bulkhead slot): the session's POSTs (a response to a sampling request among them) never queue behind it.
+        _thread_given_back(exchange)
+        return Response(stream.events(), mimetype="text/event-stream", headers=SSE_HEADERS)
+    taken = False
+
+    def take() -> streams.Feed:
+        nonlocal taken
+        taken = True
+        return stream
+
+    def release() -> None:
+        if not taken:  # neither relayed nor iterated (the client left before its headers): the pipe goes
+            stream.abandon("not sent")
+
+    body = streams.RelayBody(_iterated(stream), take, release)
+    body.what = f"{exchange.method} {exchange.path}"
+    body.on_relay = partial(_thread_given_back, exchange)
+    response = Response(body, mimetype="text/event-stream", headers=SSE_HEADERS, direct_passthrough=True)
+    body.on_close = response.close  # the body is passed through as it is, so it closes the response
+    return response
+
+
+def _iterated(stream: GetStream) -> Iterator[bytes]:
+    """A GET stream a thread iterates (the relay did not take it); closed, it lets the stream go."""
+    try:
+        yield from stream.events()
+    finally:
+        stream.abandon("closed")
 
 
 def _end_held(served: Served) -> Response:

@@ -30,6 +30,7 @@ import collections
 import contextlib
 import json
 import logging
+import os
 import queue
 import secrets
 import select
@@ -39,7 +40,7 @@ from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import errors, jsonrpc, protocol
+from . import errors, jsonrpc, protocol, streams
 from .jsonrpc import Reply
 from .registry import StdioSettings
 from .stdio_process import StdioProcess
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 
 # How long the reader waits on stdout before it looks again whether the session was closed.
 READ_POLL = 0.5
-# Messages a GET stream may have waiting for its client; more are dropped (a stalled client).
+# Messages kept for a GET stream while none is open; the oldest are dropped past this.
 STREAM_BACKLOG = 256
 # Seconds between keep-alive comments on an idle GET stream.
 KEEPALIVE = 15.0
@@ -97,7 +98,7 @@ class SessionProcess:
         self._send_lock = threading.Lock()
         self._waiters: dict[str, _Waiter] = {}
         self._open: list[_Waiter] = []  # in-flight POSTs, oldest first
-        self._stream: queue.Queue[Any] | None = None
+        self._stream: GetStream | None = None
         # For the GET stream while none is open (the client opens it after initialize: a server that asks
         # roots/list at once must still be heard); the oldest are dropped past STREAM_BACKLOG.
         self._backlog: collections.deque[dict[str, Any]] = collections.deque(maxlen=STREAM_BACKLOG)
@@ -132,7 +133,10 @@ class SessionProcess:
         notifications/cancelled also ends the POST still waiting for the
         cancelled request: the process owes it no answer (basic/utilities/cancellation).
         """
-        self.send(body)
+        try:
+            self.send(body)
+        except errors.ProcessFailed as exc:
+            raise self._gone(exc) from None
         if message.get("method") == "notifications/cancelled":
             params = message.get("params")
             if isinstance(params, dict) and "requestId" in params:
@@ -161,7 +165,10 @@ class SessionProcess:
         origin = f"pid {self.pid}"
         answered = False
         try:
-            self.send(body)
+            try:
+                self.send(body)
+            except errors.ProcessFailed as exc:
+                raise self._gone(exc) from None
             deadline = time.monotonic() + self.settings.request_timeout
             while True:
                 remaining = deadline - time.monotonic()
@@ -173,7 +180,7 @@ class SessionProcess:
                     raise errors.UpstreamTimeout(f"server '{self.server_id}': process {self.pid} did not answer "
                                                  f"within {self.settings.request_timeout:g}s") from None
                 if item is _END:
-                    raise self.process.exited("before it answered", wait=0)
+                    raise self._gone(self.process.exited("before it answered", wait=0))
                 if item is _CANCELLED:
                     answered = True  # the process was told already, by the client's own notification
                     raise errors.Cancelled(f"server '{self.server_id}': the client cancelled the request")
@@ -196,36 +203,32 @@ class SessionProcess:
                 with contextlib.suppress(errors.GatewayError):
                     self.send(jsonrpc.encode(cancel))
 
+    def _gone(self, exc: errors.ProcessFailed) -> errors.SessionNotFound:
+        """The process exited: its session with it (404, so the client starts a new one)."""
+        self.closed = True
+        return errors.SessionNotFound(f"{exc.message}; the session ended with it: start a new session with initialize")
+
     # --- the GET stream --------------------------------------------------------
 
-    def stream(self) -> Iterator[bytes]:
-        """The session's GET stream as SSE events, until the process or the client ends it (one at a time)."""
-        mine: queue.Queue[Any] = queue.Queue(STREAM_BACKLOG)
+    def stream(self) -> GetStream:
+        """The session's GET stream (one at a time: a newer GET takes over, a client reconnecting)."""
+        mine = GetStream(self)
         with self._lock:
-            if self._stream is not None:
-                self._stream.put(_END)  # a newer GET takes over (a client reconnecting)
-            self._stream = mine
-            while self._backlog:
-                mine.put_nowait(self._backlog.popleft())
-        return self._events(mine)
+            old, self._stream = self._stream, mine
+            backlog = list(self._backlog)
+            self._backlog.clear()
+        if old is not None:
+            old.end()
+        for message in backlog:
+            mine.put_nowait(message)
+        if not self.alive():
+            mine.end()
+        return mine
 
-    def _events(self, mine: queue.Queue[Any]) -> Iterator[bytes]:
-        try:
-            yield b": stream open\n\n"
-            while self.alive():
-                try:
-                    item = mine.get(timeout=KEEPALIVE)
-                except queue.Empty:
-                    yield b": keep-alive\n\n"
-                    continue
-                if item is _END:
-                    return
-                self.last_used = time.monotonic()
-                yield b"event: message\ndata: " + jsonrpc.encode(item) + b"\n\n"
-        finally:
-            with self._lock:
-                if self._stream is mine:
-                    self._stream = None
+    def _let_go(self, stream: GetStream) -> None:
+        with self._lock:
+            if self._stream is stream:
+                self._stream = None
 
     # --- reading -------------------------------------------------------------
 
@@ -249,10 +252,12 @@ class SessionProcess:
         finally:
             self.closed = True
             with self._lock:
-                targets = [w.messages for w in self._waiters.values()] + ([self._stream] if self._stream else [])
+                targets = [w.messages for w in self._waiters.values()]
+                stream = self._stream
             for target in targets:
-                with contextlib.suppress(queue.Full):
-                    target.put_nowait(_END)
+                target.put_nowait(_END)
+            if stream is not None:
+                stream.end()
 
     def _dispatch(self, raw: bytes) -> None:
         try:
@@ -264,6 +269,7 @@ class SessionProcess:
                         self.server_id, self.pid, raw[:200])
             return
         refuse = False
+        target: queue.Queue[Any] | GetStream | None
         with self._lock:
             if "method" not in message:  # a response
                 waiter = self._waiters.get(_id_key(message.get("id")))
@@ -285,13 +291,9 @@ class SessionProcess:
             log.debug("server %s pid %s: dropped a response to unknown id %r", self.server_id, self.pid,
                       message.get("id"))
             return
-        try:
-            target.put_nowait(message)
-        except queue.Full:
-            log.warning("server %s pid %s: the GET stream's client is not reading; dropped %s",
-                        self.server_id, self.pid, message.get("method"))
+        target.put_nowait(message)
 
-    def _notification_target(self, message: dict[str, Any]) -> queue.Queue[Any] | None:
+    def _notification_target(self, message: dict[str, Any]) -> queue.Queue[Any] | GetStream | None:
         params = message.get("params")
         token = params.get("progressToken") if isinstance(params, dict) else None
         if token is not None:
@@ -312,6 +314,107 @@ class SessionProcess:
         self.closed = True
         self.process.close()
         self._reader.join(timeout=READ_POLL * 4)
+
+
+class GetStream:
+    """A session's GET stream: the reader writes SSE events into a pipe, the worker's loop relays it (a streams.Feed).
+
+    The pipe is the stream's buffer: a client that stops reading fills it
+    and further messages are dropped (logged), never the reader blocked.
+    Without a relay claim a request thread iterates it instead (`events`).
+    """
+
+    def __init__(self, session: SessionProcess):
+        self.session = session
+        self._read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._lock = threading.Lock()
+        self._writing = True
+        self._reading = True
+        self._sent_at = time.monotonic()
+
+    # the reader's side (any thread)
+
+    def put_nowait(self, message: dict[str, Any]) -> None:
+        self._write(b"event: message\ndata: " + jsonrpc.encode(message) + b"\n\n", message.get("method"))
+
+    def end(self) -> None:
+        """No more messages: the client sees the stream end once it has read what is there."""
+        with self._lock:
+            if self._writing:
+                self._writing = False
+                os.close(self._write_fd)
+
+    def _write(self, data: bytes, what: Any) -> None:
+        with self._lock:
+            if not self._writing:
+                return
+            try:
+                written = os.write(self._write_fd, data)
+            except BlockingIOError:
+                written = 0
+            except OSError:  # the relay let the stream go
+                written = -1
+        if written != len(data):
+            log.warning("server %s pid %s: the GET stream's client is not reading; dropped %s",
+                        self.session.server_id, self.session.pid, what)
+            if written > 0:  # half an event would corrupt the stream: end it
+                self.end()
+
+    # the loop's side (streams.Feed)
+
+    def fileno(self) -> int:
+        return self._read_fd
+
+    def start(self, limit: int) -> streams.Fed:
+        return streams.Fed(b": stream open\n\n")
+
+    def readable(self) -> streams.Fed:
+        try:
+            data = os.read(self._read_fd, streams.READ_SIZE)
+        except BlockingIOError:
+            return streams.NOTHING
+        if not data:
+            self._let_go()
+            return streams.Fed(b"", True)
+        self._sent_at = time.monotonic()
+        self.session.last_used = self._sent_at
+        return streams.Fed(data)
+
+    def tick(self, now: float) -> streams.Fed:
+        if now - self._sent_at < KEEPALIVE:
+            return streams.NOTHING
+        self._sent_at = now
+        return streams.Fed(b": keep-alive\n\n")
+
+    def abandon(self, reason: str) -> None:
+        self._let_go()
+
+    def _let_go(self) -> None:
+        self.session._let_go(self)
+        self.end()
+        with self._lock:
+            if self._reading:
+                self._reading = False
+                os.close(self._read_fd)
+
+    # a request thread's side, without a relay claim
+
+    def events(self) -> Iterator[bytes]:
+        try:
+            yield self.start(0).data
+            poller = select.poll()
+            poller.register(self._read_fd, select.POLLIN | select.POLLHUP)
+            while True:
+                if not poller.poll(streams.TICK * 1000):
+                    fed = self.tick(time.monotonic())
+                else:
+                    fed = self.readable()
+                if fed.data:
+                    yield fed.data
+                if fed.done:
+                    return
+        finally:
+            self._let_go()
 
 
 class Sessions:

@@ -338,3 +338,19 @@ def test_modern_clients_are_kept_apart_by_their_principal(gateway: Gunicorn) -> 
     answer = modern_think(gateway, "guarded-thinking", 1, bob)
     assert history(answer) == 1 and CORRELATION_HEADER not in answer.headers
     assert history(modern_think(gateway, "guarded-thinking", 3, alice)) == 3
+
+
+def test_get_streams_are_relayed_by_the_loop_and_hold_no_thread(gateway: Gunicorn) -> None:
+    """Nine sessions' GET streams open on a worker of eight threads, and the session's POSTs are still served."""
+    held = [start(gateway, "thinking", f"s{number}") for number in range(9)]
+    streams = [requests.get(f"{gateway.url}/thinking/mcp", headers={**headers, "Accept": "text/event-stream"},
+                            stream=True, timeout=10) for headers in held]
+    try:
+        assert all(stream.status_code == 200 for stream in streams)
+        wait_for(lambda: sum(w["streams"] for w in gateway.status()["workers"]) >= 9, 10, "nine relayed streams")
+        assert think(gateway, "thinking", held[-1], 1)["thoughtHistoryLength"] == 1
+    finally:
+        for stream in streams:
+            stream.close()
+        for headers in held:
+            requests.delete(f"{gateway.url}/thinking/mcp", headers=headers, timeout=10)
