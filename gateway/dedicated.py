@@ -123,7 +123,7 @@ class SessionProcess:
     def send(self, data: bytes) -> None:
         """Write one message line from the client (a notification, a response to the process's request)."""
         self.last_used = time.monotonic()
-        with self._send_lock:
+        with self._send_lock:  # JSON has no raw newline inside a string: one outside is only whitespace
             self.process.send(data.replace(b"\n", b" ").replace(b"\r", b" "),
                               time.monotonic() + self.settings.request_timeout)
 
@@ -312,8 +312,11 @@ class SessionProcess:
 
     def close(self) -> None:
         self.closed = True
+        # The reader lets the stdout go first (it looks at `closed` every READ_POLL): its
+        # descriptor is closed below, and must not be polled once its number can be reused.
+        if threading.current_thread() is not self._reader:
+            self._reader.join(timeout=READ_POLL * 4)
         self.process.close()
-        self._reader.join(timeout=READ_POLL * 4)
 
 
 class GetStream:
