@@ -21,11 +21,22 @@ from flask import Response
 from werkzeug.datastructures import EnvironHeaders
 
 from . import errors, jsonrpc, log_levels, metrics, protocol, sse, streams
+from .dedicated import CORRELATION_HEADER, GetStream, SessionProcess, Sessions
 from .exchange import Exchange
 from .jsonrpc import Reply
 from .protocol import ClientContext
 from .runtime import Gateway
-from .serving import SESSION_HEADER, Answer, Bridge, Local, PassThrough, Plan, Refuse
+from .serving import (
+    SESSION_HEADER,
+    Answer,
+    Bridge,
+    Dedicated,
+    Held,
+    Local,
+    PassThrough,
+    Plan,
+    Refuse,
+)
 from .sessions import Session
 from .upstreams import (
     MessageUpstream,
@@ -64,6 +75,8 @@ def carry_out(served: Served, plan: Plan) -> Response:
             return _pass_through(served, plan)
         case Answer(what=what):
             return _ANSWERS[what](served)
+        case Dedicated(what=what):
+            return _HELD[what](served)
         case Refuse(error=error):
             raise error
 
@@ -201,7 +214,12 @@ def _bridge(served: Served) -> Response:
         level = served.gateway.log_levels.get(served.session.revocation_id)
         if level is not None:  # the session's logging/setLevel, carried by each of its requests
             client = dataclasses.replace(client, log_level=level)
-    replies = upstream.call(message, served.body, client, exchange.request_id)
+    return _answered(served, upstream.call(message, served.body, client, exchange.request_id))
+
+
+def _answered(served: Served, replies: Replies) -> Response:
+    """The replies to a POST: an SSE stream when the client takes one and there is more than the response."""
+    exchange, upstream = served.exchange, served.upstream
     first = next(replies)  # errors before the first message become plain HTTP errors
     exchange.upstream = first.origin
     if not first.final and "text/event-stream" in exchange.headers.get("Accept", ""):
@@ -365,4 +383,134 @@ _ANSWERS: dict[Local, Callable[[Served], Response]] = {
     Local.SET_LEVEL: _set_level,
     Local.ACCEPTED: _accepted,
     Local.END_SESSION: _end_session,
+}
+
+
+# --- dedicated sessions: a process per client session (gateway/dedicated.py) -----------------
+
+
+def _sessions(served: Served) -> Sessions:
+    sessions: Sessions | None = getattr(served.upstream, "sessions", None)
+    assert sessions is not None  # serving.decide holds sessions only of an upstream with dedicated sessions
+    return sessions
+
+
+def _held_process(served: Served) -> SessionProcess:
+    assert served.session is not None  # serving.decide: only a session the request names
+    return _sessions(served).get(served.session.upstream_session)
+
+
+def _start_session(served: Served) -> Response:
+    """initialize: a process of the session's own, given the client's initialize; its answer is the client's."""
+    message, exchange, gateway = _message(served), served.exchange, served.gateway
+    sessions = _sessions(served)
+    process = sessions.start()
+    exchange.upstream = f"pid {process.pid}"
+    try:
+        final = next(reply for reply in process.call(message, served.body, sse=False) if reply.final)
+    except BaseException:
+        sessions.end(process.key)
+        raise
+    result = final.message.get("result")
+    if not isinstance(result, dict):
+        sessions.end(process.key)  # refused: no session to keep
+        exchange.rpc_error = True
+        return json_response(final.message)
+    version = str(result.get("protocolVersion") or protocol.DEFAULT_LEGACY)
+    token = gateway.signer.mint(served.upstream.server_id, version, upstream_session=process.key,
+                                principal=exchange.principal, owner=getattr(gateway, "owner", None))
+    response = json_response(final.message)
+    response.headers[SESSION_HEADER] = token
+    return response
+
+
+def _held_request(served: Served) -> Response:
+    process = _held_process(served)
+    served.exchange.upstream = f"pid {process.pid}"
+    sse_answer = "text/event-stream" in served.exchange.headers.get("Accept", "")
+    return _answered(served, process.call(_message(served), served.body, sse_answer))
+
+
+def _deliver(served: Served) -> Response:
+    """A notification (initialized, cancelled) or a response to the process's own request: to the process."""
+    _held_process(served).deliver(_message(served), served.body)
+    return Response(status=202)
+
+
+def _held_stream(served: Served) -> Response:
+    """GET: what the process sends unasked (notifications, requests when no POST answer is open)."""
+    process, exchange = _held_process(served), served.exchange
+    exchange.upstream = f"pid {process.pid}"
+    stream = process.stream()
+    if not streams.CLAIMS.take(served.gateway.registry.gateway.max_streams):
+        # Past gateway.max_streams this thread holds it, but not the server's share of the threads (its
+        # bulkhead slot): the session's POSTs (a response to a sampling request among them) never queue behind it.
+        _thread_given_back(exchange)
+        return Response(stream.events(), mimetype="text/event-stream", headers=SSE_HEADERS)
+    taken = False
+
+    def take() -> streams.Feed:
+        nonlocal taken
+        taken = True
+        return stream
+
+    def release() -> None:
+        if not taken:  # neither relayed nor iterated (the client left before its headers): the pipe goes
+            stream.abandon("not sent")
+
+    body = streams.RelayBody(_iterated(stream), take, release)
+    body.what = f"{exchange.method} {exchange.path}"
+    body.on_relay = partial(_thread_given_back, exchange)
+    response = Response(body, mimetype="text/event-stream", headers=SSE_HEADERS, direct_passthrough=True)
+    body.on_close = response.close  # the body is passed through as it is, so it closes the response
+    return response
+
+
+def _iterated(stream: GetStream) -> Iterator[bytes]:
+    """A GET stream a thread iterates (the relay did not take it); closed, it lets the stream go."""
+    try:
+        yield from stream.events()
+    finally:
+        stream.abandon("closed")
+
+
+def _end_held(served: Served) -> Response:
+    """DELETE: the process closed and the id revoked (for every worker of this host)."""
+    assert served.session is not None
+    if served.session.upstream_session is not None:
+        _sessions(served).end(served.session.upstream_session)
+    served.gateway.signer.revoke(served.session)
+    return Response(status=204)
+
+
+def _correlated(served: Served) -> Response:
+    """A 2026-07-28 request: to the process of its principal, else of its correlation header (a new one without)."""
+    gateway, exchange, client = served.gateway, served.exchange, served.client
+    assert client is not None  # a POST's
+    sessions, server_id = _sessions(served), served.upstream.server_id
+    token: str | None = None
+    if exchange.principal is not None:
+        process = sessions.keyed(exchange.principal)
+    else:
+        token = exchange.headers.get(CORRELATION_HEADER)
+        if token:
+            process = sessions.get(gateway.signer.verify(token, server_id).upstream_session)
+        else:
+            process = sessions.start(protocol.MODERN)
+            token = gateway.signer.mint(server_id, client.version, upstream_session=process.key,
+                                        owner=getattr(gateway, "owner", None))
+    exchange.upstream = f"pid {process.pid}"
+    response = _answered(served, process.call(_message(served), served.body, sse=False))
+    if token is not None:
+        response.headers[CORRELATION_HEADER] = token
+    return response
+
+
+_HELD: dict[Held, Callable[[Served], Response]] = {
+    Held.CORRELATED: _correlated,
+    Held.START: _start_session,
+    Held.REQUEST: _held_request,
+    Held.DELIVER: _deliver,
+    Held.STREAM: _held_stream,
+    Held.END: _end_held,
 }

@@ -149,7 +149,13 @@ class StatusGauges:
             "mcp_gateway_instance_in_flight_requests", "Requests an HTTP instance is answering now.",
             labels=["server", "instance"],
         )
+        sessions = GaugeMetricFamily(
+            "mcp_gateway_dedicated_sessions", "Dedicated stdio sessions (a process each), by owner worker.",
+            labels=["server", "owner"],
+        )
         for server_id, server in self.status["servers"].items():
+            for owner, count in (server.get("sessions") or {}).get("by_owner", {}).items():
+                sessions.add_metric([server_id, owner], count)
             up.add_metric([server_id], 1.0 if server.get("healthy") else 0.0)
             if "pool_size" in server:
                 for state in ("idle", "busy", "starting"):
@@ -160,7 +166,7 @@ class StatusGauges:
                 routable = instance["healthy"] and not instance["ejected"]
                 instance_up.add_metric([server_id, instance["endpoint"]], 1.0 if routable else 0.0)
                 in_flight.add_metric([server_id, instance["endpoint"]], instance["in_flight"])
-        yield from (workers, streams, up, processes, limit, waiting, instance_up, in_flight)
+        yield from (workers, streams, up, processes, limit, waiting, instance_up, in_flight, sessions)
 
 
 def render(gateway_status: Mapping[str, Any]) -> Response:

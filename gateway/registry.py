@@ -28,7 +28,15 @@ from . import mcpservers, rebinding, templates
 from .errors import RegistryError, TemplateError
 from .hooks import load_hook
 from .sessions import split_secrets
-from .settings import COMMON, GATEWAY, HTTP, HTTP_INSTANCE, STDIO, TEMPLATE
+from .settings import (
+    COMMON,
+    GATEWAY,
+    HTTP,
+    HTTP_INSTANCE,
+    SESSION_SETTINGS,
+    STDIO,
+    TEMPLATE,
+)
 from .templates import Launch
 
 DEFAULT_PATH = "conf/registry.yaml"
@@ -56,6 +64,9 @@ class StdioSettings:
     request_timeout: float = STDIO.default("request_timeout")
     startup_timeout: float = STDIO.default("startup_timeout")
     max_line_bytes: int = STDIO.default("max_line_bytes")
+    session_mode: str = STDIO.default("session_mode")  # pooled, or dedicated (gateway/dedicated.py)
+    session_idle_timeout: float = STDIO.default("session_idle_timeout")
+    max_sessions: int = STDIO.default("max_sessions")
 
 
 @dataclass(frozen=True)
@@ -348,6 +359,9 @@ def _stdio_shown(settings: StdioSettings, substituted: Mapping[str, str]) -> dic
     return {"command": [masked(part, substituted) for part in settings.command], "env_vars": sorted(settings.env_vars)}
 
 
+_SESSION_KEYS = tuple(setting.name for setting in SESSION_SETTINGS)
+
+
 def _build(data: dict[str, Any], source: str, substituted: Mapping[str, str]) -> Registry:
     servers = {}
     catalog = template_catalog(data, Path(source).parent) if any(
@@ -394,7 +408,8 @@ def _from_template(server_id: str, entry: dict[str, Any], template: templates.Te
     description = entry.get("description", template.description)
     if launch.transport == "stdio":
         stdio = StdioSettings(command=launch.command, env_vars=launch.env, working_dir=launch.working_dir,
-                              pool_size=instances, pool_min=min(StdioSettings.pool_min, instances))
+                              pool_size=instances, pool_min=min(StdioSettings.pool_min, instances),
+                              **{name: entry[name] for name in _SESSION_KEYS if name in entry})
         return ServerEntry(id=server_id, type="stdio", description=description, raw=entry, stdio=stdio,
                            template=template.name, instances=instances)
     return ServerEntry(id=server_id, type="http", description=description, raw=entry, template=template.name,

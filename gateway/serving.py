@@ -1,6 +1,6 @@
 """How one MCP request is served, decided once: the plan kinds and `decide`.
 
-Every request on an MCP route is served one of four ways, decided here from
+Every request on an MCP route is served one of five ways, decided here from
 the facts known once it is parsed (HTTP method, upstream, session, client
 era, JSON-RPC message) and carried out by carry_out.py:
 
@@ -12,6 +12,9 @@ era, JSON-RPC message) and carried out by carry_out.py:
   server/discover, a handshake-era session's logging/setLevel, 202 for a
   notification or a client's response, the end of a session it minted).
 - `Refuse`: a gateway error, raised as the JSON-RPC error answer.
+- `Dedicated`: a handshake-era session of a stdio server with
+  `session_mode: dedicated` (`Held` says what): served by the session's own
+  process (gateway/dedicated.py).
 
 `decide` does no I/O of its own. It asks an http upstream which eras its
 instances speak (`passes_through`, which probes an instance the first time)
@@ -70,7 +73,23 @@ class Refuse:
     error: errors.GatewayError
 
 
-Plan = PassThrough | Bridge | Answer | Refuse
+class Held(enum.Enum):
+    """What a request of a dedicated session (gateway/dedicated.py) does with the session's own process."""
+
+    START = "start"  # initialize: a process of its own, given the client's initialize
+    REQUEST = "request"  # a request, answered by the process
+    DELIVER = "deliver"  # a notification or a response to the process's request: written to it, 202
+    STREAM = "stream"  # GET: the session's stream of what the process sends unasked
+    CORRELATED = "correlated"  # a 2026-07-28 request: to the process of its principal or correlation header
+    END = "end"  # DELETE: the process closed, the id revoked
+
+
+@dataclass(frozen=True, slots=True)
+class Dedicated:
+    what: Held
+
+
+Plan = PassThrough | Bridge | Answer | Refuse | Dedicated
 
 PASS_THROUGH = PassThrough()
 PASS_THROUGH_ENDING_SESSION = PassThrough(ends_session=True)
@@ -81,6 +100,7 @@ DISCOVER = Answer(Local.DISCOVER)
 SET_LEVEL = Answer(Local.SET_LEVEL)
 ACCEPTED = Answer(Local.ACCEPTED)
 END_SESSION = Answer(Local.END_SESSION)
+DEDICATED = {what: Dedicated(what) for what in Held}
 
 
 def decide(method: str, upstream: Upstream, instances: bool, session: Session | None,
@@ -92,6 +112,9 @@ def decide(method: str, upstream: Upstream, instances: bool, session: Session | 
     `session`: the one the request names, already opened (or None).
     `client` and `message`: a POST's era and JSON-RPC message.
     """
+    held = _held(method, upstream, session, client, message)
+    if held is not None:
+        return DEDICATED[held]
     if method == "POST":
         assert client is not None and message is not None
         return _post(upstream, instances, session, client, message)
@@ -108,6 +131,36 @@ def decide(method: str, upstream: Upstream, instances: bool, session: Session | 
         return Refuse(errors.ClientError(
             f"server '{upstream.server_id}': DELETE needs the {SESSION_HEADER} header of the session to end"))
     return END_SESSION
+
+
+def _held(method: str, upstream: Upstream, session: Session | None, client: ClientContext | None,
+          message: dict[str, Any] | None) -> Held | None:
+    """For a stdio server of session_mode dedicated: what a handshake-era session's request does, else None.
+
+    A handshake-era initialize starts a session; a request naming one goes to
+    its process; handshake-era requests outside a session (curl) are served
+    by the pool as on a pooled server. A 2026-07-28 request goes to the
+    process of its principal, or of the correlation header it carries.
+    """
+    if getattr(upstream, "sessions", None) is None:
+        return None
+    if method == "POST":
+        assert client is not None and message is not None
+        if client.era != protocol.LEGACY:
+            # 2026-07-28 has no sessions: keyed by principal or the gateway's correlation header
+            # (gateway/dedicated.py). Discover is the server's, answered as on a pooled server.
+            wanted = jsonrpc.is_request(message) and message["method"] not in ("server/discover", *LONG_LIVED)
+            return Held.CORRELATED if wanted else None
+        if session is None:
+            return Held.START if message.get("method") == "initialize" and jsonrpc.is_request(message) else None
+    if session is None or session.upstream_session is None:
+        return None  # a session the gateway minted for the pool (before the server became dedicated)
+    if method == "GET":
+        return Held.STREAM
+    if method == "DELETE":
+        return Held.END
+    assert message is not None
+    return Held.REQUEST if jsonrpc.is_request(message) else Held.DELIVER
 
 
 def _post(upstream: Upstream, instances: bool, session: Session | None, client: ClientContext,

@@ -119,6 +119,17 @@ COMMON = Section("common", "Every server type", (
     Setting("queue_timeout", SECONDS, 10.0, "seconds a request may wait for one before it gets 503"),
 ))
 
+# How a stdio server's processes serve handshake-era sessions (stdio servers and stdio templates).
+SESSION_SETTINGS: Final = (
+    Setting("session_mode", one_of("pooled", "dedicated"), "pooled",
+            "pooled: any process serves any request; dedicated: one process per handshake-era client session "
+            "(started at initialize, ended by DELETE)"),
+    Setting("session_idle_timeout", SECONDS, 600.0,
+            "seconds a dedicated session may go without a request before its process is stopped"),
+    Setting("max_sessions", integer(1, 4096), 32,
+            "most dedicated sessions per gunicorn worker; past it the oldest idle one is ended, else 503"),
+)
+
 STDIO = Section("stdio", "A stdio server (`type: stdio`)", (
     Setting("command", list_of(string(min_length=1), min_items=1), REQUIRED, "argv list; never run through a shell"),
     Setting("working_dir", string(min_length=1), None, "directory the processes start in",
@@ -135,6 +146,7 @@ STDIO = Section("stdio", "A stdio server (`type: stdio`)", (
             "seconds for an answer, from the write to a process (start-up not counted)"),
     Setting("startup_timeout", SECONDS, 20.0, "seconds for a new process to start and complete its handshake"),
     Setting("max_line_bytes", integer(1024), 16 * MIB, "a longer line on a process's stdout kills the process"),
+    *SESSION_SETTINGS,
 ), server_type="stdio")
 
 HTTP_INSTANCE = Section("http_instance", "Each of an HTTP server's `instances`", (
@@ -174,6 +186,7 @@ TEMPLATE = Section("template", "A template server (`type: template`; `mcp-gatewa
     Setting("config", {"type": "object"}, {}, "the template's settings, checked against its own JSON Schema"),
     Setting("transport", one_of("stdio", "http"), None, "how the gateway runs and reaches it",
             default_doc="the template's own"),
+    *SESSION_SETTINGS,
 ), server_type="template")
 
 AUTH = Section("auth", "The gateway's `auth`", (

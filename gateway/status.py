@@ -43,18 +43,30 @@ def combine(own: dict[str, Any], siblings: Sequence[dict[str, Any]]) -> dict[str
 
 
 def _server(views: list[dict[str, Any]], found: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
-    merged = _pool(views) if "pool_size" in views[0] else _http(views) if "instances" in views[0] else dict(views[0])
+    merged = _pool(views, found) if "pool_size" in views[0] else _http(views) if "instances" in views[0] else dict(views[0])
     if len(views) > 1:
         merged["by_worker"] = {str(pid): view for pid, view in found}
     return merged
 
 
-def _pool(views: list[dict[str, Any]]) -> dict[str, Any]:
+def _pool(views: list[dict[str, Any]], found: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
     merged = _added_up(views, POOL_TOTALS, POOL_WORST)
     merged["capacity"] = sum(view["pool_size"] for view in views)  # pool_size is per worker
     merged["pids"] = sorted(pid for view in views for pid in view["pids"])
     merged["healthy"] = all(view["healthy"] for view in views)
+    if "sessions" in views[0]:
+        merged["sessions"] = _sessions(found)
     return merged
+
+
+def _sessions(found: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+    """Dedicated sessions over all workers; each lives in one worker, its owner (by_owner: worker pid -> count)."""
+    idle = [view["sessions"]["oldest_idle"] for _, view in found if view["sessions"]["oldest_idle"] is not None]
+    return {"count": sum(view["sessions"]["count"] for _, view in found),
+            "max": sum(view["sessions"]["max"] for _, view in found),
+            "oldest_idle": max(idle) if idle else None,
+            "pids": sorted(pid for _, view in found for pid in view["sessions"]["pids"]),
+            "by_owner": {str(worker): view["sessions"]["count"] for worker, view in found}}
 
 
 def _http(views: list[dict[str, Any]]) -> dict[str, Any]:

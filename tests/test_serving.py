@@ -226,3 +226,41 @@ def test_the_views_know_no_upstream_class(module: str) -> None:
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not {name for name in imported if name and name.startswith("upstreams.")}
     assert "HttpUpstream" not in ast.dump(tree) and "StdioUpstream" not in ast.dump(tree)
+
+
+# --- dedicated sessions (session_mode: dedicated on a stdio server) ------------------------
+
+
+@dataclass
+class DedicatedUpstream(FakeUpstream):
+    sessions: object = field(default_factory=object)  # what marks a stdio server of dedicated sessions
+
+
+OWN = Session("srv", "2025-06-18", 0.0, upstream_session="k-1", owner="w-1")  # names its process
+DEDICATED_CASES: list[tuple[str, Session | None, ClientContext | None, dict[str, Any] | None, Any]] = [
+    ("POST", None, LEG, rpc("initialize"), serving.DEDICATED[serving.Held.START]),
+    ("POST", OWN, LEG, rpc("tools/call"), serving.DEDICATED[serving.Held.REQUEST]),
+    ("POST", OWN, LEG, rpc("ping"), serving.DEDICATED[serving.Held.REQUEST]),
+    ("POST", OWN, LEG, rpc("logging/setLevel"), serving.DEDICATED[serving.Held.REQUEST]),
+    ("POST", OWN, LEG, note("notifications/cancelled"), serving.DEDICATED[serving.Held.DELIVER]),
+    ("POST", OWN, LEG, ANSWER, serving.DEDICATED[serving.Held.DELIVER]),
+    ("GET", OWN, None, None, serving.DEDICATED[serving.Held.STREAM]),
+    ("DELETE", OWN, None, None, serving.DEDICATED[serving.Held.END]),
+    ("POST", None, MOD, rpc("tools/call"), serving.DEDICATED[serving.Held.CORRELATED]),
+    ("POST", None, MOD, rpc("server/discover"), serving.DISCOVER),  # the server's, as on a pooled server
+    ("POST", None, LEG, rpc("tools/call"), serving.BRIDGE),  # no session (curl): the pool
+    ("POST", MINTED, LEG, rpc("tools/call"), serving.BRIDGE),  # a pooled session of the gateway's own
+    ("DELETE", MINTED, None, None, serving.END_SESSION),
+]
+
+
+@pytest.mark.parametrize(("method", "session", "client", "message", "plan"), DEDICATED_CASES)
+def test_dedicated_plans(method: str, session: Session | None, client: ClientContext | None,
+                         message: dict[str, Any] | None, plan: Any) -> None:
+    upstream = DedicatedUpstream(NEITHER)
+    assert serving.decide(method, upstream, False, session, client, message) == plan  # type: ignore[arg-type]
+    assert upstream.asked == []
+
+
+def test_a_pooled_stdio_server_never_gets_a_dedicated_plan() -> None:
+    assert serving.decide("POST", FakeUpstream(NEITHER), False, None, LEG, rpc("initialize")) == serving.INITIALIZE  # type: ignore[arg-type]

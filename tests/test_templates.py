@@ -273,3 +273,17 @@ def modern_info(http: requests.Session, gateway: Gunicorn, tolerate: bool = Fals
         return {}
     info: dict[str, Any] = answer["result"]["structuredContent"]
     return info
+
+
+def test_a_stdio_template_takes_the_session_settings() -> None:
+    loaded = registry.parse(json.dumps({"servers": {
+        "d": {"type": "template", "template_name": "demo", "session_mode": "dedicated", "session_idle_timeout": 30,
+              "max_sessions": 3},
+        "p": {"type": "template", "template_name": "demo"}}}), "r.json", {})
+    dedicated, pooled = loaded.servers["d"].stdio, loaded.servers["p"].stdio
+    assert dedicated is not None and pooled is not None
+    assert (dedicated.session_mode, dedicated.session_idle_timeout, dedicated.max_sessions) == ("dedicated", 30, 3)
+    assert pooled.session_mode == "pooled"
+    with pytest.raises(RegistryError):
+        registry.parse(json.dumps({"servers": {"d": {"type": "template", "template_name": "demo",
+                                                     "session_mode": "private"}}}), "r.json", {})

@@ -18,6 +18,7 @@ from typing import Any
 
 from .. import errors, jsonrpc, metrics, protocol, scope, sse, streams
 from ..cancel import Cancellation
+from ..dedicated import Sessions
 from ..jsonrpc import Reply
 from ..pool import StdioPool
 from ..protocol import ClientContext, ServerHello
@@ -59,6 +60,10 @@ class StdioUpstream:
         self._closing = False
         # Once more on a fresh process, where safe; one deadline from the first write to a process.
         self.failover = Failover(tries=2, timeout=self.settings.request_timeout, retry_on=(errors.ProcessFailed,))
+        # session_mode dedicated: a process per handshake-era client session (gateway/dedicated.py), beside
+        # the pool, which still serves requests outside a session (and 2026-07-28 clients).
+        self.sessions: Sessions | None = (Sessions(entry.id, entry.stdio)
+                                          if entry.stdio.session_mode == "dedicated" else None)
 
     def _spawn(self) -> StdioProcess:
         """A started, handshaken process; any failure kills the child and is SpawnFailed."""
@@ -85,6 +90,8 @@ class StdioUpstream:
 
     def maintain(self) -> None:
         self.pool.maintain()
+        if self.sessions is not None:
+            self.sessions.maintain()
 
     def close(self) -> None:
         # A start-up under way is cut short by signal; its spawn thread, which owns
@@ -95,6 +102,8 @@ class StdioUpstream:
         for process in starting:
             process.kill()
         self.pool.close()
+        if self.sessions is not None:
+            self.sessions.close()
 
     def hello(self) -> ServerHello:
         if self.pool.hello is None:
@@ -103,7 +112,10 @@ class StdioUpstream:
         return self.pool.hello
 
     def status(self) -> dict[str, Any]:
-        return {"type": self.type, **self.shown, **self.pool.stats()}
+        shown = {"type": self.type, **self.shown, **self.pool.stats()}
+        if self.sessions is not None:
+            shown["sessions"] = self.sessions.stats()
+        return shown
 
     def passes_through(self, era: str) -> bool:
         return False  # the gateway ends MCP HTTP itself: a process speaks JSON-RPC lines

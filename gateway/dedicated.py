@@ -1,0 +1,531 @@
+"""Dedicated stdio sessions: one process per handshake-era client session, in the worker that started it.
+
+A stdio server with `session_mode: dedicated` gives each handshake-era
+client that sends `initialize` a process of its own: the client's own
+initialize goes to it (its capabilities and clientInfo, so capability-gated
+tools appear) and its answer back; the client's session id (sessions.py)
+names the process (a key into this worker's `Sessions` table) and the owner.
+Every later message of the session goes to that process with the client's
+own ids (one client per process: nothing to rewrite).
+
+One reader thread per process reads its stdout and dispatches each message:
+a response to the POST waiting for that id; a server->client request
+(sampling, elicitation, roots/list) to the newest POST whose SSE answer is
+open, else to the session's GET stream; a progress notification to the POST
+whose progressToken it names; every other notification to the GET stream.
+A 2026-07-28 client, which has no session, is given a process by its
+principal (auth on) or by CORRELATION_HEADER, which the gateway returns and
+the client sends back; the gateway does that process's handshake and
+translates between the eras as the pool does; its server->client requests
+are refused (that era asks with input_required results).
+
+What is for the GET stream while none is open waits for it (the newest
+STREAM_BACKLOG messages). A process that exits ends its session: the next
+request gets 404.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import os
+import queue
+import secrets
+import select
+import threading
+import time
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import errors, jsonrpc, protocol, streams
+from .jsonrpc import Reply
+from .registry import StdioSettings
+from .stdio_process import StdioProcess
+
+log = logging.getLogger(__name__)
+
+# How long the reader waits on stdout before it looks again whether the session was closed.
+READ_POLL = 0.5
+# Messages kept for a GET stream while none is open; the oldest are dropped past this.
+STREAM_BACKLOG = 256
+# Seconds between keep-alive comments on an idle GET stream.
+KEEPALIVE = 15.0
+# A 2026-07-28 client has no session id: without a principal (auth off) its process is named by this
+# header, a sealed id the gateway returns on the first answer and the client sends back (SEP-2567).
+CORRELATION_HEADER = "Mcp-Gateway-Correlation"
+_END = object()  # put in a waiter's queue when the process is gone
+_CANCELLED = object()  # put in a waiter's queue when the client cancelled its request
+
+
+def _id_key(value: Any) -> str:
+    """A JSON-RPC id as a dict key: 1 and "1" stay apart."""
+    return json.dumps(value)
+
+
+@dataclass(eq=False)
+class _Waiter:
+    """A POST of the session waiting for its response, and what the reader gives it meanwhile."""
+
+    request_id: Any
+    sse: bool  # its answer is an SSE stream: server->client requests may ride on it
+    token: Any = None  # its progressToken
+    messages: queue.Queue[Any] = field(default_factory=queue.Queue)
+
+
+class SessionProcess:
+    """One client session's process and the reader that shares its stdout between POST answers and the GET stream."""
+
+    def __init__(self, server_id: str, settings: StdioSettings, client_era: str = protocol.LEGACY):
+        self.server_id = server_id
+        self.key = secrets.token_hex(16)
+        self.client_era = client_era
+        self.process = StdioProcess(server_id, settings)
+        if client_era == protocol.MODERN:
+            # A 2026-07-28 client sends no initialize: the gateway's handshake learns the process's era,
+            # before the reader owns its stdout. Its requests are then translated as the pool's are.
+            try:
+                self.process.handshake(time.monotonic() + settings.startup_timeout)
+            except BaseException:
+                self.process.close(0)
+                raise
+        self.settings = settings
+        self.started = time.monotonic()
+        self.last_used = self.started
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._waiters: dict[str, _Waiter] = {}
+        self._open: list[_Waiter] = []  # in-flight POSTs, oldest first
+        self._stream: GetStream | None = None
+        # For the GET stream while none is open (the client opens it after initialize: a server that asks
+        # roots/list at once must still be heard); the oldest are dropped past STREAM_BACKLOG.
+        self._backlog: collections.deque[dict[str, Any]] = collections.deque(maxlen=STREAM_BACKLOG)
+        self.closed = False
+        self._reader = threading.Thread(target=self._read, name=f"mcp-session-{server_id}", daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return not self.closed and self.process.alive()
+
+    def idle(self) -> bool:
+        """No request in flight and no GET stream open: it may be ended to make room."""
+        with self._lock:
+            return not self._open and self._stream is None
+
+    # --- writing -------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        """Write one message line from the client (a notification, a response to the process's request)."""
+        self.last_used = time.monotonic()
+        with self._send_lock:  # JSON has no raw newline inside a string: one outside is only whitespace
+            self.process.send(data.replace(b"\n", b" ").replace(b"\r", b" "),
+                              time.monotonic() + self.settings.request_timeout)
+
+    def deliver(self, message: dict[str, Any], body: bytes) -> None:
+        """A notification or a response from the client, written to the process.
+
+        notifications/cancelled also ends the POST still waiting for the
+        cancelled request: the process owes it no answer (basic/utilities/cancellation).
+        """
+        try:
+            self.send(body)
+        except errors.ProcessFailed as exc:
+            raise self._gone(exc) from None
+        if message.get("method") == "notifications/cancelled":
+            params = message.get("params")
+            if isinstance(params, dict) and "requestId" in params:
+                with self._lock:
+                    waiter = self._waiters.get(_id_key(params["requestId"]))
+                if waiter is not None:
+                    waiter.messages.put(_CANCELLED)
+
+    def call(self, message: dict[str, Any], body: bytes, sse: bool) -> Generator[Reply, None, None]:
+        """The replies to one client request: what the process writes for it, its response last."""
+        key = _id_key(message["id"])
+        meta = (message.get("params") or {}).get("_meta") if isinstance(message.get("params"), dict) else None
+        waiter = _Waiter(message["id"], sse, meta.get("progressToken") if isinstance(meta, dict) else None)
+        if self.client_era != self.process.era:
+            translated = protocol.request_for_server(message, self.client_era, self.process.era)
+            body = jsonrpc.encode(translated)
+        with self._lock:
+            if key in self._waiters:
+                raise errors.InvalidRequest(f"server '{self.server_id}': request id {message['id']!r} is already "
+                                            "in flight in this session", rpc_id=message["id"])
+            self._waiters[key] = waiter
+            self._open.append(waiter)
+        return self._replies(waiter, key, body, message["method"])
+
+    def _replies(self, waiter: _Waiter, key: str, body: bytes, method: str) -> Generator[Reply, None, None]:
+        origin = f"pid {self.pid}"
+        answered = False
+        try:
+            try:
+                self.send(body)
+            except errors.ProcessFailed as exc:
+                raise self._gone(exc) from None
+            deadline = time.monotonic() + self.settings.request_timeout
+            while True:
+                remaining = deadline - time.monotonic()
+                try:
+                    if remaining <= 0:
+                        raise queue.Empty
+                    item = waiter.messages.get(timeout=remaining)
+                except queue.Empty:
+                    raise errors.UpstreamTimeout(f"server '{self.server_id}': process {self.pid} did not answer "
+                                                 f"within {self.settings.request_timeout:g}s") from None
+                if item is _END:
+                    raise self._gone(self.process.exited("before it answered", wait=0))
+                if item is _CANCELLED:
+                    answered = True  # the process was told already, by the client's own notification
+                    raise errors.Cancelled(f"server '{self.server_id}': the client cancelled the request")
+                final = "method" not in item
+                answered = final
+                if final and self.client_era != self.process.era:
+                    item = protocol.reply_for_client(item, method, self.client_era, self.process.era, self.server_id)
+                yield Reply(item, None, final=final, origin=origin)
+                if final:
+                    return
+        finally:
+            with self._lock:
+                self._waiters.pop(key, None)
+                if waiter in self._open:
+                    self._open.remove(waiter)
+            self.last_used = time.monotonic()
+            if not answered and self.alive():  # the client left (or the wait ran out): the process stops too
+                cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled",
+                          "params": {"requestId": waiter.request_id, "reason": "client disconnected"}}
+                with contextlib.suppress(errors.GatewayError):
+                    self.send(jsonrpc.encode(cancel))
+
+    def _gone(self, exc: errors.ProcessFailed) -> errors.SessionNotFound:
+        """The process exited: its session with it (404, so the client starts a new one)."""
+        self.closed = True
+        return errors.SessionNotFound(f"{exc.message}; the session ended with it: start a new session with initialize")
+
+    # --- the GET stream --------------------------------------------------------
+
+    def stream(self) -> GetStream:
+        """The session's GET stream (one at a time: a newer GET takes over, a client reconnecting)."""
+        mine = GetStream(self)
+        with self._lock:
+            old, self._stream = self._stream, mine
+            backlog = list(self._backlog)
+            self._backlog.clear()
+        if old is not None:
+            old.end()
+        for message in backlog:
+            mine.put_nowait(message)
+        if not self.alive():
+            mine.end()
+        return mine
+
+    def _let_go(self, stream: GetStream) -> None:
+        with self._lock:
+            if self._stream is stream:
+                self._stream = None
+
+    # --- reading -------------------------------------------------------------
+
+    def _read(self) -> None:
+        process = self.process
+        poller = select.poll()
+        poller.register(process.stdout, select.POLLIN | select.POLLHUP | select.POLLERR)
+        try:
+            while not self.closed:
+                if not poller.poll(READ_POLL * 1000):
+                    continue
+                ended = process.fill()
+                while (raw := process.next_line()) is not None:
+                    self._dispatch(raw)
+                if ended:
+                    return
+        except errors.GatewayError as exc:
+            log.warning("server %s: session process %s failed: %s", self.server_id, self.pid, exc.message)
+        except Exception:  # a bug must not leave the session's requests waiting forever
+            log.exception("server %s: the reader of session process %s failed", self.server_id, self.pid)
+        finally:
+            self.closed = True
+            with self._lock:
+                targets = [w.messages for w in self._waiters.values()]
+                stream = self._stream
+            for target in targets:
+                target.put_nowait(_END)
+            if stream is not None:
+                stream.end()
+
+    def _dispatch(self, raw: bytes) -> None:
+        try:
+            message = json.loads(raw)
+        except ValueError:
+            message = None
+        if not isinstance(message, dict):
+            log.warning("server %s pid %s: dropped a line that is not a JSON-RPC message: %r",
+                        self.server_id, self.pid, raw[:200])
+            return
+        refuse = False
+        target: queue.Queue[Any] | GetStream | None
+        with self._lock:
+            if "method" not in message:  # a response
+                waiter = self._waiters.get(_id_key(message.get("id")))
+                target = waiter.messages if waiter else None
+            elif "id" in message:  # a server->client request: on the newest open SSE answer, else the GET stream
+                if self.client_era != protocol.LEGACY:
+                    refuse = True  # a 2026-07-28 client is asked with input_required results, not requests
+                sse = [w for w in self._open if w.sse]
+                target = sse[-1].messages if sse else self._stream
+            else:
+                target = self._notification_target(message)
+            if not refuse and target is None and "method" in message:
+                self._backlog.append(message)  # until the client opens its GET stream
+                return
+        if refuse:
+            self._refuse(message)
+            return
+        if target is None:
+            log.debug("server %s pid %s: dropped a response to unknown id %r", self.server_id, self.pid,
+                      message.get("id"))
+            return
+        target.put_nowait(message)
+
+    def _notification_target(self, message: dict[str, Any]) -> queue.Queue[Any] | GetStream | None:
+        params = message.get("params")
+        token = params.get("progressToken") if isinstance(params, dict) else None
+        if token is not None:
+            for waiter in self._open:
+                if waiter.token == token:
+                    return waiter.messages
+        return self._stream
+
+    def _refuse(self, message: dict[str, Any]) -> None:
+        """A server->client request of a 2026-07-28 client's process: no client to ask it of."""
+        reply = jsonrpc.error(message["id"], errors.METHOD_NOT_FOUND,
+                              f"{message['method']} is not available: this client speaks 2026-07-28, "
+                              "which the gateway cannot ask it of")
+        with contextlib.suppress(errors.GatewayError):
+            self.send(jsonrpc.encode(reply))
+
+    def close(self) -> None:
+        self.closed = True
+        # The reader lets the stdout go first (it looks at `closed` every READ_POLL): its
+        # descriptor is closed below, and must not be polled once its number can be reused.
+        if threading.current_thread() is not self._reader:
+            self._reader.join(timeout=READ_POLL * 4)
+        self.process.close()
+
+
+class GetStream:
+    """A session's GET stream: the reader writes SSE events into a pipe, the worker's loop relays it (a streams.Feed).
+
+    The pipe is the stream's buffer: a client that stops reading fills it
+    and further messages are dropped (logged), never the reader blocked.
+    Without a relay claim a request thread iterates it instead (`events`).
+    """
+
+    def __init__(self, session: SessionProcess):
+        self.session = session
+        self._read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._lock = threading.Lock()
+        self._writing = True
+        self._reading = True
+        self._sent_at = time.monotonic()
+
+    # the reader's side (any thread)
+
+    def put_nowait(self, message: dict[str, Any]) -> None:
+        self._write(b"event: message\ndata: " + jsonrpc.encode(message) + b"\n\n", message.get("method"))
+
+    def end(self) -> None:
+        """No more messages: the client sees the stream end once it has read what is there."""
+        with self._lock:
+            if self._writing:
+                self._writing = False
+                os.close(self._write_fd)
+
+    def _write(self, data: bytes, what: Any) -> None:
+        with self._lock:
+            if not self._writing:
+                return
+            try:
+                written = os.write(self._write_fd, data)
+            except BlockingIOError:
+                written = 0
+            except OSError:  # the relay let the stream go
+                written = -1
+        if written != len(data):
+            log.warning("server %s pid %s: the GET stream's client is not reading; dropped %s",
+                        self.session.server_id, self.session.pid, what)
+            if written > 0:  # half an event would corrupt the stream: end it
+                self.end()
+
+    # the loop's side (streams.Feed)
+
+    def fileno(self) -> int:
+        return self._read_fd
+
+    def start(self, limit: int) -> streams.Fed:
+        return streams.Fed(b": stream open\n\n")
+
+    def readable(self) -> streams.Fed:
+        try:
+            data = os.read(self._read_fd, streams.READ_SIZE)
+        except BlockingIOError:
+            return streams.NOTHING
+        if not data:
+            self._let_go()
+            return streams.Fed(b"", True)
+        self._sent_at = time.monotonic()
+        self.session.last_used = self._sent_at
+        return streams.Fed(data)
+
+    def tick(self, now: float) -> streams.Fed:
+        if now - self._sent_at < KEEPALIVE:
+            return streams.NOTHING
+        self._sent_at = now
+        return streams.Fed(b": keep-alive\n\n")
+
+    def abandon(self, reason: str) -> None:
+        self._let_go()
+
+    def _let_go(self) -> None:
+        self.session._let_go(self)
+        self.end()
+        with self._lock:
+            if self._reading:
+                self._reading = False
+                os.close(self._read_fd)
+
+    # a request thread's side, without a relay claim
+
+    def events(self) -> Iterator[bytes]:
+        try:
+            yield self.start(0).data
+            poller = select.poll()
+            poller.register(self._read_fd, select.POLLIN | select.POLLHUP)
+            while True:
+                if not poller.poll(streams.TICK * 1000):
+                    fed = self.tick(time.monotonic())
+                else:
+                    fed = self.readable()
+                if fed.data:
+                    yield fed.data
+                if fed.done:
+                    return
+        finally:
+            self._let_go()
+
+
+class Sessions:
+    """This worker's dedicated sessions of one stdio server, by key."""
+
+    def __init__(self, server_id: str, settings: StdioSettings):
+        self.server_id = server_id
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._sessions: dict[str, SessionProcess] = {}
+        self._starting = 0
+        self._names: dict[str, str] = {}  # a 2026-07-28 client's principal -> its session's key
+        self._name_locks: dict[str, threading.Lock] = {}
+
+    def keyed(self, name: str) -> SessionProcess:
+        """The process of a 2026-07-28 client named `name` (its principal): the live one, else a new one."""
+        with self._lock:
+            key = self._names.get(name)
+            session = self._sessions.get(key) if key else None
+            if session is not None and session.alive():
+                return session
+            lock = self._name_locks.setdefault(name, threading.Lock())
+        with lock:  # one start per name at once: its concurrent requests share the process
+            with self._lock:
+                key = self._names.get(name)
+                session = self._sessions.get(key) if key else None
+            if session is not None and session.alive():
+                return session
+            session = self.start(protocol.MODERN)
+            with self._lock:
+                self._names[name] = session.key
+            return session
+
+    def start(self, client_era: str = protocol.LEGACY) -> SessionProcess:
+        """A new session's process, after making room: the oldest idle session ends, or 503 when none is idle."""
+        evicted: SessionProcess | None = None
+        with self._lock:
+            if len(self._sessions) + self._starting >= self.settings.max_sessions:
+                idle = [s for s in self._sessions.values() if s.idle() or not s.alive()]
+                if not idle:
+                    raise errors.Overloaded(
+                        f"server '{self.server_id}': all {self.settings.max_sessions} dedicated sessions of this "
+                        "worker are busy", retry_after=1.0)
+                evicted = min(idle, key=lambda s: (s.alive(), s.last_used))
+                del self._sessions[evicted.key]
+            self._starting += 1
+        try:
+            if evicted is not None:
+                log.info("server %s: ended dedicated session (pid %s) to make room", self.server_id, evicted.pid)
+                evicted.close()
+            try:
+                session = SessionProcess(self.server_id, self.settings, client_era)
+            except OSError as exc:
+                raise errors.SpawnFailed(f"server '{self.server_id}': could not start a process: {exc}") from None
+            except errors.SpawnFailed:
+                raise
+            except errors.GatewayError as exc:  # the handshake of a 2026-07-28 client's process
+                raise errors.SpawnFailed(f"{exc.message} (during start-up)") from None
+            with self._lock:
+                self._sessions[session.key] = session
+            return session
+        finally:
+            with self._lock:
+                self._starting -= 1
+
+    def get(self, key: str | None) -> SessionProcess:
+        """The live session `key` names; SessionNotFound (404) when it ended or its process died."""
+        with self._lock:
+            session = self._sessions.get(key) if key else None
+        if session is None or not session.alive():
+            if session is not None:
+                self.end(session.key)
+            raise errors.SessionNotFound(f"session on server '{self.server_id}' has ended (its process is gone): "
+                                         "start a new session with initialize")
+        return session
+
+    def end(self, key: str) -> bool:
+        with self._lock:
+            session = self._sessions.pop(key, None)
+            for name in [name for name, named in self._names.items() if named == key]:
+                del self._names[name]
+                self._name_locks.pop(name, None)
+        if session is not None:
+            session.close()
+        return session is not None
+
+    def maintain(self, now: float | None = None) -> None:
+        """End sessions idle past session_idle_timeout, and those whose process died."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            ended = [s for s in self._sessions.values()
+                     if not s.alive() or (s.idle() and now - s.last_used > self.settings.session_idle_timeout)]
+        for session in ended:
+            log.info("server %s: ended dedicated session (pid %s): %s", self.server_id, session.pid,
+                     "idle" if session.alive() else "its process exited")
+            self.end(session.key)
+
+    def close(self) -> None:
+        with self._lock:
+            sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            session.close()
+
+    def stats(self) -> dict[str, Any]:
+        now = time.monotonic()
+        with self._lock:
+            sessions = list(self._sessions.values())
+        idle = [now - s.last_used for s in sessions if s.idle()]
+        return {"count": len(sessions), "max": self.settings.max_sessions,
+                "oldest_idle": round(max(idle), 1) if idle else None,
+                "pids": sorted(s.pid for s in sessions)}
