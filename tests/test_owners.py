@@ -1,0 +1,269 @@
+"""Sessions routed to their owner (gateway/owners.py), on real gunicorn with 2 workers, and across replicas.
+
+A session id names the worker holding its state (`Session.owner`). Until
+dedicated sessions mint such ids, the tests mint them with the gateway's
+secret, naming a worker found in /status. Which worker serves a call is told
+by the stdio process that answers `whoami` (its pid, whose parent is the worker).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from gateway import owners
+from gateway.sessions import SessionSigner, load_secrets
+
+from .harness import (
+    GUNICORN_SECRET,
+    ROOT,
+    Gunicorn,
+    descendants,
+    free_port,
+    parent_of,
+    server_command,
+    still_running,
+    wait_for,
+    wait_for_port,
+    write_registry,
+)
+
+VERSION = "2025-06-18"
+SERVERS = {"legacy": {"type": "stdio", "command": server_command("legacy_server.py"), "pool_size": 1}}
+NGINX = "/usr/sbin/nginx"
+TRIES = 40  # fresh connections tried until one lands on the other worker
+
+
+def signer() -> SessionSigner:
+    return SessionSigner([GUNICORN_SECRET.encode()], 3600)
+
+
+def mint(owner: str | None) -> str:
+    return signer().mint("legacy", VERSION, owner=owner)
+
+
+def call(url: str, session_id: str, tool: str = "whoami", request_id: int = 1,
+         extra: dict[str, str] | None = None) -> requests.Response:
+    """tools/call on a fresh connection (requests opens one per call without a Session)."""
+    body = {"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": {"name": tool, "arguments": {}}}
+    headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+               "Mcp-Session-Id": session_id, "MCP-Protocol-Version": VERSION, "Connection": "close", **(extra or {})}
+    return requests.post(f"{url}/legacy/mcp", data=json.dumps(body), headers=headers, timeout=30)
+
+
+def answering_worker(response: requests.Response) -> int:
+    """The worker whose stdio process answered `whoami`."""
+    text = response.text
+    if text.startswith("event:") or "data:" in text[:20]:
+        text = next(line[5:] for line in text.splitlines() if line.startswith("data:"))
+    pid = int(json.loads(text)["result"]["content"][0]["text"])
+    return parent_of(pid)
+
+
+def worker_owners(gateway: Gunicorn) -> dict[int, str]:
+    """pid -> owner name of every worker, once each has published its status."""
+    found: dict[int, str] = {}
+
+    def every_worker_listed() -> bool:
+        for _ in range(6):
+            for worker in gateway.status()["workers"]:
+                if worker.get("owner"):
+                    found[worker["pid"]] = worker["owner"]
+        return set(found) >= gateway.worker_pids()
+
+    wait_for(every_worker_listed, 20, "every worker's owner name in /status")
+    return {pid: found[pid] for pid in gateway.worker_pids()}
+
+
+def relayed_lines(gateway: Gunicorn, owner: str) -> list[str]:
+    return [line for line in gateway.log().splitlines() if f"owner={owner}" in line]
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[Gunicorn]:
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    with Gunicorn(write_registry(tmp_path, SERVERS), workers=2, threads=4,
+                  env={"MCP_GATEWAY_RUNTIME_DIR": str(run)}).serving() as instance:
+        instance.runtime_dir = run  # type: ignore[attr-defined]
+        yield instance
+
+
+def test_every_request_of_an_owned_session_is_served_by_its_owner(gateway: Gunicorn) -> None:
+    names = worker_owners(gateway)
+    for owner_pid, owner in names.items():
+        session_id = mint(owner)
+        for attempt in range(TRIES):
+            response = call(gateway.url, session_id, request_id=attempt)
+            assert response.status_code == 200, response.text
+            assert answering_worker(response) == owner_pid
+            if relayed_lines(gateway, owner):
+                break
+        else:
+            pytest.fail(f"no request of {TRIES} landed on the worker that is not {owner}")
+        line = relayed_lines(gateway, owner)[0]
+        assert "status=200" in line and "mcp_method=tools/call" in line
+    # A session without an owner is served wherever it lands.
+    assert call(gateway.url, mint(None)).status_code == 200
+
+
+def test_a_delete_reaches_the_owner_and_ends_the_session(gateway: Gunicorn) -> None:
+    owner = next(iter(worker_owners(gateway).values()))
+    session_id = mint(owner)
+    headers = {"Mcp-Session-Id": session_id, "MCP-Protocol-Version": VERSION, "Connection": "close"}
+    assert requests.delete(f"{gateway.url}/legacy/mcp", headers=headers, timeout=10).status_code == 204
+    for attempt in range(4):
+        assert call(gateway.url, session_id, request_id=attempt).status_code == 404
+
+
+def test_sessions_of_a_killed_owner_get_404_and_the_others_go_on(gateway: Gunicorn) -> None:
+    names = worker_owners(gateway)
+    (victim, victim_owner), (survivor, survivor_owner) = names.items()
+    doomed, living = mint(victim_owner), mint(survivor_owner)
+    assert call(gateway.url, doomed).status_code == 200
+    socket_file = gateway.runtime_dir / "owners" / f"{owners.split(victim_owner)[0]}.sock"  # type: ignore[attr-defined]
+    assert socket_file.exists()
+    gateway.remember()
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: len(gateway.worker_pids() - {victim}) == 2, 30, "a new worker in place of the one killed")
+    wait_for(lambda: not socket_file.exists(), 15, "the killed worker's socket removed")
+    seen_404 = 0
+    for attempt in range(10):
+        gone = call(gateway.url, doomed, request_id=attempt)
+        assert gone.status_code == 404, gone.text
+        assert "start a new session" in gone.json()["error"]["message"]
+        seen_404 += 1
+        fine = call(gateway.url, living, request_id=attempt)
+        assert fine.status_code == 200, fine.text
+        assert answering_worker(fine) == survivor
+    assert seen_404 == 10
+
+
+def _raw_on_socket(path: Path, headers: dict[str, str]) -> tuple[int, bytes]:
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "whoami", "arguments": {}}})
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(15)
+    try:
+        sock.connect(str(path))
+        head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        sock.sendall((f"POST /legacy/mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      f"Accept: application/json\r\nConnection: close\r\n{head}Content-Length: {len(body)}\r\n\r\n"
+                      f"{body}").encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    finally:
+        sock.close()
+    status = int(data.split(b" ", 2)[1])
+    return status, data
+
+
+def test_an_owner_socket_takes_only_authenticated_forwarded_requests(gateway: Gunicorn) -> None:
+    pid, owner = next(iter(worker_owners(gateway).items()))
+    local = owners.split(owner)[0]
+    path = gateway.runtime_dir / "owners" / f"{local}.sock"  # type: ignore[attr-defined]
+    assert path.stat().st_mode & 0o777 == 0o600
+    session_id = mint(owner)
+    base = {"Mcp-Session-Id": session_id, "MCP-Protocol-Version": VERSION}
+    key = owners.keys(load_secrets(GUNICORN_SECRET))[0]
+    other_key = owners.keys([b"not-the-gateway-secret-at-all"])[0]
+    refused = [
+        base,  # no forwarding header
+        {**base, owners.FORWARD_HEADER: "worker.1.00"},  # garbage
+        {**base, owners.FORWARD_HEADER: owners.sign(other_key, owners.WORKER, local, "POST", "/legacy/mcp", session_id)},
+        {**base, owners.FORWARD_HEADER: owners.sign(key, owners.WORKER, "1.other", "POST", "/legacy/mcp", session_id)},
+        {**base, owners.FORWARD_HEADER: owners.sign(key, owners.WORKER, local, "POST", "/legacy/mcp", mint(owner))},
+        {**base, owners.FORWARD_HEADER: f"worker.{int(time.time()) - 3600}.{'0' * 64}"},
+    ]
+    for headers in refused:
+        status, data = _raw_on_socket(path, headers)
+        assert status == 403, data
+        assert b"relayed by the gateway" in data
+    genuine = {**base, owners.FORWARD_HEADER: owners.sign(key, owners.WORKER, local, "POST", "/legacy/mcp", session_id)}
+    status, data = _raw_on_socket(path, genuine)
+    assert status == 200, data
+    whoami = int(re.findall(rb'"text": ?"(\d+)"', data)[0])
+    assert parent_of(whoami) == pid
+    # On the TCP port a forwarding header grants nothing: the request is served or relayed as any.
+    assert call(gateway.url, session_id, extra={owners.FORWARD_HEADER: "worker.1.00"}).status_code == 200
+
+
+# --- two replicas behind nginx ------------------------------------------------------
+
+
+@pytest.fixture
+def replicas(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    assert Path(NGINX).exists(), "nginx is needed; `make test` installs it"
+    gateways: list[Gunicorn] = []
+    nginx = None
+    try:
+        for name in ("a", "b"):
+            folder = tmp_path / name
+            folder.mkdir()
+            port = free_port()
+            registry = write_registry(folder, SERVERS, {"advertise_url": f"http://127.0.0.1:{port}"})
+            gateways.append(Gunicorn(registry, workers=2, port=port))
+        for gateway in gateways:
+            gateway.wait_ready()
+        port = free_port()
+        site = (ROOT / "conf/nginx.conf").read_text()
+        site = site.replace("server 127.0.0.1:8000;", "".join(f"server 127.0.0.1:{g.port};\n" for g in gateways))
+        site = site.replace("listen 80;", f"listen 127.0.0.1:{port};")
+        (tmp_path / "site.conf").write_text(site)
+        temp = "".join(f"{kind}_temp_path {tmp_path}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        (tmp_path / "nginx.conf").write_text(
+            f"daemon off;\nworker_processes 1;\npid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\n"
+            f"events {{ worker_connections 64; }}\nhttp {{\n access_log off;\n{temp} include {tmp_path}/site.conf;\n}}\n")
+        with open(tmp_path / "nginx.out", "wb") as output:
+            nginx = subprocess.Popen([NGINX, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
+                                     stdout=output, stderr=subprocess.STDOUT)
+        wait_for_port(port, nginx, 15, "nginx",
+                      lambda: (tmp_path / "nginx.out").read_text() + (tmp_path / "error.log").read_text())
+        yield {"gateways": gateways, "url": f"http://127.0.0.1:{port}"}
+    finally:
+        if nginx is not None:
+            children = descendants(nginx.pid)
+            nginx.send_signal(signal.SIGTERM)
+            nginx.wait(15)
+            assert not still_running(children), "nginx workers left behind"
+        for gateway in gateways:
+            gateway.stop_and_check()
+
+
+def test_an_owned_session_alternating_replicas_reaches_its_owner_every_time(replicas: dict[str, Any]) -> None:
+    a, b = replicas["gateways"]
+    owner_pid, owner = next(iter(worker_owners(a).items()))
+    assert owner.endswith(f"@http://127.0.0.1:{a.port}")
+    session_id = mint(owner)
+    for attempt in range(12):
+        response = call(replicas["url"], session_id, request_id=attempt)
+        assert response.status_code == 200, response.text
+        assert answering_worker(response) == owner_pid
+    assert relayed_lines(b, owner), "nginx never sent a request of the session to the other replica"
+    # The owner's replica gone: 404 from the other one, which tells the client to start again.
+    a.stop_and_check()
+    gone = call(f"http://127.0.0.1:{b.port}", session_id)
+    assert gone.status_code == 404 and "start a new session" in gone.json()["error"]["message"]
+
+
+def test_a_relayed_request_is_never_relayed_to_a_third_replica(replicas: dict[str, Any]) -> None:
+    a, b = replicas["gateways"]
+    owner = "1.abc@http://127.0.0.1:9"  # a replica that is neither
+    session_id = mint(owner)
+    key = owners.keys(load_secrets(GUNICORN_SECRET))[0]
+    forwarded = {owners.FORWARD_HEADER: owners.sign(key, owners.REPLICA, owner, "POST", "/legacy/mcp", session_id)}
+    looped = call(f"http://127.0.0.1:{b.port}", session_id, extra=forwarded)
+    assert looped.status_code == 508, looped.text
+    # Not forwarded: relayed, and the replica named is unreachable, so the session is gone.
+    assert call(f"http://127.0.0.1:{a.port}", session_id).status_code == 404
