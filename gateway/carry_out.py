@@ -19,7 +19,8 @@ from typing import Any
 from flask import Response
 from werkzeug.datastructures import EnvironHeaders
 
-from . import errors, jsonrpc, metrics, protocol, sse, streams
+from . import errors, in_flight, jsonrpc, metrics, owners, protocol, sse, streams
+from .cancel import Cancellation
 from .exchange import Exchange
 from .jsonrpc import Reply
 from .protocol import ClientContext
@@ -196,8 +197,45 @@ def _bridge(served: Served) -> Response:
     """Hand the message to the upstream's `call`: an SSE stream, or just the final response as JSON."""
     exchange, upstream, message, client = served.exchange, served.upstream, served.message, served.client
     assert message is not None and client is not None  # serving.decide bridges POSTs only
-    replies = upstream.call(message, served.body, client, exchange.request_id)
-    first = next(replies)  # errors before the first message become plain HTTP errors
+    cancel, forget = _cancellable(served)
+    try:
+        replies = upstream.call(message, served.body, client, exchange.request_id, cancel)
+        first = next(replies)  # errors before the first message become plain HTTP errors
+    except BaseException:
+        forget()
+        raise
+    try:
+        response = _bridged(served, first, replies)
+    except BaseException:
+        forget()
+        raise
+    response.call_on_close(forget)
+    return response
+
+
+def _cancellable(served: Served) -> tuple[Cancellation | None, Callable[[], None]]:
+    """A handshake-era client's call, recorded so that its notifications/cancelled finds it (in_flight.py)."""
+    client, message = served.client, served.message
+    assert client is not None and message is not None
+    if client.era != protocol.LEGACY:
+        return None, _nothing
+    call = in_flight.key(_whose(served), message.get("id"))
+    if call is None:
+        return None, _nothing
+    cancel = Cancellation()
+    return cancel, in_flight.register(call, cancel)
+
+
+def _whose(served: Served) -> str | None:
+    return served.session.revocation_id if served.session is not None else served.exchange.principal
+
+
+def _nothing() -> None:
+    pass
+
+
+def _bridged(served: Served, first: Reply, replies: Replies) -> Response:
+    exchange, upstream = served.exchange, served.upstream
     exchange.upstream = first.origin
     if not first.final and "text/event-stream" in exchange.headers.get("Accept", ""):
         # The stream owns `replies` now, and closes it when the client is done.
@@ -327,7 +365,24 @@ def _discover(served: Served) -> Response:
 
 
 def _accepted(served: Served) -> Response:
+    message, client = served.message, served.client
+    if (message is not None and client is not None and client.era == protocol.LEGACY
+            and message.get("method") == "notifications/cancelled" and isinstance(message.get("params"), dict)):
+        _cancel(served, message["params"])
     return Response(status=202)
+
+
+def _cancel(served: Served, params: dict[str, Any]) -> None:
+    """The client's cancel of one of its calls: here if this worker holds it, else at the siblings'."""
+    call = in_flight.key(_whose(served), params.get("requestId"))
+    if call is None:
+        return
+    reason = params.get("reason")
+    if in_flight.cancel(call, f"cancelled by the client: {reason}" if isinstance(reason, str) else "cancelled by the client"):
+        return
+    exchange = served.exchange
+    if not owners.came_forwarded(exchange.headers):  # from a sibling already: it asked every worker
+        owners.to_siblings(served.gateway.forward_keys, exchange.headers, exchange.method, exchange.path, served.body)
 
 
 def _end_session(served: Served) -> Response:

@@ -31,6 +31,7 @@ import http.client
 import os
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import suppress
@@ -62,6 +63,10 @@ READ_TIMEOUT = 300.0
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
                         "upgrade", "content-length", FORWARD_HEADER.lower()})
 SOCKET_SUFFIX = ".sock"
+# Set in the WSGI environ of a request admitted on this worker's owner socket (gateway/worker.py).
+FORWARDED_ENVIRON = "mcp_gateway.forwarded"
+# A cancel sent on to a sibling: it answers 202 at once, or is busy, or gone.
+SIBLING_TIMEOUT = 2.0
 
 _local: tuple[int, str] | None = None
 
@@ -321,3 +326,51 @@ def relay_to_owner(gateway: Gateway, exchange: Exchange, owner: str, body: bytes
     response = Response(answer.body(), status=answer.status, headers=answer.headers)
     response.call_on_close(answer.close)
     return response
+
+
+def came_forwarded(headers: EnvironHeaders) -> bool:
+    """Whether the request came in on this worker's owner socket, relayed by a sibling."""
+    return bool(headers.environ.get(FORWARDED_ENVIRON))
+
+
+def siblings() -> list[str]:
+    """The owner sockets of this host's other workers."""
+    where = folder()
+    if where is None:
+        return []
+    own = local_name() + SOCKET_SUFFIX
+    with suppress(OSError):
+        return sorted(str(entry) for entry in where.iterdir() if entry.name.endswith(SOCKET_SUFFIX) and entry.name != own)
+    return []
+
+
+def to_siblings(keys_: Sequence[bytes], headers: EnvironHeaders, method: str, path: str, body: bytes) -> None:
+    """Send a message (a client's cancel) to every sibling worker, in the background; their answers are dropped."""
+    targets = siblings()
+    if not targets:
+        return
+    session_id = headers.get("Mcp-Session-Id", "")
+    sent = [(name, value) for name, value in headers.items() if name.lower() not in HOP_BY_HOP]
+
+    def send_all() -> None:
+        for target in targets:
+            connection = _UnixConnection(target)
+            connection.timeout = SIBLING_TIMEOUT
+            try:
+                connection.connect()
+                assert connection.sock is not None
+                connection.sock.settimeout(SIBLING_TIMEOUT)
+                connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+                for name, value in sent:
+                    connection.putheader(name, value)
+                local = Path(target).name.removesuffix(SOCKET_SUFFIX)
+                connection.putheader(FORWARD_HEADER, sign(keys_[0], WORKER, local, method, path, session_id))
+                connection.putheader("Content-Length", str(len(body)))
+                connection.endheaders(body)
+                connection.getresponse().read()
+            except (OSError, http.client.HTTPException):
+                continue  # gone or stuck: it holds nothing a client can still be waiting for, or will time it out
+            finally:
+                connection.close()
+
+    threading.Thread(target=send_all, name="cancel-to-siblings", daemon=True).start()

@@ -612,7 +612,10 @@ class _Relaying:
 
     def _forwarded(self, environ: dict[str, Any]) -> bool:
         gateway = getattr(self._app, "extensions", {}).get("mcp_gateway")
-        return gateway is not None and owners.admitted(gateway.forward_keys, environ)
+        if gateway is None or not owners.admitted(gateway.forward_keys, environ):
+            return False
+        environ[owners.FORWARDED_ENVIRON] = True
+        return True
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._app, name)

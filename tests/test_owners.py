@@ -267,3 +267,96 @@ def test_a_relayed_request_is_never_relayed_to_a_third_replica(replicas: dict[st
     assert looped.status_code == 508, looped.text
     # Not forwarded: relayed, and the replica named is unreachable, so the session is gone.
     assert call(f"http://127.0.0.1:{a.port}", session_id).status_code == 404
+
+
+# --- a handshake-era client's cancel reaches the worker serving the call -----------------------
+
+
+def test_a_cancel_posted_to_the_other_worker_reaches_the_long_stdio_call(tmp_path: Path) -> None:
+    record = tmp_path / "record"
+    servers = {"srv": {"type": "stdio", "command": server_command("faulty_server.py", "cancel-silent", str(record)),
+                       "pool_size": 2, "pool_min": 0}}
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    with Gunicorn(write_registry(tmp_path, servers), workers=2, threads=4,
+                  env={"MCP_GATEWAY_RUNTIME_DIR": str(run)}).serving() as gateway:
+        wait_for(lambda: len(owners_listening(run)) == 2, 15, "both workers' owner sockets")
+        hello = requests.post(f"{gateway.url}/srv/mcp", timeout=30, headers={
+            "Content-Type": "application/json", "Accept": "application/json, text/event-stream"},
+            data=json.dumps({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+                "protocolVersion": VERSION, "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}))
+        session_id = hello.headers["Mcp-Session-Id"]
+        session = {"Mcp-Session-Id": session_id, "MCP-Protocol-Version": VERSION}
+        crossed = False
+        for request_id in range(100, 106):  # a new call whenever the cancel landed on the worker holding it
+            sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=15)
+            try:
+                body = json.dumps({"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": {
+                    "name": "work", "arguments": {}, "_meta": {"progressToken": f"p-{request_id}"}}}).encode()
+                head = "".join(f"{name}: {value}\r\n" for name, value in session.items())
+                sock.sendall(f"POST /srv/mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                             f"Accept: application/json, text/event-stream\r\n{head}Content-Length: {len(body)}\r\n"
+                             f"\r\n".encode() + body)
+                data = read_progress(sock)
+                holder = busy_worker(gateway)
+                tag = f"cancel-{request_id}"
+                cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled",
+                          "params": {"requestId": request_id, "reason": "test"}}
+                answer = requests.post(f"{gateway.url}/srv/mcp", data=json.dumps(cancel), timeout=10, headers={
+                    "Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+                    "Connection": "close", "X-Request-Id": tag, **session})
+                assert answer.status_code == 202
+                wait_for(lambda rid=str(request_id): rid in cancelled(record), 15, f"call {request_id} cancelled at its process")
+                # The call's stream ends (its last chunk), without a response: the request was cancelled.
+                while not data.endswith(b"0\r\n\r\n"):
+                    chunk = sock.recv(65536)
+                    assert chunk, "the stream was cut instead of ended"
+                    data += chunk
+                assert b'"result"' not in data
+                if access_pid(gateway, tag) != holder:
+                    crossed = True
+                    break
+            finally:
+                sock.close()
+        assert crossed, "no cancel of 6 landed on the worker that did not hold the call"
+        wait_for(lambda: requests.get(f"{gateway.url}/status", timeout=5).json()["servers"]["srv"]["busy"] == 0,
+                 10, "the processes free again")
+
+
+def owners_listening(run: Path) -> list[Path]:
+    return list((run / "owners").glob("*.sock")) if (run / "owners").exists() else []
+
+
+def read_progress(sock: socket.socket) -> bytes:
+    data = b""
+    deadline = time.monotonic() + 20
+    while b"notifications/progress" not in data:
+        assert time.monotonic() < deadline, data
+        chunk = sock.recv(65536)
+        assert chunk, data
+        data += chunk
+    return data
+
+
+def busy_worker(gateway: Gunicorn) -> int:
+    found: list[int] = []
+
+    def one_busy() -> bool:
+        by_worker = requests.get(f"{gateway.url}/status", timeout=5).json()["servers"]["srv"].get("by_worker", {})
+        found[:] = [int(pid) for pid, view in by_worker.items() if view.get("busy")]
+        return len(found) == 1
+
+    wait_for(one_busy, 10, "one worker holding the call")
+    return found[0]
+
+
+def access_pid(gateway: Gunicorn, request_id: str) -> int:
+    lines = [line for line in gateway.log().splitlines() if f"request_id={request_id} " in line]
+    assert lines, f"no access line for {request_id}"
+    return int(re.search(r"\[(\d+)\] INFO gateway.access", lines[-1]).group(1))  # type: ignore[union-attr]
+
+
+def cancelled(record: Path) -> list[str]:
+    if not record.exists():
+        return []
+    return [line.split(" ", 2)[2] for line in record.read_text().splitlines() if " cancelled " in line]
