@@ -123,15 +123,13 @@ def listen() -> socket.socket | None:
     return listener
 
 
-def unlisten(listener: socket.socket | None) -> None:
-    """When the worker exits: its socket closed and removed."""
-    if listener is None:
-        return
-    with suppress(OSError):
-        name = listener.getsockname()
+def unlisten(listener: socket.socket | None, path: str | None) -> None:
+    """When the worker exits: its socket closed (gunicorn may have closed it already) and removed."""
+    if listener is not None:
         listener.close()
-        if isinstance(name, str) and name:
-            os.unlink(name)
+    if path:
+        with suppress(OSError):
+            os.unlink(path)
 
 
 def remove_stale(where: Path, pid: int | None = None) -> None:

@@ -239,7 +239,7 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
         try:
             super().run()
         finally:
-            owners.unlisten(self._owner_listener)
+            owners.unlisten(self._owner_listener, self._owner_address)
             self.relay.end_all()  # what the loop left (a parent gone, the grace run out): every fd closed
             self.hub.end_all()
 
