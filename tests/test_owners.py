@@ -118,6 +118,49 @@ def test_every_request_of_an_owned_session_is_served_by_its_owner(gateway: Gunic
     assert call(gateway.url, mint(None)).status_code == 200
 
 
+def test_a_relayed_sse_answer_comes_back_event_by_event(gateway: Gunicorn) -> None:
+    owner = next(iter(worker_owners(gateway).values()))
+    session_id = mint(owner)
+    body = {"jsonrpc": "2.0", "id": 5, "method": "tools/call",
+            "params": {"name": "progress", "arguments": {"steps": 3}, "_meta": {"progressToken": "tok"}}}
+    headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+               "Mcp-Session-Id": session_id, "MCP-Protocol-Version": VERSION, "Connection": "close"}
+    for attempt in range(TRIES):
+        tag = f"sse-{attempt}"
+        with requests.post(f"{gateway.url}/legacy/mcp", data=json.dumps(body), timeout=30, stream=True,
+                           headers={**headers, "X-Request-Id": tag}) as response:
+            assert response.status_code == 200
+            assert response.headers["Content-Type"].startswith("text/event-stream")
+            events = [json.loads(line[5:]) for line in response.iter_lines(decode_unicode=True)
+                      if line.startswith("data:")]
+        assert [e["params"]["progress"] for e in events if e.get("method") == "notifications/progress"] == [1, 2, 3]
+        assert events[-1]["id"] == 5 and "result" in events[-1]
+        if any(f"request_id={tag} " in line for line in relayed_lines(gateway, owner)):
+            return
+    pytest.fail(f"no request of {TRIES} landed on the worker that is not {owner}")
+
+
+def test_a_forwarding_header_is_good_for_its_owner_method_path_session_and_window_only(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    key, other = owners.keys([b"a-secret-of-sixteen-chars", b"an-older-secret-still-opens"])
+    header = owners.sign(key, owners.WORKER, "7.ab", "POST", "/legacy/mcp", "v1.x")
+    assert owners.verify([key], header, "7.ab", "POST", "/legacy/mcp", "v1.x") == owners.WORKER
+    assert owners.verify([other, key], header, "7.ab", "POST", "/legacy/mcp", "v1.x") == owners.WORKER  # rotation
+    for target, method, path, session_id in [("7.ac", "POST", "/legacy/mcp", "v1.x"), ("7.ab", "GET", "/legacy/mcp", "v1.x"),
+                                             ("7.ab", "POST", "/other/mcp", "v1.x"), ("7.ab", "POST", "/legacy/mcp", "v1.y"),
+                                             ("7.ab", "POST", "/legacy/mcp", None)]:
+        assert owners.verify([key], header, target, method, path, session_id) is None
+    assert owners.verify([other], header, "7.ab", "POST", "/legacy/mcp", "v1.x") is None
+    kind, stamp, mac = header.split(".")
+    assert owners.verify([key], f"{owners.REPLICA}.{stamp}.{mac}", "7.ab", "POST", "/legacy/mcp", "v1.x") is None
+    old = str(int(stamp) - int(owners.FORWARD_WINDOW) - 5)
+    assert owners.verify([key], f"{kind}.{old}.{mac}", "7.ab", "POST", "/legacy/mcp", "v1.x") is None
+    assert owners.split("7.ab@http://10.0.0.5:8000") == ("7.ab", "http://10.0.0.5:8000")
+    monkeypatch.setenv("MCP_GATEWAY_RUNTIME_DIR", str(tmp_path))
+    assert owners.socket_path("7.ab") == tmp_path / "owners" / "7.ab.sock"
+    assert owners.socket_path("../../etc/x") is None and owners.socket_path(".hidden") is None
+
+
 def test_a_delete_reaches_the_owner_and_ends_the_session(gateway: Gunicorn) -> None:
     owner = next(iter(worker_owners(gateway).values()))
     session_id = mint(owner)
