@@ -17,8 +17,10 @@ an HMAC (keys derived from the session secrets, as sealed.py derives its own)
 of the hop kind, the time, the owner it is meant for, the method, the path and
 the session id. A relayed request may be relayed once more only from a replica
 to a same-host socket; anything else is a loop, refused. The owner's answer
-comes back as it is (status, headers, body), read and written by the relaying
-worker's thread while it lasts (an SSE answer too: a thread, not the loop).
+comes back as it is (status, headers, body): a plain answer passed on by the
+relaying thread, an SSE answer relayed by the worker's loop over the owner
+connection (a streams.SocketFeed, as a pass-through stream is), so a long
+stream holds no thread of the relaying worker.
 An owner gone (no socket, connection refused, replica unreachable) is 404
 SessionNotFound: the client starts a new session.
 """
@@ -31,10 +33,12 @@ import http.client
 import os
 import secrets
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import suppress
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -42,7 +46,7 @@ from urllib.parse import urlsplit
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from . import errors, rundir
+from . import errors, rundir, streams
 
 if TYPE_CHECKING:
     from flask import Response
@@ -254,6 +258,25 @@ class Relayed:
         with suppress(Exception):
             self._connection.close()
 
+    @property
+    def is_stream(self) -> bool:
+        return (self._answer.getheader("Content-Type") or "").startswith("text/event-stream")
+
+    def hand_over(self) -> streams.Handoff | None:
+        """The owner connection's socket, with what was buffered of the body and its framing, for the relay."""
+        answer, sock = self._answer, self._connection.sock
+        reader = answer.fp
+        if reader is None or not isinstance(sock, socket.socket) or isinstance(sock, ssl.SSLSocket):
+            return None
+        sock.setblocking(False)
+        try:
+            buffered = reader.read1(65536) or b""  # what it read past the head already, else what has arrived
+        except OSError:
+            buffered = b""
+        framing: streams.Framing = (streams.Chunked() if answer.chunked else streams.Length(answer.length)
+                                    if answer.length is not None else streams.UntilClose())
+        return streams.Handoff(sock, buffered, framing, lambda problem: self.close())
+
 
 def relay(keys_: Sequence[bytes], owner: str, own_advertise_url: str | None, headers: EnvironHeaders,
           method: str, path: str, query: bytes, body: bytes, server_id: str) -> Relayed:
@@ -321,8 +344,23 @@ def relay_to_owner(gateway: Gateway, exchange: Exchange, owner: str, body: bytes
     exchange.owner = owner
     answer = relay(gateway.forward_keys, owner, gateway.registry.gateway.advertise_url, exchange.headers,
                    exchange.method, exchange.path, query, body, server_id)
-    response = Response(answer.body(), status=answer.status, headers=answer.headers)
-    response.call_on_close(answer.close)
+    if not answer.is_stream or not streams.CLAIMS.take(gateway.registry.gateway.max_streams):
+        # A plain answer, or past max_streams: this thread passes the body on.
+        response = Response(answer.body(), status=answer.status, headers=answer.headers)
+        response.call_on_close(answer.close)
+        return response
+    # An SSE answer is relayed by the worker's loop over the owner connection, as a pass-through stream.
+    from .carry_out import _thread_given_back  # carry_out imports this module
+
+    def take() -> streams.Feed | None:
+        handoff = answer.hand_over()
+        return None if handoff is None else streams.SocketFeed(handoff, None)
+
+    relayed = streams.RelayBody(answer.body(), take, answer.close)
+    relayed.what = f"{exchange.method} {exchange.path} (to its owner)"
+    relayed.on_relay = partial(_thread_given_back, exchange)
+    response = Response(relayed, status=answer.status, headers=answer.headers, direct_passthrough=True)
+    relayed.on_close = response.close  # passed through as it is, so the body closes the response
     return response
 
 
