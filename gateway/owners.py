@@ -350,8 +350,6 @@ def relay_to_owner(gateway: Gateway, exchange: Exchange, owner: str, body: bytes
         response.call_on_close(answer.close)
         return response
     # An SSE answer is relayed by the worker's loop over the owner connection, as a pass-through stream.
-    from .carry_out import _thread_given_back  # carry_out imports this module
-
     def take() -> streams.Feed | None:
         handoff = answer.hand_over()
         return None if handoff is None else streams.SocketFeed(handoff, None)
@@ -410,3 +408,10 @@ def to_siblings(keys_: Sequence[bytes], headers: EnvironHeaders, method: str, pa
                 connection.close()
 
     threading.Thread(target=send_all, name="cancel-to-siblings", daemon=True).start()
+
+
+def _thread_given_back(exchange: Exchange) -> None:
+    """The loop relays the owner's stream: the request's share of this worker's threads is free at once."""
+    release, exchange.release = exchange.release, None
+    if release is not None:
+        release()
