@@ -61,6 +61,7 @@ def write(app: Flask, exchange: Exchange, status: int) -> None:
         "principal": exchange.principal,
         "mcp_method": exchange.mcp_method,
         "upstream": exchange.upstream,
+        "owner": exchange.owner,
         "status": status,
         "duration_ms": round((time.perf_counter() - exchange.started) * 1000, 2),
     }

@@ -20,7 +20,18 @@ from typing import Any
 from flask import Response
 from werkzeug.datastructures import EnvironHeaders
 
-from . import errors, jsonrpc, log_levels, metrics, protocol, sse, streams
+from . import (
+    errors,
+    in_flight,
+    jsonrpc,
+    log_levels,
+    metrics,
+    owners,
+    protocol,
+    sse,
+    streams,
+)
+from .cancel import Cancellation
 from .dedicated import CORRELATION_HEADER, GetStream, SessionProcess, Sessions
 from .exchange import Exchange
 from .jsonrpc import Reply
@@ -214,7 +225,35 @@ def _bridge(served: Served) -> Response:
         level = served.gateway.log_levels.get(served.session.revocation_id)
         if level is not None:  # the session's logging/setLevel, carried by each of its requests
             client = dataclasses.replace(client, log_level=level)
-    return _answered(served, upstream.call(message, served.body, client, exchange.request_id))
+    cancel, forget = _cancellable(served)
+    try:
+        response = _answered(served, upstream.call(message, served.body, client, exchange.request_id, cancel))
+    except BaseException:
+        forget()
+        raise
+    response.call_on_close(forget)
+    return response
+
+
+def _cancellable(served: Served) -> tuple[Cancellation | None, Callable[[], None]]:
+    """A handshake-era client's call, recorded so that its notifications/cancelled finds it (in_flight.py)."""
+    client, message = served.client, served.message
+    assert client is not None and message is not None
+    if client.era != protocol.LEGACY:
+        return None, _nothing
+    call = in_flight.key(_whose(served), message.get("id"))
+    if call is None:
+        return None, _nothing
+    cancel = Cancellation()
+    return cancel, in_flight.register(call, cancel)
+
+
+def _whose(served: Served) -> str | None:
+    return served.session.revocation_id if served.session is not None else served.exchange.principal
+
+
+def _nothing() -> None:
+    pass
 
 
 def _answered(served: Served, replies: Replies) -> Response:
@@ -360,7 +399,24 @@ def _set_level(served: Served) -> Response:
 
 
 def _accepted(served: Served) -> Response:
+    message, client = served.message, served.client
+    if (message is not None and client is not None and client.era == protocol.LEGACY
+            and message.get("method") == "notifications/cancelled" and isinstance(message.get("params"), dict)):
+        _cancel(served, message["params"])
     return Response(status=202)
+
+
+def _cancel(served: Served, params: dict[str, Any]) -> None:
+    """The client's cancel of one of its calls: here if this worker holds it, else at the siblings'."""
+    call = in_flight.key(_whose(served), params.get("requestId"))
+    if call is None:
+        return
+    reason = params.get("reason")
+    if in_flight.cancel(call, f"cancelled by the client: {reason}" if isinstance(reason, str) else "cancelled by the client"):
+        return
+    exchange = served.exchange
+    if not owners.came_forwarded(exchange.headers):  # from a sibling already: it asked every worker
+        owners.to_siblings(served.gateway.forward_keys, exchange.headers, exchange.method, exchange.path, served.body)
 
 
 def _end_session(served: Served) -> Response:

@@ -230,6 +230,13 @@ class UpstreamUnreachable(UpstreamError):
     retry_safe = True
 
 
+class OwnerLoop(UpstreamError):
+    """A request relayed to a session's owner would be relayed again elsewhere (owners.py): refused."""
+
+    kind = "owner_loop"
+    http_status = 508
+
+
 class UpstreamFailed(UpstreamError):
     """The instance took the request, then failed (reset, bad status, garbled answer).
 

@@ -43,6 +43,7 @@ class Exchange:
     rpc_id: Any = None
     rpc_error: bool = False
     upstream: str | None = None  # the instance or process that answered
+    owner: str | None = None  # the gateway process the request was relayed to (owners.py)
     served: bool = False  # the server id named a server of the registry
     release: Callable[[], None] | None = None  # hands the upstream back (Gateway.checkout)
 

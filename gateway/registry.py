@@ -146,6 +146,7 @@ class GatewaySettings:
     stream_buffer_bytes: int = GATEWAY.default("stream_buffer_bytes")
     sse_keepalive_interval: float = GATEWAY.default("sse_keepalive_interval")
     max_streams: int = GATEWAY.default("max_streams")
+    advertise_url: str | None = GATEWAY.default("advertise_url")  # where other replicas reach this one (owners.py)
 
 
 @dataclass(frozen=True)

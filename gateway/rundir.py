@@ -10,6 +10,8 @@ process of the gateway leaves there what the others need:
 - `status/<pid>.json`: each worker's view of its upstreams, rewritten every second;
 - `registry.json`: the last registry that passed validation, which workers boot from;
 - `claims/`: one-shot markers, so that one worker, not all of them, does a thing;
+- `owners/<pid>.<nonce>.sock`: each worker's Unix socket, on which requests of the sessions
+  it holds are relayed to it by its siblings (owners.py);
 - `revoked/`: one empty file per session ended by DELETE (sessions.py), kept until
   the session would have expired, so that no worker of this host takes it again.
 
@@ -71,6 +73,10 @@ def prepare() -> Path:
             if stale.is_file():
                 stale.unlink(missing_ok=True)
     (path / "revoked").mkdir(mode=0o700, exist_ok=True)
+    owners = path / "owners"
+    owners.mkdir(mode=0o700, exist_ok=True)
+    for stale in owners.iterdir():  # of an earlier run's workers: none of them lives on
+        stale.unlink(missing_ok=True)
     return path
 
 
@@ -179,6 +185,8 @@ def forget_worker(pid: int) -> None:
     if path is None:
         return
     (path / "status" / f"{pid}.json").unlink(missing_ok=True)
+    for socket in (path / "owners").glob(f"{pid}.*.sock"):  # a worker killed could not remove its own
+        socket.unlink(missing_ok=True)
     if os.environ.get(METRICS_ENV):
         from prometheus_client import multiprocess
 

@@ -34,7 +34,7 @@ from typing import Any
 
 from flask import Flask, current_app
 
-from . import accesslog, metrics, rundir, streams, supervisor, upstreams
+from . import accesslog, metrics, owners, rundir, streams, supervisor, upstreams
 from .auth import Authenticator
 from .leases import AnyUpstream, Draining, Leases
 from .log_levels import LogLevels
@@ -61,6 +61,8 @@ class Gateway:
         folder = rundir.directory()
         self.log_levels = LogLevels(folder / "levels" if folder is not None else None)
         self.auth, self.rebinding, self.signer, self.states = _guards(registry, self.revocations)
+        # What authenticates a request relayed to the worker holding its session (owners.py).
+        self.forward_keys = owners.keys(load_secrets(registry.gateway.session_secret))
         self.drain_timeout = DRAIN_TIMEOUT
         # http templates: gunicorn's master runs their processes and publishes where they
         # listen; without it, this gateway process runs its own supervisor per template.
@@ -126,6 +128,11 @@ class Gateway:
         for own in self._supervisors.values():
             own.stop()
 
+    @property
+    def owner(self) -> str:
+        """This process as the owner of the sessions it holds: new in every worker, naming the replica if advertised."""
+        return owners.owner_name(self.registry.gateway.advertise_url)
+
     # --- reloading the registry ------------------------------------------------------
 
     def reload(self, new: Registry, text: str) -> None:
@@ -155,6 +162,7 @@ class Gateway:
         self.leases.swap(new, fresh, draining)
         self.registry, self.upstreams = new, self.leases.table.upstreams
         self.auth, self.rebinding, self.signer, self.states = guards
+        self.forward_keys = owners.keys(load_secrets(new.gateway.session_secret))
         self.loaded_at = time.time()
         if self._app is not None:
             _configure(self._app, new)
@@ -190,6 +198,7 @@ class Gateway:
         table = self.leases.table
         return {
             "pid": os.getpid(),
+            "owner": self.owner,
             "started": iso(self._started_at),
             "registry": {"source": table.registry.source, "digest": table.registry.digest, "loaded": iso(self.loaded_at)},
             "draining": [{"server": item.server_id, "in_flight": self.leases.holding(item.upstream)}

@@ -236,6 +236,10 @@ GATEWAY = Section("gateway", "The gateway (`gateway:`)", (
             "seconds a stream may stay silent before the gateway sends an SSE comment (0: never)"),
     Setting("max_streams", integer(1), 2000,
             "most long-lived streams one worker holds; past it a new stream gets 503 with Retry-After"),
+    Setting("advertise_url", string(pattern="^https?://[^/?#]+$"), None,
+            "the http URL (scheme://host:port) other replicas reach this one at: requests of a session this replica "
+            "holds are relayed here (see \"Sessions routed to their owner\")",
+            default_doc="none: sessions are routed between this host's workers only"),
 ))
 
 SERVER_SECTIONS: Final = (HTTP, STDIO, TEMPLATE)

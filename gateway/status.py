@@ -33,7 +33,7 @@ def combine(own: dict[str, Any], siblings: Sequence[dict[str, Any]]) -> dict[str
         "answered_by": own["pid"],
         "registry": own["registry"],
         "workers": [
-            {"pid": view["pid"], "started": view["started"], "registry_digest": view["registry"]["digest"],
+            {"pid": view["pid"], "owner": view.get("owner"), "started": view["started"], "registry_digest": view["registry"]["digest"],
              "draining": view["draining"], "streams": view.get("streams", 0),
              "websockets": view.get("websockets", 0)}
             for view in views

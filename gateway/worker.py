@@ -88,7 +88,7 @@ from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import ThreadWorker
 
-from . import bulkhead, errors, jsonrpc, streams
+from . import bulkhead, errors, jsonrpc, owners, streams
 from .inbound import CONTINUE, Inbound
 from .logtext import clean
 from .registry import GatewaySettings
@@ -206,10 +206,18 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
         self._streams_end_at: float | None = None
         self.relay: streams.Relay | None = None
         self.hub: ws_serving.Hub | None = None
+        self._owner_listener: socket.socket | None = None
+        self._owner_address: str | None = None
 
     def init_process(self) -> None:
         if self.balance_slot is not None:
             TABLE.set_owner(self.balance_slot, os.getpid())
+        # Change 7: requests of the sessions this worker holds, relayed by its siblings (owners.py),
+        # arrive on a Unix socket of its own, served by this loop as any connection.
+        self._owner_listener = owners.listen()
+        if self._owner_listener is not None:
+            self._owner_address = self._owner_listener.getsockname()
+            self.sockets = [*self.sockets, self._owner_listener]  # type: ignore[has-type]  # set by gunicorn, untyped
         bulkhead.set_worker_threads(self.cfg.threads)  # before the app (and its upstreams) is made
         # Requests read whole and waiting for a thread, by the server their path names.
         self._waiting: dict[str | None, int] = {}
@@ -219,7 +227,8 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
 
     def load_wsgi(self) -> None:
         super().load_wsgi()
-        self.wsgi = _Relaying(self.wsgi, self._take_stream, self._take_websocket)  # type: ignore[has-type]  # set by gunicorn, untyped
+        self.wsgi = _Relaying(self.wsgi, self._take_stream, self._take_websocket,  # type: ignore[has-type]  # set by gunicorn, untyped
+                              self._via_owner_socket)
 
     def run(self) -> None:
         self.relay = streams.Relay(self.poller, self._settings, self._keep_after_stream, self._drop_after_stream, _peer)
@@ -230,8 +239,14 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
         try:
             super().run()
         finally:
+            owners.unlisten(self._owner_listener, self._owner_address)
             self.relay.end_all()  # what the loop left (a parent gone, the grace run out): every fd closed
             self.hub.end_all()
+
+    def _via_owner_socket(self) -> bool:
+        """Whether the request a pool thread serves came in on this worker's owner socket (change 7)."""
+        conn = getattr(self._serving, "conn", None)
+        return conn is not None and self._owner_address is not None and conn.server == self._owner_address
 
     # --- change 6: streams are relayed by this loop ------------------------------------
 
@@ -409,7 +424,7 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships
 
     def accept(self, listener: Any) -> None:
         slot = self.balance_slot
-        if slot is not None:
+        if slot is not None and listener is not self._owner_listener:  # only this worker may take those
             fewest = TABLE.fewest_elsewhere(slot)
             if fewest is not None and self.nr_conns > fewest:
                 self._resume_accept_at = time.monotonic() + ACCEPT_PAUSE
@@ -574,12 +589,18 @@ class _Relaying:
     """The WSGI app, with a relayable body taken for the relay (change 6); the app's attributes are its own."""
 
     def __init__(self, app: Any, take: Callable[[streams.RelayBody, Any], Any],
-                 take_websocket: Callable[[dict[str, Any], Any], Any]):
+                 take_websocket: Callable[[dict[str, Any], Any], Any], via_owner_socket: Callable[[], bool]):
         self._app = app
         self._take = take
         self._take_websocket = take_websocket
+        self._via_owner_socket = via_owner_socket
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        if self._via_owner_socket() and not self._forwarded(environ):
+            body = jsonrpc.encode(jsonrpc.error(None, errors.INVALID_REQUEST,
+                                                "this socket takes only requests relayed by the gateway's workers"))
+            start_response("403 Forbidden", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+            return [body]
         if environ["REQUEST_METHOD"] == "GET" and _may_be_websocket(environ):
             taken = self._take_websocket(environ, start_response)
             if taken is not None:
@@ -588,6 +609,13 @@ class _Relaying:
         if type(result) is streams.RelayBody:  # one check per request: the rest is the stream's own
             return self._take(result, start_response)
         return result
+
+    def _forwarded(self, environ: dict[str, Any]) -> bool:
+        gateway = getattr(self._app, "extensions", {}).get("mcp_gateway")
+        if gateway is None or not owners.admitted(gateway.forward_keys, environ):
+            return False
+        environ[owners.FORWARDED_ENVIRON] = True
+        return True
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._app, name)

@@ -121,8 +121,8 @@ class Gunicorn:
     """A real gunicorn master running the gateway on a free loopback port."""
 
     def __init__(self, registry: Path, workers: int = 2, threads: int = 4, env: dict[str, str] | None = None,
-                 log_dir: Path | None = None):
-        self.port = free_port()
+                 log_dir: Path | None = None, port: int | None = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.registry = registry
         self.log_path = (log_dir or registry.parent) / f"gunicorn-{self.port}.log"
