@@ -1,8 +1,9 @@
 """Dedicated stdio sessions end to end: real gunicorn, real npm servers over stdio, the official SDK client.
 
-One gunicorn worker: a dedicated session lives in the worker that started
-it, and routing a request to its owner from another worker is the owners
-work of issue 16 (until then a second worker would answer 404).
+Most tests run one gunicorn worker, so that per-worker limits (max_sessions)
+and counts are exact. The tests at the end run two workers with a new
+connection for every request, so a session's requests land on both and
+those reaching the other worker are relayed to the owner (owners.py).
 """
 
 from __future__ import annotations
@@ -72,6 +73,15 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
         yield instance
 
 
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
+    folder = tmp_path_factory.mktemp("dedicated-two")
+    registry = write_registry(folder, {"every": everything(), "thinking": thinking("dedicated")},
+                              {"auth": {"protect_operator_endpoints": False}})
+    with Gunicorn(registry, workers=2, threads=4).serving() as instance:
+        yield instance
+
+
 def rpc(method: str, params: dict[str, Any], request_id: int = 1) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
 
@@ -108,7 +118,8 @@ def gone(pids: set[int]) -> bool:
 # --- the SDK client in legacy mode: the server asks the client ----------------------------
 
 
-def test_sampling_elicitation_and_roots_round_trips_with_the_sdk_client(gateway: Gunicorn) -> None:
+def sdk_round_trips(gateway: Gunicorn, http: httpx2.AsyncClient | None = None) -> tuple[dict[str, str], list[str]]:
+    """sampling, elicitation and roots through a dedicated server-everything: the tools' texts, and what was asked."""
     asked: list[str] = []
 
     async def on_sampling(context: Any, params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
@@ -127,8 +138,8 @@ def test_sampling_elicitation_and_roots_round_trips_with_the_sdk_client(gateway:
     async def scenario() -> dict[str, str]:
         texts: dict[str, str] = {}
         async with (
-            httpx2.AsyncClient(timeout=httpx2.Timeout(30, read=60)) as http,
-            Client(streamable_http_client(f"{gateway.url}/every/mcp", http_client=http), mode="legacy",
+            http or httpx2.AsyncClient(timeout=httpx2.Timeout(30, read=60)) as client_http,
+            Client(streamable_http_client(f"{gateway.url}/every/mcp", http_client=client_http), mode="legacy",
                    sampling_callback=on_sampling, elicitation_callback=on_elicit,
                    list_roots_callback=on_roots) as client,
         ):
@@ -141,7 +152,11 @@ def test_sampling_elicitation_and_roots_round_trips_with_the_sdk_client(gateway:
                 texts[name] = " ".join(c.text for c in result.content if isinstance(c, types.TextContent))
         return texts
 
-    texts = anyio.run(scenario)
+    return anyio.run(scenario), asked
+
+
+def test_sampling_elicitation_and_roots_round_trips_with_the_sdk_client(gateway: Gunicorn) -> None:
+    texts, asked = sdk_round_trips(gateway)
     assert "forty-two" in texts["trigger-sampling-request"], texts
     assert "Ada" in texts["trigger-elicitation-request"], texts
     assert "dedicated-root" in texts["get-roots-list"], texts
@@ -354,3 +369,31 @@ def test_get_streams_are_relayed_by_the_loop_and_hold_no_thread(gateway: Gunicor
             stream.close()
         for headers in held:
             requests.delete(f"{gateway.url}/thinking/mcp", headers=headers, timeout=10)
+
+
+# --- two workers: a session's requests land on both, and reach its owner ---------------------
+
+
+def relayed(gateway: Gunicorn, server: str) -> int:
+    """Access lines of requests to `server` that a worker relayed to the session's owner."""
+    return sum(1 for line in gateway.log().splitlines()
+               if "gateway.access" in line and f" server={server} " in line and " owner=-" not in line
+               and " owner=" in line)
+
+
+def test_the_sdk_round_trips_hold_when_the_sessions_requests_land_on_both_workers(two_workers: Gunicorn) -> None:
+    # No kept-alive connections: every request of the SDK client is a new one, for either worker.
+    fresh = httpx2.AsyncClient(timeout=httpx2.Timeout(30, read=60), limits=httpx2.Limits(max_keepalive_connections=0))
+    texts, asked = sdk_round_trips(two_workers, fresh)
+    assert "forty-two" in texts["trigger-sampling-request"], texts
+    assert "Ada" in texts["trigger-elicitation-request"], texts
+    assert "dedicated-root" in texts["get-roots-list"], texts
+    assert relayed(two_workers, "every") > 0, "some of the session's requests reached the other worker"
+
+
+def test_a_sessions_thoughts_stay_its_own_whichever_worker_a_request_reaches(two_workers: Gunicorn) -> None:
+    alice, bob = start(two_workers, "thinking", "alice"), start(two_workers, "thinking", "bob")
+    for number in range(1, 7):  # requests.post: a new connection each, for either worker
+        assert think(two_workers, "thinking", alice, number)["thoughtHistoryLength"] == number
+        assert think(two_workers, "thinking", bob, number)["thoughtHistoryLength"] == number
+    assert relayed(two_workers, "thinking") > 0, "some requests reached the worker that does not own the session"
