@@ -24,7 +24,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from . import errors
+from . import errors, private
 from .scope import LOG_LEVELS
 
 
@@ -88,16 +88,4 @@ class LogLevels:
                 for rid in gone:
                     del self._local[rid]
             return len(gone)
-        removed = 0
-        try:
-            entries = list(os.scandir(self.folder))
-        except FileNotFoundError:
-            return 0
-        for entry in entries:
-            try:
-                if entry.stat(follow_symlinks=False).st_mtime < now:
-                    os.unlink(entry.path)
-                    removed += 1
-            except FileNotFoundError:
-                continue  # another worker pruned it first
-        return removed
+        return private.prune_expired(self.folder, now)

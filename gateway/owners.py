@@ -143,18 +143,9 @@ def remove_stale(where: Path, pid: int | None = None) -> None:
             head = entry.name.partition(".")[0]
             if not entry.name.endswith(SOCKET_SUFFIX) or not head.isdigit():
                 continue
-            if (pid is not None and int(head) == pid) or (pid is None and not _alive(int(head))):
+            if (pid is not None and int(head) == pid) or (pid is None and not rundir.alive(int(head))):
                 entry.unlink(missing_ok=True)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # --- the forwarding header ----------------------------------------------------------

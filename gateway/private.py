@@ -115,3 +115,24 @@ def _create(folder_fd: int, name: str) -> None:
             os.link(temporary, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
     finally:
         os.unlink(temporary, dir_fd=folder_fd)
+
+
+def prune_expired(folder: Path, now: float) -> int:
+    """Remove the files of `folder` whose mtime (their expiry) is before `now`; how many went.
+
+    For records that expire (revoked session ids, session log levels): every
+    worker of the host prunes, so one already gone is another's work done.
+    """
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        try:
+            if entry.stat(follow_symlinks=False).st_mtime < now:
+                os.unlink(entry.path)
+                removed += 1
+        except FileNotFoundError:
+            continue  # another worker pruned it first
+    return removed

@@ -174,7 +174,7 @@ def sibling_statuses() -> list[dict[str, Any]]:
             payload: dict[str, Any] = json.loads(file.read_text())
         except (OSError, ValueError):
             continue  # gone or being replaced right now
-        if time.time() - payload.get("updated", 0) <= STATUS_STALE_AFTER and _alive(pid):
+        if time.time() - payload.get("updated", 0) <= STATUS_STALE_AFTER and alive(pid):
             found.append(payload)
     return found
 
@@ -193,7 +193,8 @@ def forget_worker(pid: int) -> None:
         multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether a process of this pid exists (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
