@@ -178,7 +178,10 @@ def test_a_relayed_stdio_call_whose_process_dies_ends_with_an_error_event(gunico
         sock.close()
     final = json.loads([line for line in data.split(b"\n") if line.startswith(b"data: ")][-1][6:])
     assert b"error" in data, data[-600:]
-    assert final["id"] == 10 and final["error"]["code"] == -32001 and "killed by signal" in final["error"]["message"]
+    assert final["id"] == 10 and final["error"]["code"] == -32001, final
+    # The loop does not wait for the exit status: whether the kernel has it yet when the pipe ends is a race.
+    message = final["error"]["message"]
+    assert f"process {pid} " in message and ("killed by signal 9" in message or "closed its stdout" in message), message
     wait_for(lambda: pool(gateway)["restarts"] == 1 and pool(gateway)["busy"] == 0, 10, "the process replaced")
 
 
