@@ -13,12 +13,12 @@ import dataclasses
 import json
 import logging
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 from flask import Response
-from werkzeug.datastructures import EnvironHeaders
 
 from . import (
     errors,
@@ -32,7 +32,7 @@ from . import (
     streams,
 )
 from .cancel import Cancellation
-from .dedicated import CORRELATION_HEADER, GetStream, SessionProcess, Sessions
+from .dedicated import CORRELATION_HEADER, SessionProcess, Sessions
 from .exchange import Exchange
 from .jsonrpc import Reply
 from .protocol import ClientContext
@@ -76,6 +76,7 @@ class Served:
     body: bytes
     path: str  # what follows /<server-id>/, without its slash
     query: bytes
+    cancel: Cancellation | None = None  # a bridged call's, where the client can cancel it (in_flight.py)
 
 
 def carry_out(served: Served, plan: Plan) -> Response:
@@ -191,27 +192,9 @@ def _relayable(served: Served, answer: ProxyResponse, wraps: bool) -> Response:
         transform = partial(states.wrap_event, answer.instance, server_id, exchange.principal)
         fallback = states.wrap_stream(source, answer.instance, server_id, exchange.principal)
     body = streams.RelayBody.of_source(source, fallback, transform)
-    body.what = f"{exchange.method} {exchange.path}"
-    body.on_relay = partial(_thread_given_back, exchange)
-    response = Response(body, status=answer.status, headers=answer.headers, direct_passthrough=True)
-    body.on_close = response.close  # the body is passed through as it is, so it closes the response
+    response = body.respond(exchange, status=answer.status, headers=answer.headers)
     response.headers["X-Accel-Buffering"] = "no"
     return response
-
-
-def _thread_given_back(exchange: Exchange) -> None:
-    """A relayed stream holds no thread: its bulkhead slot (a share of the worker's threads) is free at once.
-
-    So a reload does not wait for relayed streams on a replaced upstream:
-    they go on on their own socket until they end or the worker stops.
-    """
-    release, exchange.release = exchange.release, None
-    # Of the request, a held stream's access line needs only X-Forwarded-For: not the whole
-    # environ (wsgi.input, the parser's objects), which the headers would keep for the stream's life.
-    forwarded = exchange.headers.get("X-Forwarded-For")
-    exchange.headers = EnvironHeaders({} if forwarded is None else {"HTTP_X_FORWARDED_FOR": forwarded})
-    if release is not None:
-        release()
 
 
 # --- bridge: the gateway ends MCP HTTP ---------------------------------------------
@@ -226,6 +209,7 @@ def _bridge(served: Served) -> Response:
         if level is not None:  # the session's logging/setLevel, carried by each of its requests
             client = dataclasses.replace(client, log_level=level)
     cancel, forget = _cancellable(served)
+    served.cancel = cancel  # a relayed answer ends when it is cancelled (streams.Relay)
     try:
         response = _answered(served, upstream.call(message, served.body, client, exchange.request_id, cancel))
     except BaseException:
@@ -293,11 +277,8 @@ def _stream(served: Served, first: Reply, replies: Replies) -> Response:
         return None if feed is None else _Bridged(feed, sse.event(first.encoded()), exchange)
 
     body = streams.RelayBody(fallback, take, replies.close)
-    body.what = f"{exchange.method} {exchange.path}"
-    body.on_relay = partial(_thread_given_back, exchange)
-    response = Response(body, mimetype="text/event-stream", headers=SSE_HEADERS, direct_passthrough=True)
-    body.on_close = response.close  # the body is passed through as it is, so it closes the response
-    return response
+    body.cancel = served.cancel
+    return body.respond(exchange, mimetype="text/event-stream", headers=SSE_HEADERS)
 
 
 class _Bridged:
@@ -353,6 +334,8 @@ def _sse(first: Reply, replies: Replies, request_id: Any, exchange: Exchange) ->
             if reply.final:
                 exchange.rpc_error = "error" in reply.message
             yield sse.event(reply.encoded())
+    except errors.Cancelled:
+        return  # the client cancelled it: the stream ends with no answer (basic/utilities/cancellation)
     except errors.GatewayError as exc:
         # Headers are gone already; the failure travels as the final event.
         exchange.rpc_error = True
@@ -463,7 +446,8 @@ def _start_session(served: Served) -> Response:
     process = sessions.start()
     exchange.upstream = f"pid {process.pid}"
     try:
-        final = next(reply for reply in process.call(message, served.body, sse=False) if reply.final)
+        with closing(process.call(message, served.body, sse=False)) as replies:
+            final = next(reply for reply in replies if reply.final)
     except BaseException:
         sessions.end(process.key)
         raise
@@ -474,7 +458,7 @@ def _start_session(served: Served) -> Response:
         return json_response(final.message)
     version = str(result.get("protocolVersion") or protocol.DEFAULT_LEGACY)
     token = gateway.signer.mint(served.upstream.server_id, version, upstream_session=process.key,
-                                principal=exchange.principal, owner=getattr(gateway, "owner", None))
+                                principal=exchange.principal, owner=gateway.owner)
     response = json_response(final.message)
     response.headers[SESSION_HEADER] = token
     return response
@@ -498,36 +482,16 @@ def _held_stream(served: Served) -> Response:
     process, exchange = _held_process(served), served.exchange
     exchange.upstream = f"pid {process.pid}"
     stream = process.stream()
-    if not streams.CLAIMS.take(served.gateway.registry.gateway.max_streams):
-        # Past gateway.max_streams this thread holds it, but not the server's share of the threads (its
-        # bulkhead slot): the session's POSTs (a response to a sampling request among them) never queue behind it.
-        _thread_given_back(exchange)
-        return Response(stream.events(), mimetype="text/event-stream", headers=SSE_HEADERS)
-    taken = False
-
-    def take() -> streams.Feed:
-        nonlocal taken
-        taken = True
-        return stream
-
-    def release() -> None:
-        if not taken:  # neither relayed nor iterated (the client left before its headers): the pipe goes
-            stream.abandon("not sent")
-
-    body = streams.RelayBody(_iterated(stream), take, release)
-    body.what = f"{exchange.method} {exchange.path}"
-    body.on_relay = partial(_thread_given_back, exchange)
-    response = Response(body, mimetype="text/event-stream", headers=SSE_HEADERS, direct_passthrough=True)
-    body.on_close = response.close  # the body is passed through as it is, so it closes the response
-    return response
-
-
-def _iterated(stream: GetStream) -> Iterator[bytes]:
-    """A GET stream a thread iterates (the relay did not take it); closed, it lets the stream go."""
-    try:
-        yield from stream.events()
-    finally:
-        stream.abandon("closed")
+    gateway = served.gateway.registry.gateway
+    claimed = streams.CLAIMS.take(gateway.max_streams)
+    # Past gateway.max_streams a request thread iterates it (the relay is not offered it), but gives back the
+    # server's share of the threads (its bulkhead slot): the session's POSTs (a response to a sampling request
+    # among them) never queue behind it. Whoever ends it, or if no one began it, the stream's pipe goes.
+    body = streams.RelayBody(stream.events(gateway.sse_keepalive_interval), lambda: stream if claimed else None,
+                             partial(stream.abandon, "closed"), claimed=claimed)
+    if not claimed:
+        exchange.detach()
+    return body.respond(exchange, mimetype="text/event-stream", headers=SSE_HEADERS)
 
 
 def _end_held(served: Served) -> Response:
@@ -554,7 +518,7 @@ def _correlated(served: Served) -> Response:
         else:
             process = sessions.start(protocol.MODERN)
             token = gateway.signer.mint(server_id, client.version, upstream_session=process.key,
-                                        owner=getattr(gateway, "owner", None))
+                                        owner=gateway.owner)
     exchange.upstream = f"pid {process.pid}"
     response = _answered(served, process.call(_message(served), served.body, sse=False))
     if token is not None:

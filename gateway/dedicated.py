@@ -51,8 +51,6 @@ log = logging.getLogger(__name__)
 READ_POLL = 0.5
 # Messages kept for a GET stream while none is open; the oldest are dropped past this.
 STREAM_BACKLOG = 256
-# Seconds between keep-alive comments on an idle GET stream.
-KEEPALIVE = 15.0
 # A 2026-07-28 client has no session id: without a principal (auth off) its process is named by this
 # header, a sealed id the gateway returns on the first answer and the client sends back (SEP-2567).
 CORRELATION_HEADER = "Mcp-Gateway-Correlation"
@@ -153,15 +151,17 @@ class SessionProcess:
         if self.client_era != self.process.era:
             translated = protocol.request_for_server(message, self.client_era, self.process.era)
             body = jsonrpc.encode(translated)
-        with self._lock:
-            if key in self._waiters:
-                raise errors.InvalidRequest(f"server '{self.server_id}': request id {message['id']!r} is already "
-                                            "in flight in this session", rpc_id=message["id"])
-            self._waiters[key] = waiter
-            self._open.append(waiter)
         return self._replies(waiter, key, body, message["method"])
 
     def _replies(self, waiter: _Waiter, key: str, body: bytes, method: str) -> Generator[Reply, None, None]:
+        # Registered here, in the generator, so that its `finally` is sure to take the waiter out again:
+        # a waiter left behind would keep the session from ever being idle.
+        with self._lock:
+            if key in self._waiters:
+                raise errors.InvalidRequest(f"server '{self.server_id}': request id {waiter.request_id!r} is "
+                                            "already in flight in this session", rpc_id=waiter.request_id)
+            self._waiters[key] = waiter
+            self._open.append(waiter)
         origin = f"pid {self.pid}"
         answered = False
         try:
@@ -333,7 +333,6 @@ class GetStream:
         self._lock = threading.Lock()
         self._writing = True
         self._reading = True
-        self._sent_at = time.monotonic()
 
     # the reader's side (any thread)
 
@@ -379,15 +378,11 @@ class GetStream:
         if not data:
             self._let_go()
             return streams.Fed(b"", True)
-        self._sent_at = time.monotonic()
-        self.session.last_used = self._sent_at
+        self.session.last_used = time.monotonic()
         return streams.Fed(data)
 
     def tick(self, now: float) -> streams.Fed:
-        if now - self._sent_at < KEEPALIVE:
-            return streams.NOTHING
-        self._sent_at = now
-        return streams.Fed(b": keep-alive\n\n")
+        return streams.NOTHING  # keep-alive comments are the relay's (gateway.sse_keepalive_interval)
 
     def abandon(self, reason: str) -> None:
         self._let_go()
@@ -402,16 +397,22 @@ class GetStream:
 
     # a request thread's side, without a relay claim
 
-    def events(self) -> Iterator[bytes]:
+    def events(self, keepalive: float) -> Iterator[bytes]:
+        """The stream iterated by a thread: its events, and a keep-alive comment after `keepalive` quiet seconds (0: none)."""
         try:
             yield self.start(0).data
             poller = select.poll()
             poller.register(self._read_fd, select.POLLIN | select.POLLHUP)
+            quiet_since = time.monotonic()
             while True:
-                if not poller.poll(streams.TICK * 1000):
-                    fed = self.tick(time.monotonic())
-                else:
+                if poller.poll(streams.TICK * 1000):
                     fed = self.readable()
+                    quiet_since = time.monotonic()
+                elif keepalive and time.monotonic() - quiet_since >= keepalive:
+                    fed = streams.Fed(streams.KEEPALIVE_COMMENT)
+                    quiet_since = time.monotonic()
+                else:
+                    continue
                 if fed.data:
                     yield fed.data
                 if fed.done:

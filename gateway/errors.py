@@ -158,7 +158,9 @@ class Cancelled(ClientError):
     way is wound down as the protocol says, and no answer is owed.
     """
 
-    http_status = 499  # nginx's "client closed request": only ever seen in access lines and metrics
+    # nginx's "client closed request": in access lines and metrics; sent only to a client still waiting for
+    # a JSON answer to the request it cancelled (a stream just ends, a WebSocket gets nothing).
+    http_status = 499
     code = REQUEST_CANCELLED
 
 

@@ -66,6 +66,22 @@ class Exchange:
         response.call_on_close(lambda: self.finish(app, status))
         return response
 
+    def detach(self) -> None:
+        """The request's stream is relayed by the worker's loop: it holds no thread from now on.
+
+        Its bulkhead slot (a share of the worker's threads) is given back at
+        once, so a reload does not wait for relayed streams on a replaced
+        upstream: they go on on their own socket until they end or the worker
+        stops. And of the request only what the access line still needs is
+        kept, X-Forwarded-For: not the whole environ (wsgi.input, the parser's
+        objects), which the headers would keep for the stream's life.
+        """
+        release, self.release = self.release, None
+        forwarded = self.headers.get("X-Forwarded-For")
+        self.headers = EnvironHeaders({} if forwarded is None else {"HTTP_X_FORWARDED_FOR": forwarded})
+        if release is not None:
+            release()
+
     def finish(self, app: Flask, status: int) -> None:
         release, self.release = self.release, None
         try:

@@ -70,7 +70,7 @@ NOTIFICATIONS_DROPPED = Counter(
 STREAMS_STARTED = Counter("mcp_gateway_streams_started_total", "Pass-through streams handed to a worker's relay.")
 STREAMS_ENDED = Counter(
     "mcp_gateway_streams_ended_total", "Relayed streams ended, by why: ended, client_gone, slow_client, "
-    "upstream_broken, shutdown, error, refused (past max_streams).", ["reason"],
+    "upstream_broken, cancelled, shutdown, error, refused (past max_streams).", ["reason"],
 )
 RELOADS = Counter(
     "mcp_gateway_registry_reloads_total", "Registry changes seen by a worker, applied or rejected.", ["outcome"],

@@ -38,7 +38,6 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import suppress
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -54,6 +53,7 @@ if TYPE_CHECKING:
 
     from .exchange import Exchange
     from .runtime import Gateway
+    from .sessions import Session
 
 FORWARD_HEADER = "X-Mcp-Gateway-Forward"
 LABEL = b"mcp-gateway owner forwarding v1"
@@ -71,6 +71,10 @@ SOCKET_SUFFIX = ".sock"
 FORWARDED_ENVIRON = "mcp_gateway.forwarded"
 # A cancel sent on to a sibling: it answers 202 at once, or is busy, or gone.
 SIBLING_TIMEOUT = 2.0
+# Cancels being sent on to siblings at once, at most; past it one is dropped.
+MAX_TO_SIBLINGS = 64
+_to_siblings = 0
+_to_siblings_lock = threading.Lock()
 
 _local: tuple[int, str] | None = None
 
@@ -327,6 +331,13 @@ def admitted(keys_: Sequence[bytes], environ: dict[str, Any]) -> bool:
                   environ.get("HTTP_MCP_SESSION_ID")) == WORKER
 
 
+def elsewhere(gateway: Gateway, session: Session | None) -> str | None:
+    """The owner of `session` when another gateway process holds it (its requests are relayed there), else None."""
+    if session is None or session.owner is None or session.owner == gateway.owner:
+        return None
+    return session.owner
+
+
 def relay_to_owner(gateway: Gateway, exchange: Exchange, owner: str, body: bytes, query: bytes) -> Response:
     """The hook before serving.decide: a request of a session another process holds, answered by that process."""
     from flask import Response
@@ -346,11 +357,7 @@ def relay_to_owner(gateway: Gateway, exchange: Exchange, owner: str, body: bytes
         return None if handoff is None else streams.SocketFeed(handoff, None)
 
     relayed = streams.RelayBody(answer.body(), take, answer.close)
-    relayed.what = f"{exchange.method} {exchange.path} (to its owner)"
-    relayed.on_relay = partial(_thread_given_back, exchange)
-    response = Response(relayed, status=answer.status, headers=answer.headers, direct_passthrough=True)
-    relayed.on_close = response.close  # passed through as it is, so the body closes the response
-    return response
+    return relayed.respond(exchange, " (to its owner)", status=answer.status, headers=answer.headers)
 
 
 def came_forwarded(headers: EnvironHeaders) -> bool:
@@ -398,11 +405,21 @@ def to_siblings(keys_: Sequence[bytes], headers: EnvironHeaders, method: str, pa
             finally:
                 connection.close()
 
-    threading.Thread(target=send_all, name="cancel-to-siblings", daemon=True).start()
+    global _to_siblings
+    with _to_siblings_lock:
+        if _to_siblings >= MAX_TO_SIBLINGS:
+            return  # a flood of cancels: the rest are dropped (each is only ever a client's own, and advisory)
+        _to_siblings += 1
 
+    def send_counted() -> None:
+        global _to_siblings
+        try:
+            send_all()
+        finally:
+            with _to_siblings_lock:
+                _to_siblings -= 1
 
-def _thread_given_back(exchange: Exchange) -> None:
-    """The loop relays the owner's stream: the request's share of this worker's threads is free at once."""
-    release, exchange.release = exchange.release, None
-    if release is not None:
-        release()
+    # On the stream wind-down pool, not a thread each, and only so many waiting: a client posting
+    # cancels by the thousand makes neither a thread nor a queue per cancel.
+    streams.in_background(send_counted)
+

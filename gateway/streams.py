@@ -33,9 +33,15 @@ from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from . import errors
+
+if TYPE_CHECKING:
+    from flask import Response
+
+    from .cancel import Cancellation
+    from .exchange import Exchange
 
 log = logging.getLogger(__name__)
 
@@ -396,10 +402,13 @@ class RelayBody:
         self._hand_over = hand_over
         self._release = release
         self.claimed = claimed  # it holds one of CLAIMS, given back at close
-        self.on_close: Callable[[], None] | None = None  # the Flask response's close (carry_out sets it)
+        self.on_close: Callable[[], None] | None = None  # the Flask response's close (`respond` sets it)
         self.what = ""  # for log lines: the request that opened the stream
-        # Called when the relay takes the stream: the request's share of the threads is free (carry_out sets it).
+        # Called when the relay takes the stream: the request's share of the threads is free (`respond` sets it).
         self.on_relay: Callable[[], None] | None = None
+        # The request's cancellation (the client's notifications/cancelled, in_flight.py): the relay
+        # ends a cancelled stream, its source let go, without an answer.
+        self.cancel: Cancellation | None = None
         self._closed = False
 
     @classmethod
@@ -412,6 +421,20 @@ class RelayBody:
             return None if handoff is None else SocketFeed(handoff, transform)
 
         return cls(fallback, hand_over, source.close)
+
+    def respond(self, exchange: Exchange, what: str = "", **options: Any) -> Response:
+        """The Flask response that carries this body for `exchange` (`options`: status, headers, mimetype).
+
+        Passed through as it is, so the body closes the response (and so the
+        exchange); relayed, the exchange holds no thread (Exchange.detach).
+        """
+        from flask import Response
+
+        self.what = f"{exchange.method} {exchange.path}{what}"
+        self.on_relay = exchange.detach
+        response = Response(self, direct_passthrough=True, **options)
+        self.on_close = response.close
+        return response
 
     def __iter__(self) -> Iterator[bytes]:
         return self.fallback
@@ -570,6 +593,13 @@ class Stream:
                 self.relay.poller.unregister(self.feed_fd)
             self.feed_fd = -1
 
+    def cancelled(self) -> None:
+        """The client cancelled the request: its source let go, the stream ended cleanly with no answer."""
+        self.stop_watching_feed()
+        self.feed.abandon("cancelled")
+        self.ended_reason = "cancelled"
+        self.feed_ended(None)
+
     def abort(self, reason: str) -> None:
         """End now: the client is gone or too slow, or the worker stops; nothing more is sent but what goes at once."""
         if self.feeding:
@@ -656,7 +686,11 @@ class Relay:
             if stream.over:
                 continue
             if stream.feeding:
-                stream.fed(stream.feed.tick(now))
+                cancel = stream.body.cancel
+                if cancel is not None and cancel.cancelled:
+                    stream.cancelled()
+                else:
+                    stream.fed(stream.feed.tick(now))
                 if stream.over:
                     continue
             if stream.finishing:

@@ -24,7 +24,7 @@ from .carry_out import Served, carry_out, json_response, session_of
 from .exchange import Exchange
 from .exchange import current as current_exchange
 from .logtext import clean, quoted
-from .owners import relay_to_owner
+from .owners import elsewhere, relay_to_owner
 from .runtime import Gateway, current_gateway
 
 log = logging.getLogger(__name__)
@@ -96,8 +96,9 @@ def _stream_or_end(method: str, server_id: str, path: str) -> Response:
     gateway, current = current_gateway(), current_exchange()
     upstream = gateway.checkout(server_id, current)
     session = session_of(gateway, current, server_id)
-    if session is not None and session.owner is not None and session.owner != gateway.owner:
-        return relay_to_owner(gateway, current, session.owner, b"", request.query_string)
+    owner = elsewhere(gateway, session)
+    if owner is not None:
+        return relay_to_owner(gateway, current, owner, b"", request.query_string)
     instances = upstreams.instances(upstream)
     plan = serving.decide(method, upstream, instances is not None, session)
     return carry_out(Served(gateway, current, upstream, instances, session, client=None, message=None, body=b"",

@@ -44,13 +44,15 @@ def call(name: str, request_id: Any = 1) -> dict[str, Any]:
     return rpc("tools/call", {"name": name, "arguments": {}, "_meta": {"progressToken": "p"}}, request_id)
 
 
-def open_call(gateway: Gunicorn, name: str, request_id: Any = 1, x_request_id: str = "") -> socket.socket:
-    """A bridged tools/call on a raw socket, its request sent."""
+def open_call(gateway: Gunicorn, name: str, request_id: Any = 1, x_request_id: str = "",
+              token: str = "") -> socket.socket:
+    """A bridged tools/call on a raw socket, its request sent (with a bearer `token` when given)."""
     body = json.dumps(call(name, request_id)).encode()
     sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=20)
-    sock.sendall(b"POST /raw/mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    auth = f"Authorization: Bearer {token}\r\n".encode() if token else b""
+    sock.sendall(b"POST /raw/mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n%s"
                  b"Accept: application/json, text/event-stream\r\nX-Request-Id: %s\r\nContent-Length: %d\r\n\r\n%s"
-                 % ((x_request_id or f"bridged-{request_id}").encode(), len(body), body))
+                 % (auth, (x_request_id or f"bridged-{request_id}").encode(), len(body), body))
     return sock
 
 
@@ -102,6 +104,32 @@ def test_a_client_leaving_a_bridged_call_closes_the_upstream_connection(gunicorn
     wait_for(lambda: any(m.get("method") == "notifications/cancelled" for m in raw.received), 10, "cancelled sent")
     cancelled = next(m for m in raw.received if m.get("method") == "notifications/cancelled")
     assert cancelled["params"]["requestId"] == raw.calls[0]
+
+
+def test_a_clients_cancel_ends_a_relayed_bridged_call_without_an_answer(gunicorn: Any, raw: RawMcp) -> None:
+    # A handshake-era call without a session is known by the token's principal and its id (in_flight.py).
+    token = "cancel-token-" + "c" * 24
+    gateway = gunicorn(servers(raw), {"auth": {"tokens": {"ci": token}, "protect_operator_endpoints": False}},
+                       workers=1, threads=4)
+    sock = open_call(gateway, "hang", request_id=41, x_request_id="cancelled-bridged-41", token=token)
+    try:
+        data = read_until(sock, b"notifications/progress")
+        wait_for(lambda: open_streams(gateway) == 1, 10, "the bridged stream relayed")
+        cancel = requests.post(f"{gateway.url}/raw/mcp", timeout=10, headers={
+            **ACCEPT_BOTH, "Authorization": f"Bearer {token}"}, json={
+            "jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 41, "reason": "enough"}})
+        assert cancel.status_code == 202, cancel.text
+        data = read_until(sock, b"\r\n0\r\n\r\n", 10, data)  # the stream ends cleanly
+    finally:
+        sock.close()
+    assert not [m for m in events(data) if m.get("id") == 41], "a cancelled request gets no answer"
+    wait_for(lambda: any(m.get("method") == "notifications/cancelled" for m in raw.received), 10, "cancelled sent")
+    cancelled = next(m for m in raw.received if m.get("method") == "notifications/cancelled")
+    assert cancelled["params"]["requestId"] == raw.calls[0]
+    wait_for(lambda: len(raw.closed) >= 1, 10, "the answer's connection closed")
+    wait_for(lambda: in_flight(gateway) == 0, 10, "in_flight back to 0")
+    wait_for(lambda: 'mcp_gateway_streams_ended_total{reason="cancelled"} 1.0' in requests.get(
+        f"{gateway.url}/metrics", timeout=5).text, 10, "the stream counted as cancelled")
 
 
 def test_a_bridged_call_past_its_deadline_ends_with_an_error_event(gunicorn: Any, raw: RawMcp) -> None:

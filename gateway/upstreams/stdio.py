@@ -359,10 +359,6 @@ class StdioFeed:
         return self._lines(read=True)
 
     def tick(self, now: float) -> streams.Fed:
-        cancel = self.call.cancel
-        if cancel is not None and cancel.cancelled:  # the client's notifications/cancelled (in_flight.py)
-            streams.in_background(self.call.finish)  # still ABANDONED: the process is told, and kept or replaced
-            return streams.Fed(b"", True)  # a cancelled request gets no answer (basic/utilities/cancellation)
         if now < self.call.deadline:
             return streams.NOTHING
         upstream = self.call.upstream
