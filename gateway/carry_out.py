@@ -32,7 +32,7 @@ from . import (
     streams,
 )
 from .cancel import Cancellation
-from .dedicated import CORRELATION_HEADER, SessionProcess, Sessions
+from .dedicated import CORRELATION_HEADER, GetStream, SessionProcess, Sessions
 from .exchange import Exchange
 from .jsonrpc import Reply
 from .protocol import ClientContext
@@ -94,11 +94,24 @@ def carry_out(served: Served, plan: Plan) -> Response:
 
 
 def session_of(gateway: Gateway, exchange: Exchange, server_id: str) -> Session | None:
-    """The session the request names, opened for the caller; SessionNotFound if not theirs or not valid."""
+    """The session the request names, opened for the caller; SessionNotFound if not theirs or not valid.
+
+    A 2026-07-28 request has none, but on a server with dedicated sessions
+    its correlation header (dedicated.py) names its process as a session id
+    would: its owner, and the process a DELETE ends.
+    """
     headers = exchange.headers
-    token = headers.get(SESSION_HEADER)
-    if token is None or headers.get("MCP-Protocol-Version") in protocol.MODERN_VERSIONS:
-        return None  # 2026-07-28 has no sessions: a stray id is ignored, as the spec says
+    if headers.get("MCP-Protocol-Version") in protocol.MODERN_VERSIONS:
+        # 2026-07-28 has no sessions: a stray session id is ignored, as the spec says
+        token = headers.get(CORRELATION_HEADER)
+        if token is None or exchange.principal is not None:
+            return None  # a client with a principal is keyed by it (owners.of_principal)
+        if getattr(gateway.upstreams.get(server_id), "sessions", None) is None:
+            return None
+    else:
+        token = headers.get(SESSION_HEADER)
+        if token is None:
+            return None
     return gateway.signer.verify(token, server_id, exchange.principal)
 
 
@@ -479,10 +492,14 @@ def _deliver(served: Served) -> Response:
 
 def _held_stream(served: Served) -> Response:
     """GET: what the process sends unasked (notifications, requests when no POST answer is open)."""
-    process, exchange = _held_process(served), served.exchange
-    exchange.upstream = f"pid {process.pid}"
-    stream = process.stream()
-    gateway = served.gateway.registry.gateway
+    process = _held_process(served)
+    served.exchange.upstream = f"pid {process.pid}"
+    return _piped(served, process.stream())
+
+
+def _piped(served: Served, stream: GetStream) -> Response:
+    """A session's stream (GET, subscriptions/listen) as the response: relayed by the worker's loop where it can."""
+    exchange, gateway = served.exchange, served.gateway.registry.gateway
     claimed = streams.CLAIMS.take(gateway.max_streams)
     # Past gateway.max_streams a request thread iterates it (the relay is not offered it), but gives back the
     # server's share of the threads (its bulkhead slot): the session's POSTs (a response to a sampling request
@@ -503,24 +520,41 @@ def _end_held(served: Served) -> Response:
     return Response(status=204)
 
 
-def _correlated(served: Served) -> Response:
-    """A 2026-07-28 request: to the process of its principal, else of its correlation header (a new one without)."""
+def _correlated_process(served: Served) -> tuple[SessionProcess, str | None]:
+    """A 2026-07-28 request's process: its principal's, else its correlation header's (a new one without),
+    and the header to send back (None: keyed by principal)."""
     gateway, exchange, client = served.gateway, served.exchange, served.client
     assert client is not None  # a POST's
     sessions, server_id = _sessions(served), served.upstream.server_id
     token: str | None = None
     if exchange.principal is not None:
         process = sessions.keyed(exchange.principal)
+    elif served.session is not None:  # its correlation header (session_of)
+        token = exchange.headers[CORRELATION_HEADER]
+        process = sessions.get(served.session.upstream_session)
     else:
-        token = exchange.headers.get(CORRELATION_HEADER)
-        if token:
-            process = sessions.get(gateway.signer.verify(token, server_id).upstream_session)
-        else:
-            process = sessions.start(protocol.MODERN)
-            token = gateway.signer.mint(server_id, client.version, upstream_session=process.key,
-                                        owner=gateway.owner)
+        process = sessions.start(protocol.MODERN)
+        token = gateway.signer.mint(server_id, client.version, upstream_session=process.key, owner=gateway.owner)
     exchange.upstream = f"pid {process.pid}"
+    return process, token
+
+
+def _correlated(served: Served) -> Response:
+    """A 2026-07-28 request: answered by its process."""
+    process, token = _correlated_process(served)
     response = _answered(served, process.call(_message(served), served.body, sse=False))
+    if token is not None:
+        response.headers[CORRELATION_HEADER] = token
+    return response
+
+
+def _listen(served: Served) -> Response:
+    """A 2026-07-28 subscriptions/listen: its process's change notifications, for as long as the client holds it."""
+    if "text/event-stream" not in served.exchange.headers.get("Accept", ""):
+        raise errors.InvalidRequest("subscriptions/listen is answered with a stream: the Accept header must "
+                                    "include text/event-stream", rpc_id=_message(served)["id"])
+    process, token = _correlated_process(served)
+    response = _piped(served, process.listen(_message(served), served.body))
     if token is not None:
         response.headers[CORRELATION_HEADER] = token
     return response
@@ -528,6 +562,7 @@ def _correlated(served: Served) -> Response:
 
 _HELD: dict[Held, Callable[[Served], Response]] = {
     Held.CORRELATED: _correlated,
+    Held.LISTEN: _listen,
     Held.START: _start_session,
     Held.REQUEST: _held_request,
     Held.DELIVER: _deliver,

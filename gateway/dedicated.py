@@ -19,6 +19,13 @@ the client sends back; the gateway does that process's handshake and
 translates between the eras as the pool does; its server->client requests
 are refused (that era asks with input_required results).
 
+A 2026-07-28 client's `subscriptions/listen` is a stream of the process's
+change notifications (ListenStream): a 2026-07-28 process is sent the
+request and its stream is the process's frames stamped with the listen's id;
+a handshake-era process is listened to by the gateway (its resources
+subscribed for the stream's URIs), which acknowledges the filter the
+process's capabilities can honour and stamps each matching notification.
+
 What is for the GET stream while none is open waits for it (the newest
 STREAM_BACKLOG messages). A process that exits ends its session: the next
 request gets 404.
@@ -36,8 +43,9 @@ import secrets
 import select
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from . import errors, jsonrpc, protocol, streams
@@ -54,6 +62,20 @@ STREAM_BACKLOG = 256
 # A 2026-07-28 client has no session id: without a principal (auth off) its process is named by this
 # header, a sealed id the gateway returns on the first answer and the client sends back (SEP-2567).
 CORRELATION_HEADER = "Mcp-Gateway-Correlation"
+# The `_meta` key every frame of a subscriptions/listen stream carries: the listen request's id.
+SUBSCRIPTION_ID = "io.modelcontextprotocol/subscriptionId"
+# A listen filter's flags: the notification each one asks for, and the handshake-era capability that promises it.
+LISTEN_FLAGS = {
+    "toolsListChanged": ("notifications/tools/list_changed", "tools", "listChanged"),
+    "promptsListChanged": ("notifications/prompts/list_changed", "prompts", "listChanged"),
+    "resourcesListChanged": ("notifications/resources/list_changed", "resources", "listChanged"),
+}
+RESOURCE_UPDATED = "notifications/resources/updated"
+# Bounds on a client's listen filter: the URIs a stream may name, and each one's length.
+MAX_LISTEN_URIS = 256
+MAX_URI_LENGTH = 4096
+# Open subscriptions/listen streams of one session at most: each holds a pipe, and past gateway.max_streams a thread.
+MAX_LISTENS = 8
 _END = object()  # put in a waiter's queue when the process is gone
 _CANCELLED = object()  # put in a waiter's queue when the client cancelled its request
 
@@ -97,6 +119,9 @@ class SessionProcess:
         self._waiters: dict[str, _Waiter] = {}
         self._open: list[_Waiter] = []  # in-flight POSTs, oldest first
         self._stream: GetStream | None = None
+        self._listens: dict[str, ListenStream] = {}  # open subscriptions/listen streams, by request id
+        self._subscribed: collections.Counter[str] = collections.Counter()  # URIs the gateway subscribed for them
+        self._own_ids = 0  # for the gateway's own requests to a handshake-era process (resources/subscribe)
         # For the GET stream while none is open (the client opens it after initialize: a server that asks
         # roots/list at once must still be heard); the oldest are dropped past STREAM_BACKLOG.
         self._backlog: collections.deque[dict[str, Any]] = collections.deque(maxlen=STREAM_BACKLOG)
@@ -114,7 +139,7 @@ class SessionProcess:
     def idle(self) -> bool:
         """No request in flight and no GET stream open: it may be ended to make room."""
         with self._lock:
-            return not self._open and self._stream is None
+            return not self._open and self._stream is None and not self._listens
 
     # --- writing -------------------------------------------------------------
 
@@ -157,7 +182,7 @@ class SessionProcess:
         # Registered here, in the generator, so that its `finally` is sure to take the waiter out again:
         # a waiter left behind would keep the session from ever being idle.
         with self._lock:
-            if key in self._waiters:
+            if key in self._waiters or key in self._listens:
                 raise errors.InvalidRequest(f"server '{self.server_id}': request id {waiter.request_id!r} is "
                                             "already in flight in this session", rpc_id=waiter.request_id)
             self._waiters[key] = waiter
@@ -208,6 +233,101 @@ class SessionProcess:
         self.closed = True
         return errors.SessionNotFound(f"{exc.message}; the session ended with it: start a new session with initialize")
 
+    # --- subscriptions/listen (2026-07-28) ---------------------------------------
+
+    def listen(self, message: dict[str, Any], body: bytes) -> ListenStream:
+        """A 2026-07-28 client's subscriptions/listen: the stream of this process's change notifications.
+
+        A 2026-07-28 process serves the request itself; for a handshake-era one
+        the gateway acknowledges what the process's capabilities promise,
+        subscribes its resources for the stream's URIs and stamps what it sends.
+        """
+        request_id = message["id"]
+        flags, uris = _listen_filter(message.get("params"), self.server_id, request_id)
+        key = _id_key(request_id)
+        emulated = self.process.era == protocol.LEGACY
+        methods: frozenset[str] = frozenset()
+        if emulated:
+            capabilities = self.process.hello.capabilities if self.process.hello else {}
+            honored: dict[str, Any] = {flag: True for flag in flags
+                                       if _promised(capabilities, *LISTEN_FLAGS[flag][1:])}
+            if uris and _promised(capabilities, "resources", "subscribe"):
+                honored["resourceSubscriptions"] = list(uris)
+            else:
+                uris = ()
+            methods = frozenset(LISTEN_FLAGS[flag][0] for flag in honored if flag in LISTEN_FLAGS)
+        stream = ListenStream(self, request_id, methods, frozenset(uris))
+        with self._lock:
+            if key in self._waiters or key in self._listens:
+                stream.close_pipe()
+                raise errors.InvalidRequest(f"server '{self.server_id}': request id {request_id!r} is already in "
+                                            "flight in this session", rpc_id=request_id)
+            if len(self._listens) >= MAX_LISTENS:
+                stream.close_pipe()
+                raise errors.InvalidRequest(f"server '{self.server_id}': this session has {MAX_LISTENS} "
+                                            "subscriptions/listen streams open already; close one first",
+                                            rpc_id=request_id)
+            self._listens[key] = stream
+            new_uris = [uri for uri in stream.uris if not self._subscribed[uri]]
+            self._subscribed.update(stream.uris)
+        try:
+            if not emulated:
+                self.send(body)  # the process's acknowledgment and frames come stamped with the id already
+            else:
+                stream.put_nowait({"jsonrpc": "2.0", "method": "notifications/subscriptions/acknowledged",
+                                   "params": {"notifications": honored}})
+                for uri in new_uris:
+                    self._ask("resources/subscribe", {"uri": uri})
+        except errors.ProcessFailed as exc:
+            stream.abandon("process gone")
+            raise self._gone(exc) from None
+        self.last_used = time.monotonic()
+        return stream
+
+    def _ask(self, method: str, params: dict[str, Any]) -> None:
+        """A request of the gateway's own to the process; its response has no waiter, and is dropped."""
+        with self._lock:
+            self._own_ids += 1
+            request_id = f"mcp-gateway-{self._own_ids}"
+        self.send(jsonrpc.encode({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}))
+
+    def _unlisten(self, stream: ListenStream) -> None:
+        """A listen stream ended (the client left, or the session ends): the process stops serving it."""
+        with self._lock:
+            if self._listens.get(_id_key(stream.request_id)) is not stream:
+                return
+            del self._listens[_id_key(stream.request_id)]
+            self._subscribed.subtract(stream.uris)
+            unused = [uri for uri in stream.uris if self._subscribed[uri] <= 0]
+            for uri in unused:
+                del self._subscribed[uri]
+        if self.closed or not self.process.alive():
+            return
+        if self.process.era == protocol.LEGACY:
+            jobs = [partial(self._ask, "resources/unsubscribe", {"uri": uri}) for uri in unused]
+        else:  # on stdio a request is cancelled by notification (basic/utilities/cancellation)
+            cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled",
+                      "params": {"requestId": stream.request_id, "reason": "the client closed the stream"}}
+            jobs = [partial(self.send, jsonrpc.encode(cancel))]
+        for job in jobs:  # off the worker's loop: a write to a process may wait for room in its pipe
+            streams.in_background(job)
+
+    def _listeners(self, message: dict[str, Any]) -> list[tuple[ListenStream, dict[str, Any]]]:
+        """The listen streams a notification of the process is for, each with the message as it sends it."""
+        if not self._listens:
+            return []
+        params = _object(message.get("params"))
+        meta = params.get("_meta")
+        if isinstance(meta, dict) and SUBSCRIPTION_ID in meta:  # a 2026-07-28 process's own stamp
+            stream = self._listens.get(_id_key(meta[SUBSCRIPTION_ID]))
+            return [(stream, message)] if stream is not None else []
+        if self.process.era != protocol.LEGACY:
+            return []
+        method = message.get("method")
+        uri = params.get("uri")
+        return [(stream, stream.stamped(message)) for stream in self._listens.values()
+                if method in stream.methods or (method == RESOURCE_UPDATED and uri in stream.uris)]
+
     # --- the GET stream --------------------------------------------------------
 
     def stream(self) -> GetStream:
@@ -226,6 +346,9 @@ class SessionProcess:
         return mine
 
     def _let_go(self, stream: GetStream) -> None:
+        if isinstance(stream, ListenStream):
+            self._unlisten(stream)
+            return
         with self._lock:
             if self._stream is stream:
                 self._stream = None
@@ -253,10 +376,11 @@ class SessionProcess:
             self.closed = True
             with self._lock:
                 targets = [w.messages for w in self._waiters.values()]
-                stream = self._stream
+                left: list[GetStream] = [self._stream] if self._stream else []
+                left.extend(self._listens.values())
             for target in targets:
                 target.put_nowait(_END)
-            if stream is not None:
+            for stream in left:  # an abrupt end: the client's listen is lost, as the process is
                 stream.end()
 
     def _dispatch(self, raw: bytes) -> None:
@@ -270,17 +394,26 @@ class SessionProcess:
             return
         refuse = False
         target: queue.Queue[Any] | GetStream | None
+        listeners: list[tuple[ListenStream, dict[str, Any]]] = []
         with self._lock:
             if "method" not in message:  # a response
                 waiter = self._waiters.get(_id_key(message.get("id")))
-                target = waiter.messages if waiter else None
+                listen = None if waiter else self._listens.get(_id_key(message.get("id")))
+                if listen is not None:  # the process ended a listen stream: its result is the last frame
+                    del self._listens[_id_key(message.get("id"))]
+                target = waiter.messages if waiter else listen
             elif "id" in message:  # a server->client request: on the newest open SSE answer, else the GET stream
                 if self.client_era != protocol.LEGACY:
                     refuse = True  # a 2026-07-28 client is asked with input_required results, not requests
                 sse = [w for w in self._open if w.sse]
                 target = sse[-1].messages if sse else self._stream
             else:
-                target = self._notification_target(message)
+                listeners = self._listeners(message)
+                target = None if listeners else self._notification_target(message)
+            if listeners:
+                for stream, stamped in listeners:
+                    stream.put_nowait(stamped)
+                return
             if not refuse and target is None and "method" in message:
                 self._backlog.append(message)  # until the client opens its GET stream
                 return
@@ -292,6 +425,8 @@ class SessionProcess:
                       message.get("id"))
             return
         target.put_nowait(message)
+        if isinstance(target, ListenStream):
+            target.end()
 
     def _notification_target(self, message: dict[str, Any]) -> queue.Queue[Any] | GetStream | None:
         params = message.get("params")
@@ -311,6 +446,11 @@ class SessionProcess:
             self.send(jsonrpc.encode(reply))
 
     def close(self) -> None:
+        with self._lock:
+            listens = list(self._listens.values())
+        for listen in listens:  # the session ends on purpose: a graceful end of its listen streams
+            listen.put_nowait({"jsonrpc": "2.0", "id": listen.request_id, "result": {}})
+            listen.end()
         self.closed = True
         # The reader lets the stdout go first (it looks at `closed` every READ_POLL): its
         # descriptor is closed below, and must not be polled once its number can be reused.
@@ -389,6 +529,9 @@ class GetStream:
 
     def _let_go(self) -> None:
         self.session._let_go(self)
+        self.close_pipe()
+
+    def close_pipe(self) -> None:
         self.end()
         with self._lock:
             if self._reading:
@@ -419,6 +562,65 @@ class GetStream:
                     return
         finally:
             self._let_go()
+
+
+class ListenStream(GetStream):
+    """A 2026-07-28 client's subscriptions/listen answer: the process's change notifications, stamped with its id.
+
+    `methods` and `uris`: what it takes of a handshake-era process's
+    notifications (the gateway's filter); a 2026-07-28 process stamps its own.
+    """
+
+    def __init__(self, session: SessionProcess, request_id: Any, methods: frozenset[str], uris: frozenset[str]):
+        super().__init__(session)
+        self.request_id = request_id
+        self.methods = methods
+        self.uris = uris
+
+    def put_nowait(self, message: dict[str, Any]) -> None:
+        super().put_nowait(self.stamped(message))
+
+    def stamped(self, message: dict[str, Any]) -> dict[str, Any]:
+        """`message` with the listen's id in its `_meta` (every frame of the stream carries it)."""
+        key = "result" if "result" in message else "params"
+        inner = _object(message.get(key))
+        meta = _object(inner.get("_meta"))
+        if meta.get(SUBSCRIPTION_ID) == self.request_id:
+            return message
+        return {**message, key: {**inner, "_meta": {**meta, SUBSCRIPTION_ID: self.request_id}}}
+
+
+def _listen_filter(params: Any, server_id: str, request_id: Any) -> tuple[list[str], tuple[str, ...]]:
+    """A listen request's filter: the flags it sets and the resource URIs it names; InvalidParams when malformed."""
+    def invalid(why: str) -> errors.InvalidParams:
+        return errors.InvalidParams(f"server '{server_id}': subscriptions/listen: {why}", rpc_id=request_id)
+
+    wanted = params.get("notifications") if isinstance(params, dict) else None
+    if not isinstance(wanted, dict):
+        raise invalid("params.notifications must be an object (the SubscriptionFilter)")
+    flags = []
+    for name, value in wanted.items():
+        if name in LISTEN_FLAGS:
+            if not isinstance(value, bool):
+                raise invalid(f"notifications.{name} must be a boolean")
+            if value:
+                flags.append(name)
+    uris = wanted.get("resourceSubscriptions", [])
+    if not isinstance(uris, list) or not all(isinstance(uri, str) and 0 < len(uri) <= MAX_URI_LENGTH for uri in uris):
+        raise invalid(f"notifications.resourceSubscriptions must be a list of URIs (at most {MAX_URI_LENGTH} "
+                      "characters each)")
+    if len(uris) > MAX_LISTEN_URIS:
+        raise invalid(f"notifications.resourceSubscriptions names {len(uris)} URIs; at most {MAX_LISTEN_URIS}")
+    return flags, tuple(dict.fromkeys(uris))
+
+
+def _object(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _promised(capabilities: Mapping[str, Any], name: str, flag: str) -> bool:
+    value = capabilities.get(name)
+    return isinstance(value, dict) and value.get(flag) is True
 
 
 class Sessions:

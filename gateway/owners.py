@@ -27,6 +27,8 @@ SessionNotFound: the client starts a new session.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import http.client
@@ -36,7 +38,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,6 +48,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from . import errors, rundir, streams
+from .dedicated import CORRELATION_HEADER
+from .protocol import MODERN_VERSIONS
 
 if TYPE_CHECKING:
     from flask import Response
@@ -171,9 +175,9 @@ def sign(key: bytes, kind: str, owner: str, method: str, path: str, session_id: 
 
 
 def verify(keys_: Sequence[bytes], value: str | None, owner: str, method: str, path: str,
-           session_id: str | None) -> str | None:
+           session_id: str) -> str | None:
     """The hop kind of a genuine forwarding header meant for `owner`, else None."""
-    if not value or session_id is None:
+    if not value:
         return None
     kind, _, rest = value.partition(".")
     stamp, _, mac = rest.partition(".")
@@ -276,7 +280,7 @@ class Relayed:
 def relay(keys_: Sequence[bytes], owner: str, own_advertise_url: str | None, headers: EnvironHeaders,
           method: str, path: str, query: bytes, body: bytes, server_id: str) -> Relayed:
     """Send the request to `owner` and return its answer, unread; SessionNotFound when the owner is gone."""
-    session_id = headers.get("Mcp-Session-Id", "")
+    session_id = bound_id(headers.get)
     kind, where = route(owner, own_advertise_url, arrived_by(keys_, headers, method, path, owner), server_id)
     connection: http.client.HTTPConnection
     if kind == WORKER:
@@ -321,14 +325,87 @@ def arrived_by(keys_: Sequence[bytes], headers: EnvironHeaders, method: str, pat
     if not value:
         return None
     target = owner if value.startswith(REPLICA + ".") else local_name()
-    return verify(keys_, value, target, method, path, headers.get("Mcp-Session-Id"))
+    return verify(keys_, value, target, method, path, bound_id(headers.get))
 
 
 def admitted(keys_: Sequence[bytes], environ: dict[str, Any]) -> bool:
     """Whether a request that came in on this worker's owner socket carries a genuine forwarding header for it."""
     value = environ.get("HTTP_" + FORWARD_HEADER.upper().replace("-", "_"))
     return verify(keys_, value, local_name(), environ.get("REQUEST_METHOD", ""), environ.get("PATH_INFO", ""),
-                  environ.get("HTTP_MCP_SESSION_ID")) == WORKER
+                  bound_id(lambda name: environ.get("HTTP_" + name.upper().replace("-", "_")))) == WORKER
+
+
+def bound_id(header: Callable[[str], str | None]) -> str:
+    """What names the state a forwarded request is for, bound into its header: the session id, or a 2026-07-28
+    client's correlation header (dedicated.py), or nothing (a principal's, whose token the owner checks again)."""
+    return header("Mcp-Session-Id") or header(CORRELATION_HEADER) or ""
+
+
+def of_principal(gateway: Gateway, server_id: str, principal: str) -> str | None:
+    """The worker of this host holding `principal`'s dedicated process of `server_id`, when it is another.
+
+    A 2026-07-28 client with a principal sends no id that could name an
+    owner, so the host's workers agree on one in `principals/` of the runtime
+    directory: the first to serve the principal claims it (a file holding its
+    owner name, created exclusively); a claim of a worker that has exited is
+    taken over. None: this worker holds it (or there is no directory to agree
+    in). Across replicas each host has its own (README: Dedicated sessions).
+    """
+    base = rundir.directory()
+    if base is None:
+        return None
+    where = base / "principals"
+    path = where / hashlib.sha256(f"{server_id}\0{principal}".encode()).hexdigest()[:40]
+    mine = gateway.owner
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:
+            where.mkdir(mode=0o700, exist_ok=True)
+            continue
+        except FileExistsError:
+            named = _read_claim(path)
+            if named is None:
+                continue  # taken back meanwhile: claim it
+            if named == mine:
+                return None
+            if _lives(split(named)[0]):
+                return named
+            with _claims_lock(where):  # one worker takes the dead one's claim over
+                if _read_claim(path) == named:
+                    path.unlink(missing_ok=True)
+            continue
+        try:
+            os.write(fd, mine.encode())
+        finally:
+            os.close(fd)
+        return None
+    return None  # the claim kept changing under us: serve it here
+
+
+def _read_claim(path: Path) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as claim:
+            return claim.read(1024) or None
+    except FileNotFoundError:
+        return None
+
+
+def _lives(local: str) -> bool:
+    """Whether the worker `<pid>.<nonce>` still serves: its owner socket is there and its pid lives."""
+    where = socket_path(local)
+    pid = local.partition(".")[0]
+    return where is not None and where.exists() and pid.isdigit() and rundir.alive(int(pid))
+
+
+@contextlib.contextmanager
+def _claims_lock(where: Path) -> Iterator[None]:
+    fd = os.open(where / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def elsewhere(gateway: Gateway, session: Session | None) -> str | None:
@@ -336,6 +413,18 @@ def elsewhere(gateway: Gateway, session: Session | None) -> str | None:
     if session is None or session.owner is None or session.owner == gateway.owner:
         return None
     return session.owner
+
+
+def holder(gateway: Gateway, exchange: Exchange, session: Session | None) -> str | None:
+    """Where a POST is served when another gateway process holds its state, else None: its session's owner,
+    or, for a 2026-07-28 client with a principal on a server with dedicated sessions, its principal's."""
+    if session is not None:
+        return elsewhere(gateway, session)
+    server_id = exchange.server_id or ""
+    if (exchange.principal is None or exchange.headers.get("MCP-Protocol-Version") not in MODERN_VERSIONS
+            or getattr(gateway.upstreams.get(server_id), "sessions", None) is None):
+        return None
+    return of_principal(gateway, server_id, exchange.principal)
 
 
 def relay_to_owner(gateway: Gateway, exchange: Exchange, owner: str, body: bytes, query: bytes) -> Response:

@@ -22,7 +22,7 @@ from werkzeug.wsgi import get_content_length, get_input_stream, get_path_info
 from . import errors, jsonrpc, protocol, serving, upstreams
 from .carry_out import Served, carry_out, session_of
 from .exchange import Exchange
-from .owners import elsewhere, relay_to_owner
+from .owners import holder, relay_to_owner
 from .runtime import EXTENSION_KEY, Gateway
 from .views import error_response
 
@@ -70,7 +70,7 @@ def serve(gateway: Gateway, exchange: Exchange, body: bytes, path: str, query: b
     # After parsing: a refusal (bulkhead full) carries the request's id.
     upstream = gateway.checkout(server_id, exchange)
     session = session_of(gateway, exchange, server_id)
-    owner = elsewhere(gateway, session)
+    owner = holder(gateway, exchange, session)
     if owner is not None:
         return relay_to_owner(gateway, exchange, owner, body, query)
     client = protocol.client_context(exchange.headers, message, session.protocol_version if session else None)

@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from .upstreams import Upstream
 
 SESSION_HEADER = "Mcp-Session-Id"
-# Answered on a pooled stdio server this way would pin a process for hours.
+# A stream for as long as the client holds it: served on a dedicated session's process (gateway/dedicated.py)
+# or passed through to an http server; refused where the gateway answers for a shared process or session.
 LONG_LIVED = frozenset({"subscriptions/listen"})
 
 
@@ -81,6 +82,7 @@ class Held(enum.Enum):
     DELIVER = "deliver"  # a notification or a response to the process's request: written to it, 202
     STREAM = "stream"  # GET: the session's stream of what the process sends unasked
     CORRELATED = "correlated"  # a 2026-07-28 request: to the process of its principal or correlation header
+    LISTEN = "listen"  # a 2026-07-28 subscriptions/listen: a stream of that process's change notifications
     END = "end"  # DELETE: the process closed, the id revoked
 
 
@@ -149,8 +151,9 @@ def _held(method: str, upstream: Upstream, session: Session | None, client: Clie
         if client.era != protocol.LEGACY:
             # 2026-07-28 has no sessions: keyed by principal or the gateway's correlation header
             # (gateway/dedicated.py). Discover is the server's, answered as on a pooled server.
-            wanted = jsonrpc.is_request(message) and message["method"] not in ("server/discover", *LONG_LIVED)
-            return Held.CORRELATED if wanted else None
+            if not jsonrpc.is_request(message) or message["method"] == "server/discover":
+                return None
+            return Held.LISTEN if message["method"] in LONG_LIVED else Held.CORRELATED
         if session is None:
             return Held.START if message.get("method") == "initialize" and jsonrpc.is_request(message) else None
     if session is None or session.upstream_session is None:
@@ -192,8 +195,11 @@ def _post(upstream: Upstream, instances: bool, session: Session | None, client: 
     elif method == "server/discover":
         return DISCOVER
     if method in LONG_LIVED:
+        # Its change notifications would be those of a process or session every client shares.
+        where = "its processes are pooled" if not instances else "it is bridged across protocol eras"
         return Refuse(errors.NotSupported(
-            f"server '{upstream.server_id}': {method} is not supported through the gateway yet"))
+            f"server '{upstream.server_id}': {method} needs a server session of the client's own, and {where}; "
+            "a stdio server serves it with session_mode: dedicated"))
     return BRIDGE
 
 

@@ -75,7 +75,9 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
 @pytest.fixture(scope="module")
 def two_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
     folder = tmp_path_factory.mktemp("dedicated-two")
-    registry = write_registry(folder, {"every": everything(), "thinking": thinking("dedicated")},
+    registry = write_registry(folder, {"every": everything(), "thinking": thinking("dedicated"),
+                                       "guarded-thinking": {**thinking("dedicated"),
+                                                            "auth_tokens": {"alice": ALICE, "bob": BOB}}},
                               {"auth": {"protect_operator_endpoints": False}})
     with Gunicorn(registry, workers=2, threads=4).serving() as instance:
         yield instance
@@ -397,3 +399,34 @@ def test_a_sessions_thoughts_stay_its_own_whichever_worker_a_request_reaches(two
         assert think(two_workers, "thinking", alice, number)["thoughtHistoryLength"] == number
         assert think(two_workers, "thinking", bob, number)["thoughtHistoryLength"] == number
     assert relayed(two_workers, "thinking") > 0, "some requests reached the worker that does not own the session"
+
+
+def test_a_modern_clients_process_is_found_from_either_worker(two_workers: Gunicorn) -> None:
+    """By its correlation header (which names the owner), or by its principal (the host's workers agree on an owner)."""
+    first = modern_think(two_workers, "thinking", 1, {})
+    correlation = {CORRELATION_HEADER: first.headers[CORRELATION_HEADER]}
+    alice, bob = {"Authorization": f"Bearer {ALICE}"}, {"Authorization": f"Bearer {BOB}"}
+    assert history(modern_think(two_workers, "guarded-thinking", 1, alice)) == 1
+    before = relayed(two_workers, "thinking"), relayed(two_workers, "guarded-thinking")
+    for number in range(2, 42):  # requests.post: a new connection each, for either worker
+        assert history(modern_think(two_workers, "thinking", number, correlation)) == number
+        assert history(modern_think(two_workers, "guarded-thinking", number, alice)) == number
+        if number >= 4 and relayed(two_workers, "thinking") > before[0] \
+                and relayed(two_workers, "guarded-thinking") > before[1]:
+            break
+    else:
+        pytest.fail("no request reached the worker that does not hold the process")
+    assert history(modern_think(two_workers, "guarded-thinking", 1, bob)) == 1, "bob has a process of his own"
+
+
+def test_delete_with_the_correlation_header_ends_the_modern_clients_process(two_workers: Gunicorn) -> None:
+    first = modern_think(two_workers, "thinking", 1, {})
+    correlation = {CORRELATION_HEADER: first.headers[CORRELATION_HEADER]}
+    ended = requests.delete(f"{two_workers.url}/thinking/mcp", timeout=10,
+                            headers={**ACCEPT_BOTH, "MCP-Protocol-Version": MODERN, **correlation})
+    assert ended.status_code == 204, ended.text
+    body = rpc("tools/list", {"_meta": ENVELOPE}, 2)
+    for _ in range(4):  # either worker: the header's process is gone on both
+        again = requests.post(f"{two_workers.url}/thinking/mcp", json=body, timeout=10, headers={
+            **ACCEPT_BOTH, "MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/list", **correlation})
+        assert again.status_code == 404 and "start a new session" in again.text, again.text

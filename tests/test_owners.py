@@ -33,6 +33,7 @@ from .harness import (
     free_port,
     parent_of,
     server_command,
+    sse_or_json,
     still_running,
     wait_for,
     wait_for_port,
@@ -41,8 +42,11 @@ from .harness import (
 
 VERSION = "2025-06-18"
 SERVERS = {"legacy": {"type": "stdio", "command": server_command("legacy_server.py"), "pool_size": 1}}
+# A process per session: its whoami is the pid of the session's own process.
+DEDICATED = {"own": {"type": "stdio", "command": server_command("sdk_server.py", "stdio"), "session_mode": "dedicated",
+                     "pool_min": 0}}
 NGINX = "/usr/sbin/nginx"
-TRIES = 40  # fresh connections tried until one lands on the other worker
+TRIES = 120  # fresh connections tried until one lands on the other worker
 
 
 def signer() -> SessionSigner:
@@ -148,7 +152,7 @@ def test_a_forwarding_header_is_good_for_its_owner_method_path_session_and_windo
     assert owners.verify([other, key], header, "7.ab", "POST", "/legacy/mcp", "v1.x") == owners.WORKER  # rotation
     for target, method, path, session_id in [("7.ac", "POST", "/legacy/mcp", "v1.x"), ("7.ab", "GET", "/legacy/mcp", "v1.x"),
                                              ("7.ab", "POST", "/other/mcp", "v1.x"), ("7.ab", "POST", "/legacy/mcp", "v1.y"),
-                                             ("7.ab", "POST", "/legacy/mcp", None)]:
+                                             ("7.ab", "POST", "/legacy/mcp", "")]:
         assert owners.verify([key], header, target, method, path, session_id) is None
     assert owners.verify([other], header, "7.ab", "POST", "/legacy/mcp", "v1.x") is None
     kind, stamp, mac = header.split(".")
@@ -255,7 +259,7 @@ def replicas(tmp_path: Path) -> Iterator[dict[str, Any]]:
             folder = tmp_path / name
             folder.mkdir()
             port = free_port()
-            registry = write_registry(folder, SERVERS, {"advertise_url": f"http://127.0.0.1:{port}"})
+            registry = write_registry(folder, {**SERVERS, **DEDICATED}, {"advertise_url": f"http://127.0.0.1:{port}"})
             gateways.append(Gunicorn(registry, workers=2, port=port))
         for gateway in gateways:
             gateway.wait_ready()
@@ -298,6 +302,33 @@ def test_an_owned_session_alternating_replicas_reaches_its_owner_every_time(repl
     a.stop_and_check()
     gone = call(f"http://127.0.0.1:{b.port}", session_id)
     assert gone.status_code == 404 and "start a new session" in gone.json()["error"]["message"]
+
+
+def test_a_real_dedicated_session_alternating_replicas_keeps_its_process(replicas: dict[str, Any]) -> None:
+    """initialize through nginx starts a process on one replica; every later request, on either, reaches it."""
+    url = f"{replicas['url']}/own/mcp"
+    headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+               "Connection": "close"}
+    init = requests.post(url, headers=headers, timeout=30, data=json.dumps({
+        "jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": VERSION, "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}))
+    assert init.status_code == 200, init.text
+    headers.update({"Mcp-Session-Id": init.headers["Mcp-Session-Id"], "MCP-Protocol-Version": VERSION})
+    done = requests.post(url, headers=headers, timeout=10,
+                         data=json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+    assert done.status_code == 202, done.text
+    pids = set()
+    for attempt in range(1, 13):
+        answer = requests.post(url, headers=headers, timeout=30, data=json.dumps(
+            {"jsonrpc": "2.0", "id": attempt, "method": "tools/call", "params": {"name": "whoami", "arguments": {}}}))
+        assert answer.status_code == 200, answer.text
+        pids.add(sse_or_json(answer)["result"]["structuredContent"]["result"])
+    assert len(pids) == 1, f"the session's requests reached {len(pids)} processes"
+    logs = "".join(gateway.log() for gateway in replicas["gateways"]).splitlines()
+    relayed = [line for line in logs if "server=own" in line and " owner=" in line and " owner=-" not in line]
+    assert relayed, "nginx never sent a request of the session to the replica that does not hold its process"
+    ended = requests.delete(url, headers=headers, timeout=10)
+    assert ended.status_code == 204, ended.text
 
 
 def test_a_relayed_request_is_never_relayed_to_a_third_replica(replicas: dict[str, Any]) -> None:

@@ -1,7 +1,7 @@
 """MCP test server built with the official SDK (``mcp.server.MCPServer``).
 
 Serves both protocol eras (legacy ``initialize`` and modern 2026-07-28) from one
-process.  Tools: ``add``, ``whoami``, ``slow``, ``ask``, ``sleep``, ``blob``, ``crash``.
+process.  Tools: ``add``, ``whoami``, ``slow``, ``ask``, ``announce``, ``sleep``, ``blob``, ``crash``.
 
 Usage::
 
@@ -91,6 +91,15 @@ def ask_name() -> Elicit[Name]:
 async def ask(who: Annotated[Name, Resolve(ask_name)]) -> str:
     """Elicit a name (works in both eras) and greet it."""
     return f"hello {who.name}"
+
+
+@mcp.tool()
+async def announce(ctx: Context, uri: str = "") -> str:
+    """Publish a tools-list change, and an update of ``uri`` when given, to the ``subscriptions/listen`` streams."""
+    await ctx.notify_tools_changed()
+    if uri:
+        await ctx.notify_resource_updated(uri)
+    return "announced"
 
 
 @mcp.tool()
