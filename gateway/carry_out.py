@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import closing
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -459,20 +458,19 @@ def _start_session(served: Served) -> Response:
     process = sessions.start()
     exchange.upstream = f"pid {process.pid}"
     try:
-        with closing(process.call(message, served.body, sse=False)) as replies:
-            final = next(reply for reply in replies if reply.final)
+        answer = process.greet(message, served.body)
     except BaseException:
         sessions.end(process.key)
         raise
-    result = final.message.get("result")
+    result = answer.get("result")
     if not isinstance(result, dict):
         sessions.end(process.key)  # refused: no session to keep
         exchange.rpc_error = True
-        return json_response(final.message)
+        return json_response(answer)
     version = str(result.get("protocolVersion") or protocol.DEFAULT_LEGACY)
     token = gateway.signer.mint(served.upstream.server_id, version, upstream_session=process.key,
                                 principal=exchange.principal, owner=gateway.owner)
-    response = json_response(final.message)
+    response = json_response(answer)
     response.headers[SESSION_HEADER] = token
     return response
 
@@ -542,7 +540,8 @@ def _correlated_process(served: Served) -> tuple[SessionProcess, str | None]:
 def _correlated(served: Served) -> Response:
     """A 2026-07-28 request: answered by its process."""
     process, token = _correlated_process(served)
-    response = _answered(served, process.call(_message(served), served.body, sse=False))
+    sse_answer = "text/event-stream" in served.exchange.headers.get("Accept", "")
+    response = _answered(served, process.call(_message(served), served.body, sse_answer))
     if token is not None:
         response.headers[CORRELATION_HEADER] = token
     return response

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from . import errors, jsonrpc, protocol, streams
+from . import errors, jsonrpc, log_levels, protocol, streams
 from .jsonrpc import Reply
 from .registry import StdioSettings
 from .stdio_process import StdioProcess
@@ -78,6 +78,13 @@ MAX_URI_LENGTH = 4096
 MAX_LISTENS = 8
 _END = object()  # put in a waiter's queue when the process is gone
 _CANCELLED = object()  # put in a waiter's queue when the client cancelled its request
+
+
+_DISCOVER_ID = "mcp-gateway-discover"  # the gateway's server/discover of a process that refused initialize
+
+
+def _at_once(reply: Reply) -> Generator[Reply, None, None]:
+    yield reply
 
 
 def _id_key(value: Any) -> str:
@@ -111,6 +118,9 @@ class SessionProcess:
             except BaseException:
                 self.process.close(0)
                 raise
+        # A handshake-era client's logging/setLevel, when its process speaks 2026-07-28: the level rides
+        # on each later request as the `_meta` log level (that era has no such method).
+        self.log_level: str | None = None
         self.settings = settings
         self.started = time.monotonic()
         self.last_used = self.started
@@ -155,7 +165,10 @@ class SessionProcess:
 
         notifications/cancelled also ends the POST still waiting for the
         cancelled request: the process owes it no answer (basic/utilities/cancellation).
+        A 2026-07-28 process had no initialize, so it is not sent notifications/initialized.
         """
+        if message.get("method") == "notifications/initialized" and self.process.era == protocol.MODERN:
+            return
         try:
             self.send(body)
         except errors.ProcessFailed as exc:
@@ -168,13 +181,42 @@ class SessionProcess:
                 if waiter is not None:
                     waiter.messages.put(_CANCELLED)
 
+    def greet(self, message: dict[str, Any], body: bytes) -> dict[str, Any]:
+        """A handshake-era client's initialize: the process's own answer.
+
+        A process that refuses it and answers server/discover speaks only
+        2026-07-28, which has no initialize: the gateway answers from its
+        discover result (only what it can deliver, as for a pooled process)
+        and translates the session's requests. A process of both eras keeps
+        the handshake era, with all it offers.
+        """
+        answer = self._final(message, body)
+        if "result" in answer:
+            return answer
+        discovered = self._final(protocol.discover_request(_DISCOVER_ID), b"")
+        hello = protocol.hello_from_discover(discovered.get("result"))
+        if hello is None:
+            return answer  # the process's refusal of initialize
+        self.process.hello = hello
+        params = message.get("params")
+        requested = params.get("protocolVersion") if isinstance(params, dict) else None
+        return jsonrpc.result(message["id"], protocol.initialize_result(hello, requested))
+
+    def _final(self, message: dict[str, Any], body: bytes) -> dict[str, Any]:
+        with contextlib.closing(self.call(message, body or jsonrpc.encode(message), sse=False)) as replies:
+            return next(reply for reply in replies if reply.final).message
+
     def call(self, message: dict[str, Any], body: bytes, sse: bool) -> Generator[Reply, None, None]:
         """The replies to one client request: what the process writes for it, its response last."""
+        if message["method"] == "logging/setLevel" and self.client_era == protocol.LEGACY \
+                and self.process.era == protocol.MODERN:
+            self.log_level = log_levels.requested(message)
+            return _at_once(Reply(jsonrpc.result(message["id"], {}), None, final=True, origin=f"pid {self.pid}"))
         key = _id_key(message["id"])
         meta = (message.get("params") or {}).get("_meta") if isinstance(message.get("params"), dict) else None
         waiter = _Waiter(message["id"], sse, meta.get("progressToken") if isinstance(meta, dict) else None)
         if self.client_era != self.process.era:
-            translated = protocol.request_for_server(message, self.client_era, self.process.era)
+            translated = protocol.request_for_server(message, self.client_era, self.process.era, self.log_level)
             body = jsonrpc.encode(translated)
         return self._replies(waiter, key, body, message["method"])
 
@@ -435,6 +477,13 @@ class SessionProcess:
             for waiter in self._open:
                 if waiter.token == token:
                     return waiter.messages
+        if message.get("method") == "notifications/message" and (self._stream is None
+                                                                 or self.client_era == protocol.MODERN):
+            # A log line while a request is in flight, and no GET stream to take it (a 2026-07-28 client has
+            # none): the newest SSE answer's, as stdio cannot say which request a line is of.
+            sse = [waiter for waiter in self._open if waiter.sse]
+            if sse:
+                return sse[-1].messages
         return self._stream
 
     def _refuse(self, message: dict[str, Any]) -> None:

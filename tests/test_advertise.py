@@ -68,6 +68,10 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
             "time": {**stdio, "command": TIME_SERVER},  # handshake era (mcp-server-time)
             "legacy": {**stdio, "command": server_command("legacy_server.py")},  # handshake era, logs at info
             "sdk": {**stdio, "command": server_command("sdk_server.py", "stdio")},  # speaks 2026-07-28
+            # A process of each session's own, speaking both eras (a handshake-era session keeps that era).
+            "sdk-dedicated": {**stdio, "command": server_command("sdk_server.py", "stdio"), "session_mode": "dedicated",
+                              "pool_min": 0},
+            "time-dedicated": {**stdio, "command": TIME_SERVER, "session_mode": "dedicated", "pool_min": 0},
             "everything": {"type": "http", "instances": [{"endpoint": everything.url}]},
             "modern": {"type": "http", "instances": [{"endpoint": modern.url}]},
         }
@@ -283,7 +287,11 @@ def inspector(gateway: Gunicorn, home: Path, server: str, *args: str) -> subproc
 @pytest.mark.parametrize(("server", "tool", "tool_args", "expected"), [
     ("time", "get_current_time", ["timezone=UTC"], "UTC"),
     ("sdk", "add", ["a=2", "b=3"], "5"),
-], ids=["handshake-era", "2026-07-28"])
+    # A dedicated session's initialize is its process's own: neither of these declares logging, and the
+    # Inspector, told so, does not send logging/setLevel.
+    ("time-dedicated", "get_current_time", ["timezone=UTC"], "UTC"),
+    ("sdk-dedicated", "add", ["a=2", "b=3"], "5"),
+], ids=["handshake-era", "2026-07-28", "handshake-era-dedicated", "both-eras-dedicated"])
 def test_inspector_cli_against_stdio_servers_of_both_eras(gateway: Gunicorn, tmp_path: Path, server: str, tool: str,
                                                           tool_args: list[str], expected: str) -> None:
     listed = inspector(gateway, tmp_path, server, "--method", "tools/list")
@@ -293,5 +301,8 @@ def test_inspector_cli_against_stdio_servers_of_both_eras(gateway: Gunicorn, tmp
     assert called.returncode == 0, called.stdout + called.stderr
     assert expected in called.stdout and '"isError": true' not in called.stdout
     level = inspector(gateway, tmp_path, server, "--method", "logging/setLevel", "--log-level", "debug")
+    if server.endswith("-dedicated"):
+        assert level.returncode != 0 and "does not support logging" in level.stderr, level.stdout + level.stderr
+        return
     assert level.returncode == 0, level.stdout + level.stderr
     assert json.loads(level.stdout) == {}, level.stdout

@@ -30,6 +30,7 @@ from .harness import (
     EVERYTHING,
     ROOT,
     Gunicorn,
+    server_command,
     sse_or_json,
     still_running,
     wait_for,
@@ -76,6 +77,9 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
 def two_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
     folder = tmp_path_factory.mktemp("dedicated-two")
     registry = write_registry(folder, {"every": everything(), "thinking": thinking("dedicated"),
+                                       # speaks only 2026-07-28 (it refuses initialize)
+                                       "modern-only": {"type": "stdio", "session_mode": "dedicated", "pool_min": 0,
+                                                       "command": server_command("faulty_server.py", "ok")},
                                        "guarded-thinking": {**thinking("dedicated"),
                                                             "auth_tokens": {"alice": ALICE, "bob": BOB}}},
                               {"auth": {"protect_operator_endpoints": False}})
@@ -430,3 +434,31 @@ def test_delete_with_the_correlation_header_ends_the_modern_clients_process(two_
         again = requests.post(f"{two_workers.url}/thinking/mcp", json=body, timeout=10, headers={
             **ACCEPT_BOTH, "MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/list", **correlation})
         assert again.status_code == 404 and "start a new session" in again.text, again.text
+
+
+def test_a_handshake_era_session_of_a_2026_process_has_a_process_of_its_own(two_workers: Gunicorn) -> None:
+    """The process has no initialize: the gateway answers it, and every request of the session reaches the one process."""
+    url = f"{two_workers.url}/modern-only/mcp"
+    init = requests.post(url, json=rpc("initialize", {"protocolVersion": VERSION, "capabilities": {},
+                                                      "clientInfo": {"name": "t", "version": "1"}}),
+                         headers=ACCEPT_BOTH, timeout=30)
+    assert init.status_code == 200, init.text
+    result = init.json()["result"]
+    assert result["protocolVersion"] == VERSION and result["serverInfo"]["name"] == "faulty-server", result
+    assert "logging" in result["capabilities"], "the gateway answers logging/setLevel for it"
+    sessions_pids = []
+    for headers in ({**ACCEPT_BOTH, "Mcp-Session-Id": init.headers["Mcp-Session-Id"], "MCP-Protocol-Version": VERSION},
+                    start(two_workers, "modern-only", "other")):
+        assert requests.post(url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=headers,
+                             timeout=10).status_code == 202
+        # logging/setLevel: 2026-07-28 has no such method; the gateway answers it, the level rides on the requests.
+        level = call(two_workers, "modern-only", headers, "logging/setLevel", {"level": "info"}, 1)
+        assert sse_or_json(level) == {"jsonrpc": "2.0", "id": 1, "result": {}}, level.text
+        bad = call(two_workers, "modern-only", headers, "logging/setLevel", {"level": "loud"}, 1)
+        assert sse_or_json(bad)["error"]["code"] == -32602, bad.text
+        pids = {sse_or_json(call(two_workers, "modern-only", headers, "tools/call", {"name": "work", "arguments": {}},
+                                 number))["result"]["content"][0]["text"] for number in range(2, 8)}
+        assert len(pids) == 1, pids
+        sessions_pids.append(pids.pop())
+        requests.delete(url, headers=headers, timeout=10)
+    assert sessions_pids[0] != sessions_pids[1], "each session has a process of its own"
