@@ -156,7 +156,9 @@ def test_a_long_lived_request_the_gateway_would_end_is_refused(instances: bool, 
                                                                session: Session | None, client: ClientContext) -> None:
     plan = serving.decide("POST", FakeUpstream(speaks), instances, session, client, rpc("subscriptions/listen"))
     assert isinstance(plan, serving.Refuse) and type(plan.error) is errors.NotSupported
-    assert plan.error.message == "server 'srv': subscriptions/listen is not supported through the gateway yet"
+    where = "it is bridged across protocol eras" if instances else "its processes are pooled"
+    assert plan.error.message == (f"server 'srv': subscriptions/listen needs a server session of the client's own, "
+                                  f"and {where}; a stdio server serves it with session_mode: dedicated")
 
 
 NO_STREAM = "server 'srv': the gateway offers no server-to-client SSE stream; use POST"
