@@ -77,8 +77,10 @@ class StdioProcess:
 
     def handshake(self, deadline: float) -> protocol.ServerHello:
         """Learn the era with server/discover, else initialize once."""
-        if self.discover(deadline) is not None:
-            assert self.hello is not None
+        self.send(jsonrpc.encode(protocol.discover_request(_DISCOVER_ID)), deadline)
+        reply = self._await(_DISCOVER_ID, min(deadline, time.monotonic() + DISCOVER_TIMEOUT), silence_ok=True)
+        self.hello = protocol.hello_from_discover(reply.get("result") if reply else None)
+        if self.hello is not None:
             return self.hello
         self.send(jsonrpc.encode(protocol.initialize_request(_INITIALIZE_ID)), deadline)
         reply = self._await(_INITIALIZE_ID, deadline, silence_ok=False)
@@ -96,13 +98,6 @@ class StdioProcess:
             )
         self.send(b'{"jsonrpc":"2.0","method":"notifications/initialized"}', deadline)
         self.hello = protocol.hello_from_initialize(result)
-        return self.hello
-
-    def discover(self, deadline: float) -> protocol.ServerHello | None:
-        """Ask server/discover: the hello of a 2026-07-28 process, else None (a handshake-era one, not initialized)."""
-        self.send(jsonrpc.encode(protocol.discover_request(_DISCOVER_ID)), deadline)
-        reply = self._await(_DISCOVER_ID, min(deadline, time.monotonic() + DISCOVER_TIMEOUT), silence_ok=True)
-        self.hello = protocol.hello_from_discover(reply.get("result") if reply else None)
         return self.hello
 
     def _await(self, request_id: str, deadline: float, silence_ok: bool) -> dict[str, Any] | None:
