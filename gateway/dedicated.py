@@ -83,6 +83,12 @@ _CANCELLED = object()  # put in a waiter's queue when the client cancelled its r
 _DISCOVER_ID = "mcp-gateway-discover"  # the gateway's server/discover of a process that refused initialize
 
 
+def _cancel(request_id: Any, reason: str) -> bytes:
+    """notifications/cancelled for the process's request `request_id` (stdio's cancellation)."""
+    return jsonrpc.encode({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                           "params": {"requestId": request_id, "reason": reason}})
+
+
 def _at_once(reply: Reply) -> Generator[Reply, None, None]:
     yield reply
 
@@ -265,10 +271,8 @@ class SessionProcess:
                     self._open.remove(waiter)
             self.last_used = time.monotonic()
             if not answered and self.alive():  # the client left (or the wait ran out): the process stops too
-                cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled",
-                          "params": {"requestId": waiter.request_id, "reason": "client disconnected"}}
                 with contextlib.suppress(errors.GatewayError):
-                    self.send(jsonrpc.encode(cancel))
+                    self.send(_cancel(waiter.request_id, "client disconnected"))
 
     def _gone(self, exc: errors.ProcessFailed) -> errors.SessionNotFound:
         """The process exited: its session with it (404, so the client starts a new one)."""
@@ -348,9 +352,7 @@ class SessionProcess:
         if self.process.era == protocol.LEGACY:
             jobs = [partial(self._ask, "resources/unsubscribe", {"uri": uri}) for uri in unused]
         else:  # on stdio a request is cancelled by notification (basic/utilities/cancellation)
-            cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled",
-                      "params": {"requestId": stream.request_id, "reason": "the client closed the stream"}}
-            jobs = [partial(self.send, jsonrpc.encode(cancel))]
+            jobs = [partial(self.send, _cancel(stream.request_id, "the client closed the stream"))]
         for job in jobs:  # off the worker's loop: a write to a process may wait for room in its pipe
             streams.in_background(job)
 
@@ -497,9 +499,16 @@ class SessionProcess:
     def close(self) -> None:
         with self._lock:
             listens = list(self._listens.values())
+            in_flight = [waiter.request_id for waiter in self._open]
         for listen in listens:  # the session ends on purpose: a graceful end of its listen streams
             listen.put_nowait({"jsonrpc": "2.0", "id": listen.request_id, "result": {}})
             listen.end()
+        if self.process.alive():
+            # Requests still in flight end with the session: the process is told, as for a client that left
+            # (a client's own cancel may still be on its way: it and the DELETE travel apart).
+            for request_id in in_flight:
+                with contextlib.suppress(errors.GatewayError):
+                    self.send(_cancel(request_id, "the session ended"))
         self.closed = True
         # The reader lets the stdout go first (it looks at `closed` every READ_POLL): its
         # descriptor is closed below, and must not be polled once its number can be reused.

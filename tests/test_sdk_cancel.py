@@ -15,6 +15,7 @@ from pathlib import Path
 import anyio
 import httpx2
 import pytest
+import requests
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
@@ -77,3 +78,24 @@ def test_an_sdk_call_its_caller_abandons_is_cancelled_upstream(gateway: tuple[Gu
     assert not finished, "the call was answered, though the process never answers a call"
     assert version is not None
     wait_for(lambda: cancels(record) > before, 15, f"the process told of the cancel ({mode}, {session_mode})")
+
+
+def test_a_session_ended_with_a_call_in_flight_tells_its_process(gateway: tuple[Gunicorn, Path]) -> None:
+    """DELETE while a call runs: the process is sent notifications/cancelled before it is closed (a client's own
+    cancel and its DELETE travel on different connections, so the DELETE may come first)."""
+    instance, folder = gateway
+    record, url = folder / "dedicated", f"{instance.url}/dedicated-0/mcp"
+    before = cancels(record)
+    headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+    init = requests.post(url, headers=headers, timeout=30, json={"jsonrpc": "2.0", "id": 0, "method": "initialize",
+                         "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                                    "clientInfo": {"name": "t", "version": "1"}}})
+    assert init.status_code == 200, init.text
+    headers.update({"Mcp-Session-Id": init.headers["Mcp-Session-Id"], "MCP-Protocol-Version": "2025-11-25"})
+    body = {"jsonrpc": "2.0", "id": 5, "method": "tools/call",
+            "params": {"name": "work", "arguments": {}, "_meta": {"progressToken": "p"}}}
+    with requests.post(url, headers=headers, json=body, stream=True, timeout=30) as call:
+        assert b"notifications/progress" in next(line for line in call.iter_lines() if line.startswith(b"data: "))
+        ended = requests.delete(url, headers=headers, timeout=10)
+        assert ended.status_code == 204, ended.text
+        wait_for(lambda: cancels(record) > before, 15, "the process told its call was cancelled")
