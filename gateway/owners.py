@@ -347,8 +347,8 @@ def of_principal(gateway: Gateway, server_id: str, principal: str) -> str | None
     A 2026-07-28 client with a principal sends no id that could name an
     owner, so the host's workers agree on one in `principals/` of the runtime
     directory: the first to serve the principal claims it (a file holding its
-    owner name, created exclusively); a claim of a worker that has exited is
-    taken over. None: this worker holds it (or there is no directory to agree
+    owner name, linked into place whole); a claim of a worker that has exited
+    is taken over. None: this worker holds it (or there is no directory to agree
     in). Across replicas each host has its own (README: Dedicated sessions).
     """
     base = rundir.directory()
@@ -358,29 +358,38 @@ def of_principal(gateway: Gateway, server_id: str, principal: str) -> str | None
     path = where / hashlib.sha256(f"{server_id}\0{principal}".encode()).hexdigest()[:40]
     mine = gateway.owner
     for _ in range(3):
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except FileNotFoundError:
-            where.mkdir(mode=0o700, exist_ok=True)
-            continue
-        except FileExistsError:
-            named = _read_claim(path)
-            if named is None:
-                continue  # taken back meanwhile: claim it
-            if named == mine:
+        named = _read_claim(path)
+        if named is None:
+            if _claim(where, path, mine):
                 return None
-            if _lives(split(named)[0]):
-                return named
-            with _claims_lock(where):  # one worker takes the dead one's claim over
-                if _read_claim(path) == named:
-                    path.unlink(missing_ok=True)
-            continue
-        try:
-            os.write(fd, mine.encode())
-        finally:
-            os.close(fd)
-        return None
+            continue  # another worker claimed it first: whose is it?
+        if named == mine:
+            return None
+        if _lives(split(named)[0]):
+            return named
+        with _claims_lock(where):  # one worker takes the dead one's claim over
+            if _read_claim(path) == named:
+                path.unlink(missing_ok=True)
     return None  # the claim kept changing under us: serve it here
+
+
+def _claim(where: Path, path: Path, mine: str) -> bool:
+    """Claim `path` for `mine`, whole or not at all: written under a name of this thread's, then linked
+    into place (a link fails if the claim exists), so no reader ever sees a claim half written."""
+    where.mkdir(mode=0o700, exist_ok=True)
+    temporary = where / f".{path.name}.{os.getpid()}.{threading.get_ident()}"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, mine.encode())
+    finally:
+        os.close(fd)
+    try:
+        os.link(temporary, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _read_claim(path: Path) -> str | None:
