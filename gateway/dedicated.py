@@ -76,6 +76,8 @@ MAX_LISTEN_URIS = 256
 MAX_URI_LENGTH = 4096
 # Open subscriptions/listen streams of one session at most: each holds a pipe, and past gateway.max_streams a thread.
 MAX_LISTENS = 8
+# Seconds a closing session's cancels may wait for room in the process's stdin.
+CLOSE_SEND_TIMEOUT = 0.5
 _END = object()  # put in a waiter's queue when the process is gone
 _CANCELLED = object()  # put in a waiter's queue when the client cancelled its request
 
@@ -159,12 +161,12 @@ class SessionProcess:
 
     # --- writing -------------------------------------------------------------
 
-    def send(self, data: bytes) -> None:
-        """Write one message line from the client (a notification, a response to the process's request)."""
+    def send(self, data: bytes, timeout: float | None = None) -> None:
+        """Write one message line (`timeout`: how long a full pipe may hold it up; request_timeout unless given)."""
         self.last_used = time.monotonic()
+        wait = self.settings.request_timeout if timeout is None else timeout
         with self._send_lock:  # JSON has no raw newline inside a string: one outside is only whitespace
-            self.process.send(data.replace(b"\n", b" ").replace(b"\r", b" "),
-                              time.monotonic() + self.settings.request_timeout)
+            self.process.send(data.replace(b"\n", b" ").replace(b"\r", b" "), time.monotonic() + wait)
 
     def deliver(self, message: dict[str, Any], body: bytes) -> None:
         """A notification or a response from the client, written to the process.
@@ -199,7 +201,8 @@ class SessionProcess:
         answer = self._final(message, body)
         if "result" in answer:
             return answer
-        discovered = self._final(protocol.discover_request(_DISCOVER_ID), b"")
+        discover = protocol.discover_request(_DISCOVER_ID)
+        discovered = self._final(discover, jsonrpc.encode(discover))
         hello = protocol.hello_from_discover(discovered.get("result"))
         if hello is None:
             return answer  # the process's refusal of initialize
@@ -209,7 +212,7 @@ class SessionProcess:
         return jsonrpc.result(message["id"], protocol.initialize_result(hello, requested))
 
     def _final(self, message: dict[str, Any], body: bytes) -> dict[str, Any]:
-        with contextlib.closing(self.call(message, body or jsonrpc.encode(message), sse=False)) as replies:
+        with contextlib.closing(self.call(message, body, sse=False)) as replies:
             return next(reply for reply in replies if reply.final).message
 
     def call(self, message: dict[str, Any], body: bytes, sse: bool) -> Generator[Reply, None, None]:
@@ -356,20 +359,20 @@ class SessionProcess:
         for job in jobs:  # off the worker's loop: a write to a process may wait for room in its pipe
             streams.in_background(job)
 
-    def _listeners(self, message: dict[str, Any]) -> list[tuple[ListenStream, dict[str, Any]]]:
-        """The listen streams a notification of the process is for, each with the message as it sends it."""
+    def _listeners(self, message: dict[str, Any]) -> list[ListenStream]:
+        """The listen streams a notification of the process is for (each stamps it as it sends it)."""
         if not self._listens:
             return []
         params = _object(message.get("params"))
         meta = params.get("_meta")
         if isinstance(meta, dict) and SUBSCRIPTION_ID in meta:  # a 2026-07-28 process's own stamp
             stream = self._listens.get(_id_key(meta[SUBSCRIPTION_ID]))
-            return [(stream, message)] if stream is not None else []
+            return [stream] if stream is not None else []
         if self.process.era != protocol.LEGACY:
             return []
         method = message.get("method")
         uri = params.get("uri")
-        return [(stream, stream.stamped(message)) for stream in self._listens.values()
+        return [stream for stream in self._listens.values()
                 if method in stream.methods or (method == RESOURCE_UPDATED and uri in stream.uris)]
 
     # --- the GET stream --------------------------------------------------------
@@ -438,13 +441,14 @@ class SessionProcess:
             return
         refuse = False
         target: queue.Queue[Any] | GetStream | None
-        listeners: list[tuple[ListenStream, dict[str, Any]]] = []
+        listeners: list[ListenStream] = []
         with self._lock:
             if "method" not in message:  # a response
                 waiter = self._waiters.get(_id_key(message.get("id")))
-                listen = None if waiter else self._listens.get(_id_key(message.get("id")))
-                if listen is not None:  # the process ended a listen stream: its result is the last frame
-                    del self._listens[_id_key(message.get("id"))]
+                # A 2026-07-28 process ends a listen it serves with its result, the last frame (the gateway's
+                # own listens of a handshake-era process were never sent to it: an answer to one is stray).
+                listen = None if waiter or self.process.era == protocol.LEGACY else self._listens.pop(
+                    _id_key(message.get("id")), None)
                 target = waiter.messages if waiter else listen
             elif "id" in message:  # a server->client request: on the newest open SSE answer, else the GET stream
                 if self.client_era != protocol.LEGACY:
@@ -454,13 +458,13 @@ class SessionProcess:
             else:
                 listeners = self._listeners(message)
                 target = None if listeners else self._notification_target(message)
-            if listeners:
-                for stream, stamped in listeners:
-                    stream.put_nowait(stamped)
-                return
-            if not refuse and target is None and "method" in message:
+            if not refuse and not listeners and target is None and "method" in message:
                 self._backlog.append(message)  # until the client opens its GET stream
                 return
+        for stream in listeners:
+            stream.put_nowait(message)
+        if listeners:
+            return
         if refuse:
             self._refuse(message)
             return
@@ -505,10 +509,11 @@ class SessionProcess:
             listen.end()
         if self.process.alive():
             # Requests still in flight end with the session: the process is told, as for a client that left
-            # (a client's own cancel may still be on its way: it and the DELETE travel apart).
+            # (a client's own cancel may still be on its way: it and the DELETE travel apart). A process
+            # that does not read is not waited for: it is being closed.
             for request_id in in_flight:
                 with contextlib.suppress(errors.GatewayError):
-                    self.send(_cancel(request_id, "the session ended"))
+                    self.send(_cancel(request_id, "the session ended"), timeout=CLOSE_SEND_TIMEOUT)
         self.closed = True
         # The reader lets the stdout go first (it looks at `closed` every READ_POLL): its
         # descriptor is closed below, and must not be polled once its number can be reused.

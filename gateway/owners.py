@@ -81,6 +81,8 @@ _to_siblings = 0
 _to_siblings_lock = threading.Lock()
 
 _local: tuple[int, str] | None = None
+# The principals' claims this worker holds (of_principal), by path and owner name.
+_claimed: set[tuple[Path, str]] = set()
 
 
 def local_name() -> str:
@@ -357,13 +359,17 @@ def of_principal(gateway: Gateway, server_id: str, principal: str) -> str | None
     where = base / "principals"
     path = where / hashlib.sha256(f"{server_id}\0{principal}".encode()).hexdigest()[:40]
     mine = gateway.owner
+    if (path, mine) in _claimed:  # ours stays ours while this worker lives: no file to read per request
+        return None
     for _ in range(3):
         named = _read_claim(path)
         if named is None:
             if _claim(where, path, mine):
+                _claimed.add((path, mine))
                 return None
             continue  # another worker claimed it first: whose is it?
         if named == mine:
+            _claimed.add((path, mine))
             return None
         if _lives(split(named)[0]):
             return named

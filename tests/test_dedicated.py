@@ -8,6 +8,7 @@ those reaching the other worker are relayed to the owner (owners.py).
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -421,7 +422,9 @@ def test_a_modern_clients_process_is_found_from_either_worker(two_workers: Gunic
                 and relayed(two_workers, "guarded-thinking") > before[1]:
             break
     else:
-        pytest.fail("no request reached the worker that does not hold the process")
+        served = collections.Counter(line.split("]")[0] for line in two_workers.log().splitlines()
+                                     if "gateway.access" in line and "thinking" in line)
+        pytest.fail(f"no request reached the worker that does not hold the process; access lines by worker: {served}")
     assert history(modern_think(two_workers, "guarded-thinking", 1, bob)) == 1, "bob has a process of his own"
 
 
